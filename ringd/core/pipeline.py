@@ -1,0 +1,247 @@
+"""One request's path around the ring, as pure state: routes, coverage proof, per-node request tables.
+
+No I/O, no clocks (``now`` is passed in), no MLX. The daemon's ring runner feeds it what
+arrives and does what it says.
+
+Coverage proof: every activation carries the layer interval ``[lo, hi)`` it has already
+passed through and the plan epoch. A node owning ``[start, end)`` accepts it only if
+``lo == 0`` and ``hi == start`` and the epoch is its own; it forwards ``[0, end)``. The node
+that samples accepts a step only if it passed through ``[0, num_layers)`` exactly once.
+Anything else fails the request with a ``coverage`` error naming the nodes involved --
+never a token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from ringd.errors import LocalProtocolError, RequestError
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node's contiguous block of layers ``[start, end)``."""
+
+    node_id: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Route:
+    """The stages of one committed plan, in ring order, and its epoch."""
+
+    epoch: int
+    stages: tuple[Stage, ...]
+    num_layers: int
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise LocalProtocolError("a route needs at least one stage")
+        expect = 0
+        for s in self.stages:
+            if s.start != expect or s.end <= s.start:
+                raise LocalProtocolError(f"route stages are not contiguous at {s}")
+            expect = s.end
+        if expect != self.num_layers:
+            raise LocalProtocolError(f"route covers {expect} of {self.num_layers} layers")
+
+    @property
+    def first(self) -> Stage:
+        return self.stages[0]
+
+    @property
+    def last(self) -> Stage:
+        return self.stages[-1]
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(s.node_id for s in self.stages)
+
+    def stage_of(self, node_id: str) -> Stage | None:
+        for s in self.stages:
+            if s.node_id == node_id:
+                return s
+        return None
+
+    def next_stage(self, node_id: str) -> Stage | None:
+        """The stage after ``node_id``'s, or None when ``node_id`` owns the last layer."""
+        for i, s in enumerate(self.stages):
+            if s.node_id == node_id:
+                return self.stages[i + 1] if i + 1 < len(self.stages) else None
+        raise LocalProtocolError(f"node {node_id} is not on the route")
+
+    def owner_of(self, layer: int) -> str | None:
+        for s in self.stages:
+            if s.start <= layer < s.end:
+                return s.node_id
+        return None
+
+
+def check_activation(route: Route, self_id: str, *, epoch: int, layer_lo: int, layer_hi: int,
+                     sender: str) -> Stage:
+    """Validate an incoming activation at ``self_id``; return our stage or raise ``coverage``."""
+    if epoch != route.epoch:
+        raise RequestError(
+            "coverage",
+            f"node {sender} sent an activation of plan epoch {epoch} to node {self_id}, "
+            f"which serves epoch {route.epoch}",
+            hint="a node is routing with another plan; the request was stopped before it produced a token",
+        )
+    stage = route.stage_of(self_id)
+    if stage is None:
+        raise RequestError("coverage", f"node {sender} sent an activation to node {self_id}, "
+                                       f"which owns no layers in plan epoch {route.epoch}")
+    if layer_lo != 0 or layer_hi != stage.start:
+        raise RequestError("coverage", _interval_problem(route, layer_lo, layer_hi, stage, sender))
+    return stage
+
+
+def check_complete(route: Route, *, layer_lo: int, layer_hi: int, sender: str, self_id: str) -> None:
+    """At the sampling node: the step must have passed through ``[0, num_layers)`` exactly."""
+    if (layer_lo, layer_hi) != (0, route.num_layers):
+        raise RequestError(
+            "coverage",
+            f"node {self_id} was asked to sample after layers [{layer_lo}, {layer_hi}) "
+            f"(from node {sender}); the model has {route.num_layers} layers",
+            hint="a node skipped or repeated layers; no token was produced",
+        )
+
+
+def _interval_problem(route: Route, lo: int, hi: int, stage: Stage, sender: str) -> str:
+    head = (f"node {stage.node_id} owns layers [{stage.start}, {stage.end}) but received an activation "
+            f"from node {sender} that passed through [{lo}, {hi})")
+    if lo != 0:
+        return head + f": layers [0, {lo}) were skipped at the start"
+    if hi < stage.start:
+        missing = sorted({route.owner_of(layer) or "?" for layer in range(hi, stage.start)})
+        return head + f": gap, layers [{hi}, {stage.start}) (owned by {', '.join(missing)}) were not computed"
+    overlap = sorted({route.owner_of(layer) or "?" for layer in range(stage.start, min(hi, stage.end))})
+    return head + f": overlap, layers [{stage.start}, {hi}) would be computed twice (also by {', '.join(overlap)})"
+
+
+# ----------------------------------------------------------------------------- node-side table
+@dataclass
+class NodeRequest:
+    """What one node remembers about a request passing through it."""
+
+    request_id: str
+    entry: str
+    epoch: int
+    created: float
+    last_seen: float
+    next_position: int = 0
+    steps: int = 0
+
+
+@dataclass
+class RequestTable:
+    """Requests whose KV caches live on this node; bounded; idle ones expire.
+
+    ``admit`` is called for each activation. A request is created only at position 0
+    (its first prefill chunk); an activation for an unknown request at a later position
+    means its cache is gone (expired, cancelled) and fails it. Positions must follow on
+    exactly: the KV cache would silently be wrong otherwise.
+    """
+
+    capacity: int
+    idle_timeout: float
+    requests: dict[str, NodeRequest] = field(default_factory=dict)
+    finished: dict[str, float] = field(default_factory=dict)  # recently ended ids -> when
+
+    def admit(self, request_id: str, *, entry: str, epoch: int, position: int, length: int,
+              now: float) -> tuple[NodeRequest, bool]:
+        """Return (record, created). Raises RequestError when the activation cannot be served."""
+        req = self.requests.get(request_id)
+        if req is None:
+            if request_id in self.finished:
+                raise RequestError("cancelled", f"request {request_id} already ended on this node")
+            if position != 0:
+                raise RequestError("internal", f"request {request_id} is unknown here at position {position}; "
+                                               "its cache was freed (timeout or cancel)")
+            if len(self.requests) >= self.capacity:
+                raise RequestError("busy", f"this node already holds {self.capacity} requests",
+                                   hint="retry later, or raise max_concurrent")
+            req = NodeRequest(request_id, entry, epoch, created=now, last_seen=now)
+            self.requests[request_id] = req
+            created = True
+        else:
+            created = False
+            if position != req.next_position:
+                raise RequestError("internal", f"request {request_id}: expected position {req.next_position}, "
+                                               f"got {position}")
+        req.next_position = position + length
+        req.last_seen = now
+        req.steps += 1
+        return req, created
+
+    def end(self, request_id: str, now: float) -> bool:
+        """Forget a request (finished, cancelled, failed). True when it was known."""
+        self.finished[request_id] = now
+        if len(self.finished) > 4 * self.capacity + 64:
+            for rid, _ in sorted(self.finished.items(), key=lambda kv: kv[1])[: len(self.finished) // 2]:
+                del self.finished[rid]
+        return self.requests.pop(request_id, None) is not None
+
+    def expired(self, now: float) -> list[str]:
+        return [rid for rid, r in self.requests.items() if now - r.last_seen > self.idle_timeout]
+
+    def next_deadline(self) -> float | None:
+        if not self.requests:
+            return None
+        return min(r.last_seen for r in self.requests.values()) + self.idle_timeout
+
+    def clear(self, now: float) -> list[str]:
+        ids = list(self.requests)
+        for rid in ids:
+            self.end(rid, now)
+        return ids
+
+
+# ----------------------------------------------------------------------------- stop strings
+class StopMatcher:
+    """Streams text through stop sequences: emits what is safe, holds back a possible prefix.
+
+    ``feed(text)`` returns ``(emit, stopped)``. Once stopped, the text before the stop
+    sequence has been emitted and the rest is dropped (OpenAI semantics: the stop string
+    itself is not returned). The result does not depend on how the text is split.
+    """
+
+    def __init__(self, stops: Iterable[str]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        buf = self.held + text
+        if not self.stops:
+            self.held = ""
+            return buf, False
+        found = [(i + len(s), i) for s in self.stops if (i := buf.find(s)) >= 0]
+        if found:  # the stop sequence that is complete first wins, as it would token by token
+            self.stopped = True
+            self.held = ""
+            return buf[: min(found)[1]], True
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self.held = ("" if self.stopped else self.held), ""
+        return out
+
+
+def chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    """``[start, end)`` pieces of ``range(n)`` of at most ``size``; used for chunked prefill."""
+    if size < 1:
+        raise LocalProtocolError("chunk size must be positive")
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
