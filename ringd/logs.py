@@ -101,8 +101,9 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = f"{record.levelname.lower()} [{getattr(record, 'node_id', '-')}] {record.name}: " \
                + record.getMessage()
-        if getattr(record, "repeated", 0):
-            text += f" (repeated {record.repeated} times)"
+        repeated = getattr(record, "repeated", 0)
+        if repeated:
+            text += f" (repeated {repeated} times)"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         if record.stack_info:
@@ -126,8 +127,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        if getattr(record, "repeated", 0):
-            out["repeated"] = record.repeated
+        repeated = getattr(record, "repeated", 0)
+        if repeated:
+            out["repeated"] = repeated
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from ringd.logs import configure_logging, set_node_id
+from ringd.logs import _QUIET_LIBRARIES, configure_logging, set_node_id
 
 
 class Clock:
@@ -27,7 +27,10 @@ class Clock:
 def restore_root_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    libraries = {name: logging.getLogger(name).level for name in _QUIET_LIBRARIES}
     yield
+    for name, lib_level in libraries.items():
+        logging.getLogger(name).setLevel(lib_level)
     for h in root.handlers[:]:
         if h not in handlers:
             root.removeHandler(h)

@@ -11,6 +11,7 @@ malformed TXT are counted and ignored. Everything here runs on the event loop th
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
@@ -236,9 +237,9 @@ class Discovery:
             return
         task = asyncio.get_running_loop().create_task(self._resolve(name))
         self._resolving[name] = task
-        task.add_done_callback(lambda _t, n=name: self._resolved(n))
+        task.add_done_callback(functools.partial(self._resolved, name))
 
-    def _resolved(self, name: str) -> None:
+    def _resolved(self, name: str, _task: asyncio.Task[None]) -> None:
         self._resolving.pop(name, None)
         if name in self._again and self._aiozc is not None:
             self._again.discard(name)

@@ -131,6 +131,8 @@ KillSignal=SIGTERM
 TimeoutStopSec={STOP_TIMEOUT_SEC}
 Restart=on-failure
 RestartSec={RESTART_SEC}
+# Exit code 2 means a configuration or usage error: restarting would not help.
+RestartPreventExitStatus=2
 StandardOutput=journal
 StandardError=journal
 SyslogIdentifier=ringd

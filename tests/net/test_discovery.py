@@ -8,7 +8,7 @@ import json
 import secrets
 import sys
 import time
-from typing import Awaitable, Callable
+from typing import Callable
 
 import pytest
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf

@@ -54,6 +54,7 @@ def test_systemd_unit_has_the_required_settings(scope: Scope) -> None:
     assert one(s, "ExecStart") == '"/opt/ring d/bin/ringd" run'
     assert one(s, "WatchdogSec") == "30" and one(s, "Restart") == "on-failure"
     assert int(one(s, "RestartSec")) > 0 and one(s, "KillSignal") == "SIGTERM"
+    assert one(s, "RestartPreventExitStatus") == "2"
     assert int(one(s, "TimeoutStopSec")) > Settings().shutdown_timeout
     assert one(s, "StateDirectory") == "ringd" and one(s, "StateDirectoryMode") == "0700"
     assert one(s, "EnvironmentFile") == "-%E/ringd/ringd.env"
