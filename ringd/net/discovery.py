@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import ifaddr
-from zeroconf import (BadTypeInNameException, IPVersion, InterfaceChoice, NonUniqueNameException,
-                      ServiceStateChange, Zeroconf)
+from zeroconf import IPVersion, InterfaceChoice, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from ringd import PROTOCOL_VERSION
@@ -156,7 +155,7 @@ class Discovery:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Open the mDNS sockets, start browsing, and register our record (after probing)."""
+        """Open the mDNS sockets, start browsing, and register our record (a few ms)."""
         addresses = self._advertise or (
             [a for a in self.interfaces if isinstance(a, str)] if self.interfaces is not None
             else local_addresses())
@@ -175,16 +174,11 @@ class Discovery:
             properties={"id": self.node_id, "cluster": self.cluster_id, "proto": str(self.protocol),
                         "port": str(self.port), "http": str(self.http_port)})
         self._browser = AsyncServiceBrowser(self._aiozc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
-        try:
-            self._announce = await self._aiozc.async_register_service(info)  # type: ignore[assignment]
-        except NonUniqueNameException:
-            await self.close()
-            raise UsageError(f"another host on the network advertises node id {self.node_id}",
-                             hint="was the state directory copied from another machine? delete its "
-                                  "node_id file on one of them to give it a new identity") from None
-        except BadTypeInNameException as e:  # pragma: no cover - our own name is valid
-            await self.close()
-            raise UsageError(f"bad mDNS name {self._name}: {e}") from None
+        # No RFC 6762 probing (it delays visibility by ~1.2 s): the name carries a random
+        # 64-bit node id, so it is unique unless a state directory was copied, which the
+        # membership layer sees as two addresses for one id.
+        self._announce = await self._aiozc.async_register_service(  # type: ignore[assignment]
+            info, cooperating_responders=True)
         log.info("mDNS: advertising %s on %s (addresses %s), browsing %s", self._name,
                  ", ".join(self.interfaces) if self.interfaces is not None else "all interfaces",
                  ", ".join(addresses), SERVICE_TYPE)
