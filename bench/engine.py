@@ -1,0 +1,98 @@
+"""Single-node engine speed against mlx-lm's own generator, side by side in one run.
+
+    .venv/bin/python bench/engine.py [--model DIR] [--prompt-tokens 256] [--tokens 64] [--rounds 3]
+
+Both run the same model directory, the same prompt token ids, greedy, for the same number
+of tokens (EOS ignored). Prefill tokens/s = prompt tokens / time to the first token;
+decode tokens/s = (tokens - 1) / time from the first token to the last. Rounds alternate
+(mlx-lm, ours, mlx-lm, ours, ...) and the best round of each is reported, which damps
+noise from other processes on the machine. Prints ratios ours / mlx-lm (goal: >= 1.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import mlx.core as mx
+
+
+def timed(stream: Iterable[int], prompt_tokens: int) -> tuple[float, float, list[int]]:
+    t0 = time.perf_counter()
+    t_first = 0.0
+    tokens: list[int] = []
+    for tok in stream:
+        if not tokens:
+            t_first = time.perf_counter()
+        tokens.append(tok)
+    t_end = time.perf_counter()
+    prefill = prompt_tokens / (t_first - t0)
+    decode = (len(tokens) - 1) / (t_end - t_first) if len(tokens) > 1 else float("nan")
+    return prefill, decode, tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=None, help="model directory (default: the default model)")
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+
+    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.generate import generate_step
+
+    from ringd.compute.engine import ShardEngine
+    from ringd.compute.model_info import inspect_model
+    from ringd.compute.store import ensure_default_model
+    from ringd.compute.tokenizer import Tokenizer
+    from ringd.config import Settings
+    from ringd.core.requests import SamplingParams
+
+    model_dir = args.model or ensure_default_model(Settings().model_store, progress=print)
+    info = inspect_model(model_dir)
+    tok = Tokenizer.load(model_dir)
+    text = ("The history of the city begins with a small settlement by the river, where traders "
+            "met to exchange grain, salt and cloth. ") * 64
+    prompt = tok.encode(text)[: args.prompt_tokens]
+    n = len(prompt)
+
+    model, _ = mlx_lm_load(str(model_dir))
+    engine = ShardEngine.load(model_dir, 0, info.num_layers)
+    params = SamplingParams(temperature=0.0, max_tokens=args.tokens)
+
+    def theirs() -> Iterable[int]:
+        for y, _ in generate_step(mx.array(prompt), model, max_tokens=args.tokens):
+            yield int(y)
+
+    def ours() -> Iterable[int]:
+        return engine.generate(prompt, params, ignore_eos=True)
+
+    runners: dict[str, Callable[[], Iterable[int]]] = {"mlx-lm": theirs, "ringd": ours}
+    best: dict[str, tuple[float, float]] = {}
+    outputs: dict[str, list[int]] = {}
+    timed(ours(), n)  # warm both up (first-call allocation)
+    timed(theirs(), n)
+    for r in range(args.rounds):
+        for name, run in runners.items():
+            pre, dec, toks = timed(run(), n)
+            outputs[name] = toks
+            print(f"round {r + 1} {name:7s} prefill {pre:7.1f} tok/s   decode {dec:6.2f} tok/s")
+            b = best.get(name, (0.0, 0.0))
+            best[name] = (max(b[0], pre), max(b[1], dec))
+
+    print()
+    print(f"model {model_dir.name}: {info.num_layers} layers, {info.total_bytes / 2**20:.0f} MiB; "
+          f"{mx.default_device()} on {platform.machine()}; prompt {n} tokens, {args.tokens} generated")
+    (tp, td), (op, od) = best["mlx-lm"], best["ringd"]
+    print(f"prefill tok/s  mlx-lm {tp:8.1f}   ringd {op:8.1f}   ratio {op / tp:5.2f}")
+    print(f"decode  tok/s  mlx-lm {td:8.2f}   ringd {od:8.2f}   ratio {od / td:5.2f}")
+    same = outputs["mlx-lm"] == outputs["ringd"]
+    print(f"same greedy tokens: {same}")
+
+
+if __name__ == "__main__":
+    main()
