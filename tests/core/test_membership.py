@@ -1,0 +1,469 @@
+"""Membership core on the in-memory network with a fake clock (no sockets, no sleeps)."""
+
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ringd.core.membership import (
+    Ack,
+    Broadcast,
+    Member,
+    MemberFailed,
+    MemberJoined,
+    MemberLeft,
+    Membership,
+    MembershipConfig,
+    MemberState,
+    MemberSuspected,
+    MemberUpdated,
+    NodeMeta,
+    NodePhase,
+    Ping,
+    PingReq,
+    Sync,
+    Update,
+    ViewChanged,
+    decode_payload,
+    make_view,
+    to_payload,
+)
+from ringd.errors import LocalProtocolError, RemoteProtocolError
+from tests.core.simnet import MemberNode, SimNet, meta_for
+
+CFG = MembershipConfig()
+
+
+def ring(n: int, seed: int = 1, **net_kw) -> tuple[SimNet, list[MemberNode]]:
+    net = SimNet(seed=seed, **net_kw)
+    nodes = [net.add(MemberNode(f"n{i}", 7000 + i, seed=seed * 100 + i)) for i in range(n)]
+    for node in nodes:
+        node.m.join([nodes[0].addr], net.now)
+    return net, nodes
+
+
+def converged(nodes: list[MemberNode], size: int) -> bool:
+    views = {n.m.view().hash for n in nodes}
+    return len(views) == 1 and len(nodes[0].m.view().members) == size
+
+
+def events_about(node: MemberNode, node_id: str, kind: type) -> list[float]:
+    return [t for t, ev in node.log if isinstance(ev, kind) and ev.member.node_id == node_id]
+
+
+def trace(net: SimNet) -> list[tuple[float, tuple, tuple, object]]:
+    """Record every message sent (time, src, dst, decoded) without dropping any."""
+    out: list = []
+
+    def record(src, dst, payload):
+        out.append((net.now, src, dst, decode_payload(payload)))
+        return False
+
+    net.drop = record
+    return out
+
+
+# ---------------------------------------------------------------------------- forming
+@pytest.mark.parametrize("n", [3, 4, 5])
+def test_nodes_join_through_one_seed_and_agree_on_the_view(n: int) -> None:
+    net, nodes = ring(n)
+    t = net.run_until_true(lambda: converged(nodes, n), timeout=3.0)
+    assert t < 1.0
+    ids = tuple(f"n{i}" for i in range(n))
+    for node in nodes:
+        assert node.m.view().node_ids == ids
+        joined = {ev.member.node_id for _, ev in node.log if isinstance(ev, MemberJoined)}
+        assert joined == set(ids) - {node.m.node_id}
+        assert isinstance(
+            [ev for _, ev in node.log if isinstance(ev, ViewChanged)][-1], ViewChanged
+        )
+    # Stays converged and quiet: probes keep succeeding, nobody is suspected.
+    net.run_for(10.0)
+    assert converged(nodes, n)
+    assert all(n.m.counters["suspicions"] == 0 for n in nodes)
+    rtts = [nodes[0].m.rtt(f"n{i}") for i in range(1, n)]
+    assert all(r is not None and 0.002 <= r <= 0.003 for r in rtts)  # 2 x (1 ms + jitter)
+    row = nodes[0].m.stats()["members"][1]
+    assert row["node_id"] == "n1" and row["state"] == "alive" and row["rtt_ms"] is not None
+
+
+def test_join_works_with_seeds_that_include_ourselves_and_dead_addresses() -> None:
+    net = SimNet(seed=3)
+    nodes = [net.add(MemberNode(f"n{i}", 7000 + i, seed=i)) for i in range(3)]
+    seeds = [n.addr for n in nodes] + [("10.0.0.9", 9999)]  # everyone, plus nobody
+    for node in nodes:
+        node.m.join(seeds, net.now)
+    net.run_until_true(lambda: converged(nodes, 3), timeout=1.0)
+    net.run_for(5.0)
+    assert converged(nodes, 3)
+
+
+def test_a_late_node_is_found_by_reconnect_to_a_static_peer() -> None:
+    net = SimNet(seed=4)
+    a = net.add(MemberNode("a", 7000, seed=1))
+    a.m.join([("10.0.0.1", 7001)], net.now)  # b is not up yet
+    net.run_for(3.0)
+    b = net.add(MemberNode("b", 7001, seed=2))
+    b.m.join([], net.now)
+    t0 = net.now
+    t = net.run_until_true(lambda: converged([a, b], 2), timeout=5.0)
+    assert t - t0 <= CFG.reconnect_interval + 0.01
+
+
+# ------------------------------------------------------------------------------ leave
+def test_graceful_leave_is_left_not_failed_within_a_probe_interval() -> None:
+    net, nodes = ring(4)
+    net.run_until_true(lambda: converged(nodes, 4), timeout=2.0)
+    net.run_for(2.0)
+    leaver = nodes[3]
+    t0 = net.now
+    leaver.m.leave(net.now)
+    assert leaver.m.leaving and leaver.m.view().node_ids == ("n0", "n1", "n2")
+    t = net.run_until_true(lambda: all(n.state_of("n3") == "left" for n in nodes[:3]), timeout=5.0)
+    assert t - t0 < CFG.probe_interval
+    net.run_until_true(lambda: leaver.m.leave_complete, timeout=5.0)
+    net.run_for(30.0)
+    for n in nodes[:3]:
+        assert n.state_of("n3") == "left"
+        assert events_about(n, "n3", MemberLeft) and not events_about(n, "n3", MemberFailed)
+        assert n.m.view().node_ids == ("n0", "n1", "n2")
+
+
+def test_graceful_leave_survives_a_lossy_network() -> None:
+    net, nodes = ring(4, seed=7, loss=0.3)
+    net.run_until_true(lambda: converged(nodes, 4), timeout=10.0)
+    nodes[0].m.leave(net.now)
+    net.run_for(15.0)
+    for n in nodes[1:]:
+        assert n.state_of("n0") == "left"
+        assert n.m.view().node_ids == ("n1", "n2", "n3")
+
+
+# ------------------------------------------------------------------------------ crash
+def test_crash_is_suspected_then_dead_at_exact_deadlines() -> None:
+    net, nodes = ring(3, seed=5)
+    sent = trace(net)
+    net.run_until_true(lambda: converged(nodes, 3), timeout=2.0)
+    net.run_for(1.5)
+    crash_at = net.now
+    net.crash(nodes[2].addr)
+    net.run_until_true(lambda: all(n.state_of("n2") == "dead" for n in nodes[:2]), timeout=10.0)
+    for node in nodes[:2]:
+        (t_sus,) = events_about(node, "n2", MemberSuspected)
+        (t_dead,) = events_about(node, "n2", MemberFailed)
+        assert crash_at < t_sus <= crash_at + 2 * CFG.probe_interval + 0.01
+        # 3 nodes: too few for Lifeguard confirmations, so the base timeout applies.
+        assert t_dead == pytest.approx(t_sus + CFG.suspicion_timeout, abs=1e-9)
+        assert node.m.view().node_ids == ("n0", "n1")
+    # n0's own probe: ping at T, indirect probe (via n1) at T + probe_timeout,
+    # suspect at T + probe_interval.
+    pings = [
+        t
+        for t, s, d, m in sent
+        if isinstance(m, Ping) and s == nodes[0].addr and d == nodes[2].addr and t > crash_at
+    ]
+    reqs = [
+        t
+        for t, s, d, m in sent
+        if isinstance(m, PingReq) and s == nodes[0].addr and m.target_id == "n2"
+    ]
+    (t_sus0,) = events_about(nodes[0], "n2", MemberSuspected)
+    if pings and pings[0] < t_sus0:  # n0 probed n2 itself (else n1's gossip came first)
+        assert reqs[0] == pytest.approx(pings[0] + CFG.probe_timeout, abs=1e-9)
+        assert t_sus0 == pytest.approx(pings[0] + CFG.probe_interval, abs=1e-9)
+
+
+def test_timer_reports_the_suspicion_deadline() -> None:
+    net = SimNet(seed=6)
+    a = net.add(MemberNode("a", 7000, seed=1))
+    b = net.add(MemberNode("b", 7001, seed=2))
+    a.m.join([b.addr], 0.0)
+    b.m.join([], 0.0)
+    net.run_until_true(lambda: converged([a, b], 2), timeout=1.0)
+    net.crash(b.addr)
+    net.run_until_true(lambda: a.state_of("b") == "suspect", timeout=3.0)
+    t_sus = net.now
+    assert t_sus == pytest.approx(2.0, abs=1e-9)  # ping at 1.0 (first probe tick), suspect at 2.0
+    timers = []
+    while a.state_of("b") == "suspect":
+        timers.append(a.m.get_timer())
+        net.step(100.0)
+    assert t_sus + CFG.suspicion_timeout in timers
+    assert net.now == pytest.approx(6.0, abs=1e-9)
+
+
+def test_lifeguard_confirmations_shorten_the_suspicion_in_larger_rings() -> None:
+    net, nodes = ring(6, seed=8)
+    net.run_until_true(lambda: converged(nodes, 6), timeout=2.0)
+    net.run_for(1.0)
+    net.crash(nodes[5].addr)
+    net.run_until_true(lambda: all(n.state_of("n5") == "dead" for n in nodes[:5]), timeout=30.0)
+    first_sus = min(events_about(n, "n5", MemberSuspected)[0] for n in nodes[:5])
+    first_dead = min(events_about(n, "n5", MemberFailed)[0] for n in nodes[:5])
+    base, top = CFG.suspicion_timeout, CFG.suspicion_timeout * CFG.suspicion_max_mult
+    assert base - 1e-9 <= first_dead - first_sus < top  # confirmations cut the 12 s maximum
+
+
+# ------------------------------------------------------------------------- refutation
+def test_a_live_node_refutes_suspicion_with_a_higher_incarnation() -> None:
+    net, nodes = ring(3, seed=9)
+    net.run_until_true(lambda: converged(nodes, 3), timeout=2.0)
+    c = nodes[2]
+    start = net.now
+
+    def drop_c_acks(src, dst, payload):  # c answers nobody's probes for 2 s
+        return src == c.addr and net.now < start + 2.0 and isinstance(decode_payload(payload), Ack)
+
+    net.drop = drop_c_acks
+    net.run_until_true(
+        lambda: any(
+            n.state_of("c") == "suspect" or n.state_of("n2") == "suspect" for n in nodes[:2]
+        ),
+        timeout=5.0,
+    )
+    net.run_for(20.0)
+    assert c.m.counters["refutations"] >= 1
+    assert c.m.local.incarnation >= 1
+    for n in nodes[:2]:
+        assert events_about(n, "n2", MemberSuspected)
+        assert not events_about(n, "n2", MemberFailed)
+        assert n.state_of("n2") == "alive"
+        assert n.m.member("n2").incarnation == c.m.local.incarnation
+        sus = events_about(n, "n2", MemberSuspected)[0]
+        assert any(t > sus for t in events_about(n, "n2", MemberUpdated))
+    assert converged(nodes, 3)
+
+
+def test_a_restarted_node_with_the_same_id_rejoins() -> None:
+    net, nodes = ring(3, seed=10)
+    net.run_until_true(lambda: converged(nodes, 3), timeout=2.0)
+    net.crash(nodes[2].addr)
+    net.run_until_true(lambda: nodes[0].state_of("n2") == "dead", timeout=10.0)
+    reborn = net.add(MemberNode("n2", 7002, seed=99))  # incarnation 0 again
+    reborn.m.join([nodes[0].addr], net.now)
+    nodes[2] = reborn
+    net.run_until_true(lambda: converged(nodes, 3), timeout=5.0)
+    assert reborn.m.local.incarnation > 0
+    assert nodes[0].m.member("n2").incarnation == reborn.m.local.incarnation
+
+
+# ------------------------------------------------------------------------- partitions
+def test_partition_splits_the_view_and_heal_merges_it() -> None:
+    net, nodes = ring(4, seed=11)
+    net.run_until_true(lambda: converged(nodes, 4), timeout=2.0)
+    left, right = {nodes[0].addr, nodes[1].addr}, {nodes[2].addr, nodes[3].addr}
+    net.partition(left, right)
+    net.run_for(20.0)
+    assert nodes[0].m.view().node_ids == nodes[1].m.view().node_ids == ("n0", "n1")
+    assert nodes[2].m.view().node_ids == nodes[3].m.view().node_ids == ("n2", "n3")
+    net.heal()
+    t0 = net.now
+    t = net.run_until_true(lambda: converged(nodes, 4), timeout=10.0)
+    assert t - t0 <= CFG.reconnect_interval + 2.0
+    net.run_for(15.0)
+    assert converged(nodes, 4)
+    assert all(n.m.member(f"n{i}").state is MemberState.ALIVE for n in nodes for i in range(4))
+
+
+# ------------------------------------------------------------------------ meta, model
+def test_meta_updates_and_the_active_model_spread() -> None:
+    net, nodes = ring(3, seed=12)
+    net.run_until_true(lambda: converged(nodes, 3), timeout=2.0)
+    h0 = nodes[0].m.view().hash
+    assert nodes[1].m.update_meta(phase=NodePhase.LOADING, plan_hash="ab" * 16)
+    assert not nodes[1].m.update_meta(phase=NodePhase.LOADING)  # no change, no gossip
+    net.run_until_true(
+        lambda: all(n.m.member("n1").meta.phase is NodePhase.LOADING for n in nodes), 1.0
+    )
+    assert nodes[0].m.view().hash == h0  # phase is not part of the view
+    assert any(isinstance(ev, MemberUpdated) for _, ev in nodes[0].log)
+
+    nodes[2].m.set_active_model("other")
+    net.run_until_true(lambda: all(n.m.view().model == "other" for n in nodes), 2.0)
+    assert len({n.m.view().hash for n in nodes}) == 1 and nodes[0].m.view().hash != h0
+    # adoption: the setting survives the node that made it
+    net.crash(nodes[2].addr)
+    net.run_until_true(lambda: nodes[0].m.view().node_ids == ("n0", "n1"), 10.0)
+    assert nodes[0].m.view().model == nodes[1].m.view().model == "other"
+
+    nodes[0].m.update_meta(usable_memory=123)
+    net.run_until_true(lambda: nodes[1].m.view().hash == nodes[0].m.view().hash, 1.0)
+    assert nodes[1].m.view().members[0].usable_memory == 123
+    with pytest.raises(LocalProtocolError):
+        nodes[0].m.update_meta(colour="blue")
+
+
+def test_view_hash_is_canonical() -> None:
+    def mem(i: str, usable: int, port: int = 1) -> Member:
+        return Member(i, i, ("10.0.0.1", port), 3, MemberState.ALIVE, meta_for(usable))
+
+    a, b, c = mem("a", 5), mem("b", 6), mem("c", 7)
+    assert make_view([a, b, c], "m").hash == make_view([c, a, b], "m").hash
+    assert make_view([a, b], "m").hash != make_view([a, b, c], "m").hash
+    assert make_view([a, b], "m").hash != make_view([a, mem("b", 7)], "m").hash
+    assert make_view([a, b], "m").hash != make_view([a, mem("b", 6, port=2)], "m").hash
+    assert make_view([a, b], "m").hash != make_view([a, b], "n").hash
+
+
+# ------------------------------------------------------------------ messages and junk
+ids = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=16)
+hashes = st.none() | st.text("0123456789abcdef", min_size=32, max_size=32)
+metas = st.builds(
+    NodeMeta,
+    usable_memory=st.integers(0, 2**62),
+    total_memory=st.integers(0, 2**62),
+    models=st.lists(ids, max_size=3).map(tuple),
+    phase=st.sampled_from(NodePhase),
+    software_version=st.just("0.1.0"),
+    protocol_version=st.integers(0, 5),
+    http_port=st.integers(0, 65535),
+    view_hash=hashes,
+    epoch=st.integers(0, 2**40),
+    plan_hash=hashes,
+    ready_plan_hash=hashes,
+    fingerprint=hashes,
+    model=ids,
+    model_version=st.integers(0, 99),
+)
+
+
+def members(states=st.sampled_from(MemberState)):
+    return st.builds(
+        Member,
+        node_id=ids,
+        name=ids,
+        addr=st.tuples(st.just("192.168.1.5"), st.integers(1, 65535)),
+        incarnation=st.integers(0, 2**40),
+        state=states,
+        meta=metas,
+    )
+
+
+sources = members(st.sampled_from([MemberState.ALIVE, MemberState.LEFT]))
+updates = st.lists(st.builds(Update, member=members(), origin=ids), max_size=4).map(tuple)
+seqs = st.integers(0, 2**32 - 1)
+messages = st.one_of(
+    st.builds(Ping, seq=seqs, source=sources, target_id=st.none() | ids, updates=updates),
+    st.builds(Ack, seq=seqs, source=sources, updates=updates),
+    st.builds(
+        PingReq,
+        seq=seqs,
+        source=sources,
+        target_id=ids,
+        target_addr=st.tuples(st.just("10.1.1.1"), st.integers(1, 65535)),
+        updates=updates,
+    ),
+    st.builds(Broadcast, source=sources, updates=updates),
+    st.builds(
+        Sync,
+        source=sources,
+        members=st.lists(members(), max_size=4).map(tuple),
+        reply=st.booleans(),
+    ),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(messages)
+def test_messages_round_trip(msg) -> None:
+    assert decode_payload(to_payload(msg)) == msg
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_only_raise_remote_protocol_error(data: bytes) -> None:
+    try:
+        decode_payload(data)
+    except RemoteProtocolError:
+        pass
+
+
+plain = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=300)
+    | st.binary(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=8) | st.dictionaries(st.text(max_size=4), children, max_size=3)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 5), st.lists(plain, max_size=7))
+def test_well_formed_msgpack_of_the_wrong_shape_is_rejected(tag: int, body: list) -> None:
+    try:
+        decode_payload(msgpack.packb([tag, *body], use_bin_type=True))
+    except RemoteProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages, st.data())
+def test_mutated_valid_payloads_only_raise_remote_protocol_error(msg, data) -> None:
+    raw = bytearray(to_payload(msg))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(1, len(raw)))
+    try:
+        decoded = decode_payload(bytes(raw[:cut]))
+    except RemoteProtocolError:
+        return
+    assert decode_payload(to_payload(decoded)) == decoded  # whatever passes is a valid message
+
+
+def test_specific_junk_is_rejected_with_a_reason() -> None:
+    good = Member("a", "a", ("10.0.0.1", 1), 0, MemberState.ALIVE, NodeMeta())
+    ping = msgpack.unpackb(to_payload(Ping(1, good, None)))
+    cases = {
+        b"": "not valid msgpack",
+        msgpack.packb({"a": 1}): "not valid msgpack",
+        msgpack.packb([9]): "unknown message type",
+        msgpack.packb([True, *ping[1:]]): "unknown message type",
+        msgpack.packb([1, -1, *ping[2:]]): "ping.seq",
+        msgpack.packb([1, 1, ping[2], "x" * 65, []]): "ping.target_id",
+        msgpack.packb([*ping[:4], [[ping[2], "a"]] * 65]): "at most 64",
+        msgpack.packb(
+            [1, 1, [*ping[2][:5], 1, ping[2][6]], None, []]
+        ): "cannot describe itself as suspect",
+        msgpack.packb([1, 1, [*ping[2][:3], 0, *ping[2][4:]], None, []]): "source.addr.port",
+        msgpack.packb([1, 1, [*ping[2][:6], ping[2][6][:-1]], None, []]): "meta: expected 14",
+        msgpack.packb([1, 1, ping[2], None, [], "extra"]): "ping: expected 5",
+        b"\x91" * 5000: "not valid msgpack",
+    }
+    for payload, reason in cases.items():
+        with pytest.raises(RemoteProtocolError, match=reason):
+            decode_payload(payload)
+
+
+def test_membership_counts_and_survives_junk() -> None:
+    net, nodes = ring(2, seed=13)
+    net.run_until_true(lambda: converged(nodes, 2), timeout=1.0)
+    before = nodes[0].m.view()
+    rng = random.Random(0)
+    for _ in range(50):
+        net.inject(("10.6.6.6", 666), nodes[0].addr, rng.randbytes(rng.randint(0, 200)))
+    net.run_for(3.0)
+    assert net.rejected == 50 and nodes[0].m.counters["rejected_payloads"] == 50
+    assert nodes[0].m.view() == before and converged(nodes, 2)
+
+
+def test_a_ping_for_another_node_is_not_acked() -> None:
+    m = Membership("me", "me", ("10.0.0.1", 1), NodeMeta(), rng=random.Random(1))
+    m.join([], 0.0)
+    other = Member("x", "x", ("10.0.0.2", 2), 0, MemberState.ALIVE, NodeMeta())
+    m.receive(to_payload(Ping(5, other, "someone-else")), ("10.0.0.2", 2), 0.1)
+    assert m.outbox() == []
+    m.receive(to_payload(Ping(6, other, "me")), ("10.0.0.2", 2), 0.2)
+    ((dst, payload),) = m.outbox()
+    ack = decode_payload(payload)
+    assert dst == ("10.0.0.2", 2) and isinstance(ack, Ack) and ack.seq == 6
+    assert m.member("x").state is MemberState.ALIVE
