@@ -481,6 +481,15 @@ class MembershipConfig:
     reap_after: float = 300.0
     max_members: int = 256
 
+    def __post_init__(self) -> None:
+        if not 0 < self.probe_timeout < self.probe_interval:
+            raise LocalProtocolError(
+                f"membership: need 0 < probe_timeout ({self.probe_timeout}) "
+                f"< probe_interval ({self.probe_interval})"
+            )
+        if min(self.suspicion_timeout, self.gossip_interval, self.reconnect_interval) <= 0:
+            raise LocalProtocolError("membership: timeouts and intervals must be positive")
+
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> MembershipConfig:
         """Take the timing fields a :class:`ringd.config.Settings` carries."""
@@ -614,8 +623,9 @@ class Membership:
 
     @property
     def leave_complete(self) -> bool:
-        """After :meth:`leave`: the LEFT update has been sent as often as gossip asks."""
-        return self.leaving and self.node_id not in self._queue
+        """After :meth:`leave`: the LEFT update has been sent as often as gossip asks
+        (at once when no live member is left to tell)."""
+        return self.leaving and (self.node_id not in self._queue or not self._live_ids())
 
     def join(self, seeds: Iterable[Addr], now: float) -> None:
         """Start the timers (call once, with [] if there are no static peers) and push our

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ringd.config import Settings
 from ringd.core.membership import (
     Ack,
     Broadcast,
@@ -454,6 +455,22 @@ def test_membership_counts_and_survives_junk() -> None:
     net.run_for(3.0)
     assert net.rejected == 50 and nodes[0].m.counters["rejected_payloads"] == 50
     assert nodes[0].m.view() == before and converged(nodes, 2)
+
+
+def test_config_from_settings_and_checks() -> None:
+    cfg = MembershipConfig.from_settings(Settings(probe_interval=2.0, suspicion_timeout=6.0))
+    assert (cfg.probe_interval, cfg.probe_timeout, cfg.suspicion_timeout) == (2.0, 0.5, 6.0)
+    assert cfg.max_payload_bytes == 1200  # datagram_size 1400 minus room for the frame
+    with pytest.raises(LocalProtocolError):
+        MembershipConfig(probe_interval=0.5, probe_timeout=0.5)
+
+
+def test_a_lone_node_leaves_at_once() -> None:
+    m = Membership("me", "me", ("10.0.0.1", 1), NodeMeta(), rng=random.Random(1))
+    m.join([], 0.0)
+    m.leave(1.0)
+    assert m.leave_complete and m.local.state is MemberState.LEFT
+    assert m.local.meta.phase is NodePhase.LEAVING and m.view().members == ()
 
 
 def test_a_ping_for_another_node_is_not_acked() -> None:
