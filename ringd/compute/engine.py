@@ -7,8 +7,13 @@ the tensors those modules need are read from the safetensors files. Parameter na
 the checkpoint's names (``model.layers.17...``), so the per-module quantization in
 ``config.json`` applies unchanged.
 
-All methods must be called from one thread (MLX state is not shared between threads
-here; the daemon runs compute on one dedicated thread).
+Call an engine from one thread at a time (the daemon runs compute on one dedicated
+thread); it may be loaded on another thread than the one that runs it.
+
+Speed on the CPU device: MLX's CPU matmul kernels use one core each, so the large
+projections (and the output head) are split by rows over one MLX stream per core
+(``cpu_split``); every output element is the same dot product, so results are identical
+to the unsplit model. On Metal (Apple silicon) nothing is split.
 
 Activations: a non-first shard takes hidden states ``[1, T, hidden]`` in
 ``info.activation_dtype`` (the promotion of the model's floating dtypes: float32 for the
@@ -46,9 +51,10 @@ _cpu_streams: list[Any] = []
 
 
 def _streams(n: int) -> list[Any]:
-    """``n`` CPU streams (MLX runs each on its own thread); created once per process."""
+    """``n`` CPU streams, usable from any thread (MLX streams are per thread; these
+    thread-local ones resolve to the calling thread's own). Created once per process."""
     while len(_cpu_streams) < n:
-        _cpu_streams.append(mx.default_stream(mx.cpu) if not _cpu_streams else mx.new_stream(mx.cpu))
+        _cpu_streams.append(mx.new_thread_local_stream(mx.cpu))
     return _cpu_streams[:n]
 
 
@@ -163,11 +169,15 @@ class ShardEngine:
         if self.is_last:
             base = shard["lm_head"] if "lm_head" in shard else shard.model.embed_tokens
             if cpu_split > 1:
-                self._head = _RowSplit(base, cpu_split)
+                shard.head_split = self._head = _RowSplit(base, cpu_split)
             else:
                 self._head = base if "lm_head" in shard else base.as_linear
         if cpu_split > 1:
             _split_projections(shard, cpu_split)
+        # Evaluate every array now, private ones (rope tables) and split views included:
+        # a lazy array is bound to the stream of the thread that made it, and the
+        # engine may be loaded on one thread and run on another.
+        mx.eval(shard)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -391,6 +401,7 @@ class Sampler:
         self.params = params
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self._key = mx.random.key(seed)
+        mx.eval(self._key)
 
     def sample_lazy(self, logits: mx.array) -> mx.array:
         """The token as an unevaluated int32 scalar array (no host synchronisation)."""

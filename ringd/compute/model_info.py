@@ -212,6 +212,8 @@ def inspect_model(path: Path) -> ModelInfo:
         raise ModelError(f"{path}: config.json says the head is not tied to the embedding, "
                          "but the weight files hold no lm_head.weight",
                          hint="the weights are incomplete; re-import or re-copy the model directory")
+    # Precomputed rotary frequencies in old checkpoints are not weights (mlx-lm drops them).
+    tensors = {k: v for k, v in tensors.items() if "rotary_emb.inv_freq" not in k}
     layer_bytes = [0] * num_layers
     embed = norm = head = 0
     for name, t in tensors.items():
@@ -233,6 +235,8 @@ def inspect_model(path: Path) -> ModelInfo:
                          hint="the weights are incomplete; re-import or re-copy the model directory")
     if tied:
         head = embed
+        # mlx-lm drops a stored lm_head of a tied model; so does the shard engine.
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("lm_head.")}
 
     eos = _ids(config.get("eos_token_id"))
     gen = path / "generation_config.json"

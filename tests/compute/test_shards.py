@@ -13,7 +13,7 @@ import pytest
 from ringd.compute.engine import ShardEngine
 from ringd.compute.model_info import inspect_model
 from ringd.errors import LocalProtocolError, ModelError
-from tests.compute.util import load_split, through
+from tests.compute.util import build_random_model, load_split, through
 
 PROMPT = [5, 17, 42, 99, 100, 3, 250, 11, 64, 128, 7, 300]
 SPLITS = [[0, 3, 6], [0, 1, 6], [0, 5, 6], [0, 2, 5, 6], [0, 1, 4, 6]]
@@ -202,3 +202,52 @@ def test_load_reads_only_the_shards_bytes(tiny_model_dir: Path) -> None:
     read = rchar() - before
     assert e.loaded_bytes <= read < e.loaded_bytes + 256 * 1024
     assert read < info.total_bytes / 2
+
+
+_BASE = {"hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+         "vocab_size": 200, "max_position_embeddings": 512, "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("config", [
+    {"model_type": "qwen2", "tie_word_embeddings": True},  # attention biases
+    {"model_type": "qwen3", "head_dim": 16, "tie_word_embeddings": False},  # q/k norms
+    {"model_type": "mistral", "tie_word_embeddings": False},
+], ids=lambda c: c["model_type"])
+def test_other_architectures_split_exactly_and_match_mlx_lm(tmp_path: Path, config: dict) -> None:
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    d = build_random_model(tmp_path / config["model_type"], {**_BASE, **config})
+    reference, _ = load_model(d)
+    cache = make_prompt_cache(reference)
+    whole = [ShardEngine.load(d, 0, 4)]
+    parts = load_split(d, [0, 1, 3, 4])
+    for e in whole + parts:
+        e.new_request("r")
+    ids = mx.array([3, 1, 4, 1, 5, 9, 2, 6], dtype=mx.int32)
+    for _ in range(4):
+        ref = reference(ids[None], cache=cache)[0, -1].astype(mx.float32)
+        want, got = through(whole, "r", ids), through(parts, "r", ids)
+        assert mx.array_equal(want, got)
+        assert mx.allclose(ref, want, rtol=1e-5, atol=1e-5)
+        ids = mx.argmax(want).reshape(1).astype(mx.int32)
+
+
+def test_loaded_on_one_thread_runs_on_another(tmp_path: Path) -> None:
+    """The daemon may load on one thread and compute on another (MLX streams are per thread)."""
+    import threading
+
+    d = build_random_model(tmp_path / "l3", {
+        **_BASE, "model_type": "llama", "tie_word_embeddings": True,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 256}})
+    loaded: list[ShardEngine] = []
+    t = threading.Thread(target=lambda: loaded.extend(load_split(d, [0, 2, 4], cpu_split=2)))
+    t.start()
+    t.join()
+    here = load_split(d, [0, 2, 4], cpu_split=2)
+    for e in loaded + here:
+        e.new_request("r")
+    ids = mx.array([3, 1, 4, 1, 5], dtype=mx.int32)
+    assert mx.array_equal(through(loaded, "r", ids), through(here, "r", ids))

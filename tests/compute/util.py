@@ -135,3 +135,22 @@ def patch_gguf_tensor(path: Path, name: str, type_id: int, dims: tuple[int, ...]
     struct.pack_into(f"<{n_dims}Q", data, at + 4, *dims)
     struct.pack_into("<I", data, at + 4 + 8 * n_dims, type_id)
     path.write_bytes(bytes(data))
+
+
+def build_random_model(out: Path, config: dict[str, Any], seed: int = 3) -> Path:
+    """A random model of any supported mlx-lm architecture, weights only (no tokenizer)."""
+    import importlib
+
+    from mlx.utils import tree_flatten
+
+    from ringd.compute.store import save_weights
+
+    arch = importlib.import_module(f"mlx_lm.models.{config['model_type'].replace('mistral', 'llama')}")
+    mx.random.seed(seed)
+    model = arch.Model(arch.ModelArgs.from_dict(config))
+    out.mkdir(parents=True)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    save_weights(out, weights, max_file_bytes=400_000)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
