@@ -110,5 +110,36 @@ def model_list(ctx: click.Context, store: str | None) -> None:
         click.echo(f"{m.name:40s} {m.num_layers:4d} layers  {m.total_bytes / 2**20:10.1f} MiB  {m.path}")
 
 
+DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+@main.command()
+@click.argument("text", required=False, default=DEMO_PROMPT)
+@click.option("--nodes", type=click.IntRange(1, 8), default=3, show_default=True, help="Daemons in the local ring.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--store", type=click.Path(file_okay=False), default=None, help="Model store directory.")
+@click.pass_context
+@friendly
+def demo(ctx: click.Context, text: str, nodes: int, max_tokens: int, store: str | None) -> None:
+    """Start a local ring of daemons with unequal memory, answer a prompt, stop the ring.
+
+    Everything runs on this machine over loopback: each daemon holds only its layers.
+    """
+    from ringd.demo import run_demo
+
+    s = settings_from(ctx, model_store=store)
+    run_demo(s, text, nodes=nodes, max_tokens=max_tokens, echo=click.echo)
+
+
+def _register() -> None:
+    from ringd.cli_ring import prompt, status
+    from ringd.cli_service import service
+
+    for cmd in (status, prompt, service):
+        main.add_command(cmd)
+
+
+_register()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,15 +1,491 @@
-"""``ringd``: the composition root. Wires config, cores and adapters together."""
+"""``ringd``: the composition root. Settings -> cores + adapters, in one task group.
+
+Order of a node's life:
+  logging -> state dir (node id, boot epoch, lock) -> cluster key -> model files -> ports
+  (peer UDP+TCP, HTTP API) -> membership + agreement -> discovery -> serve ->
+  on SIGTERM: refuse new requests, announce leave, drain, close. A second signal forces exit.
+
+The cores (membership, agreement, pipeline) are pure; this module feeds them what arrives
+and the clock, does what they say, and re-arms one timer.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import faulthandler
+import logging
+import os
+import random
+import signal
+import socket
 import sys
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import click
+
+from ringd import PROTOCOL_VERSION, __version__
+from ringd.config import Settings, format_size
+from ringd.core import wire
+from ringd.core.agreement import (Agreement, LoadShard, PlanDropped, PlanUnfit, RingReady,
+                                  StopServing)
+from ringd.core.membership import (Member, MemberState, Membership, MembershipConfig, NodeMeta,
+                                   NodePhase)
+from ringd.core.pipeline import Route, Stage
+from ringd.core.plan import ModelShape, Plan
+from ringd.core.requests import FinishEvent, GenerationRequest, TokenEvent
+from ringd.daemon_cli import build_settings, settings_options
+from ringd.errors import ConfigError, ModelError, RingdError, UsageError
+
+log = logging.getLogger("ringd.daemon")
+
+Addr = tuple[str, int]
+
+
+def model_shape(info: Any, settings: Settings) -> ModelShape:
+    """What the plan needs to know of the model: bytes per layer, ends, KV cache per layer."""
+    kv = info.kv_bytes_per_token_per_layer * settings.max_context * settings.max_concurrent
+    return ModelShape(info.name, tuple(info.layer_bytes), info.embed_bytes,
+                      info.head_bytes + info.norm_bytes, kv)
+
+
+def route_of(plan: Plan) -> Route:
+    return Route(plan.epoch, tuple(Stage(a.node_id, a.start, a.end) for a in plan.order), plan.num_layers)
+
+
+class Node:
+    """One ringd node: owns the subsystems and glues them together on the event loop."""
+
+    def __init__(self, settings: Settings, state: Any) -> None:
+        self.settings = settings
+        self.state = state  # ringd.state.NodeState
+        self.node_id: str = state.node_id
+        self.started = time.monotonic()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._load_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.compute: Any = None  # StageCompute of the committed plan, once loaded
+        self.loaded_for: str | None = None
+        self.ready_event = asyncio.Event()
+        self.load_seconds: float | None = None
+        self.timeline: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ start-up
+    async def setup(self) -> None:
+        from ringd.compute import store
+        from ringd.compute.memory import usable_memory
+        from ringd.compute.model_info import inspect_model
+        from ringd.compute.tokenizer import Tokenizer
+        from ringd.keys import load_or_create_key
+        from ringd.net.api import ApiServer
+        from ringd.net.transport import Transport
+        from ringd.runner import RingRunner
+
+        s = self.settings
+        self.key, created = load_or_create_key(s.key_path)
+        if created:
+            log.warning("created a new cluster key in %s: copy it (mode 0600) to every node of this ring",
+                        s.key_path)
+        self.cluster_id = wire.cluster_id(self.key)
+        self.model_dir = store.resolve_model(s.model_store, s.model)
+        self.info = inspect_model(self.model_dir)
+        self.shape = model_shape(self.info, s)
+        usable, total = usable_memory(s.memory_reserve)
+        if s.memory_budget is not None:
+            usable = s.memory_budget
+        self.usable, self.total = usable, total
+        self.tokenizer = await asyncio.to_thread(Tokenizer.load, self.model_dir)
+
+        self.transport = Transport(s, node_id=self.node_id, key=self.key, on_message=self._on_message)
+        self.port = (await self.transport.start())[1]
+        host = s.advertise_host or _default_advertise(s)
+        self.addr: Addr = (host, self.port)
+
+        self.runner = RingRunner(s, self.node_id, self.tokenizer, self.info.name, self.info.eos_token_ids,
+                                 self._send, not_ready_reason=lambda: self.agreement.reason)
+        self.api = ApiServer(NodeBackend(self), host=s.http_host, port=s.http_port, api_key=s.api_key,
+                             on_shutdown=self.request_stop)
+        self.http_port = await self.api.start()
+
+        meta = NodeMeta(usable_memory=usable, total_memory=total, models=(self.info.name,),
+                        phase=NodePhase.JOINING, software_version=__version__,
+                        protocol_version=PROTOCOL_VERSION, http_port=self.http_port,
+                        model=s.model, model_version=0)
+        self.membership = Membership(self.node_id, s.node_name, self.addr, meta,
+                                     rng=random.Random(), config=MembershipConfig.from_settings(s))
+        self.agreement = Agreement(self.node_id, last_epoch=self.state.plan_epoch)
+        self.discovery = None
+        if s.mdns:
+            from ringd.net.discovery import Discovery
+
+            self.discovery = Discovery(self.node_id, self.cluster_id, self.port, self.http_port,
+                                       list(s.mdns_interfaces) or None, on_peer=self._on_peer,
+                                       advertise=[s.advertise_host] if s.advertise_host else None)
+        log.info("node %s (%s) on %s:%d, HTTP API on %s:%d, offering %s of %s for %s",
+                 self.node_id, s.node_name, host, self.port, s.http_host, self.http_port,
+                 format_size(usable), format_size(total), self.info.name)
+
+    # ------------------------------------------------------------------ main loop
+    async def run(self) -> None:
+        from ringd.service.sdnotify import notify, watchdog_interval
+        from ringd.service.watchdog import StallDetector, systemd_watchdog
+
+        s = self.settings
+        async with asyncio.TaskGroup() as tg:
+            if s.stall_timeout > 0:
+                self._keep(tg.create_task(StallDetector(s.stall_timeout).run()))
+            interval = watchdog_interval()
+            if interval is not None:
+                self._keep(tg.create_task(systemd_watchdog(interval)))
+            notify(status="starting")
+            await self.setup()
+            if self.discovery is not None:
+                await self.discovery.start()
+            self.timeline["started"] = time.monotonic() - self.started
+            seeds = await asyncio.gather(*(asyncio.to_thread(_resolve_peer, p) for p in s.peers))
+            self.membership.join([a for a in seeds if a is not None], time.monotonic())
+            self._pump(time.monotonic())
+            notify(status="waiting for peers")
+            main = tg.create_task(self._timer_loop())
+            await self._stopping.wait()
+            await self._shutdown()
+            main.cancel()
+            for t in list(self._tasks):
+                t.cancel()
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _timer_loop(self) -> None:
+        while True:
+            timers = [t for t in (self.membership.get_timer(), self.agreement.get_timer(),
+                                  self.runner.table.next_deadline()) if t is not None]
+            delay = max(0.0, min(timers) - time.monotonic()) if timers else 1.0
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 1.0))
+            except asyncio.TimeoutError:
+                pass
+            now = time.monotonic()
+            self.membership.handle_timer(now)
+            self.agreement.handle_timer(now)
+            self.runner.expire(now)
+            self._pump(now)
+
+    def _pump(self, now: float) -> None:
+        """After any input: membership events -> agreement -> published meta -> outbox."""
+        for ev in self.membership.events():
+            log.debug("membership: %s", ev)
+        view = self.membership.view()
+        metas = {m.node_id: m.meta for m in self.membership.members()}
+        self.agreement.update(now, view, metas, self.shape if view.model == self.info.name else None)
+        for ev in self.agreement.events():
+            self._on_agreement(ev, now)
+        pub = self.agreement.published()
+        if self.membership.leaving:
+            pub["phase"] = NodePhase.LEAVING
+        self.membership.update_meta(**pub)
+        self.transport.set_epoch(self.agreement.epoch)
+        for addr, payload in self.membership.outbox():
+            self.transport.send(addr, wire.Gossip(payload))
+        self._wake.set()
+
+    def _on_agreement(self, ev: Any, now: float) -> None:
+        from ringd.service.sdnotify import notify
+
+        if isinstance(ev, StopServing):
+            log.warning("ring stops serving plan epoch %d: %s", ev.plan.epoch, ev.reason)
+            self.runner.stop_serving(ev.reason)
+            self.ready_event.clear()
+            notify(status=f"re-forming: {ev.reason}")
+        elif isinstance(ev, PlanDropped):
+            if self._load_task is not None:
+                self._load_task.cancel()
+        elif isinstance(ev, LoadShard):
+            self.timeline.setdefault("committed", now - self.started)
+            self.state.save_plan_epoch(ev.plan.epoch)
+            self._load_task = asyncio.get_running_loop().create_task(self._load(ev.plan, ev.assignment))
+            self._keep(self._load_task)
+        elif isinstance(ev, RingReady):
+            self.timeline.setdefault("ready", now - self.started)
+            if self.compute is not None and self.loaded_for == ev.plan.layout_hash:
+                self.runner.serve(route_of(ev.plan), self.compute)
+            mine = ev.plan.assignment(self.node_id)
+            where = f"layers {mine.start}-{mine.end - 1}" if mine else "no layers (entry only)"
+            log.info("ring ready: plan %s epoch %d, %d nodes, %s here", ev.plan.hash[:8], ev.plan.epoch,
+                     len(ev.plan.order), where)
+            self.ready_event.set()
+            notify(ready=True, status=f"serving: ring of {len(ev.plan.order)} nodes, {where}")
+        elif isinstance(ev, PlanUnfit):
+            log.error("the ring cannot hold %s: %s", self.info.name, ev.error)
+            notify(status=f"cannot fit the model: {ev.error.message}")
+
+    async def _load(self, plan: Plan, assignment: Any) -> None:
+        from ringd.compute.stage import StageCompute
+        from ringd.service.sdnotify import notify
+
+        if assignment is None:
+            self.agreement.loaded(plan.hash, time.monotonic())
+            self._pump(time.monotonic())
+            return
+        start, end = assignment.start, assignment.end
+        if self.compute is not None and self.loaded_for == plan.layout_hash:
+            log.info("layers %d-%d already loaded", start, end - 1)
+        else:
+            notify(status=f"loading layers {start}-{end - 1} of {plan.num_layers}")
+            log.info("loading layers [%d, %d) of %s", start, end, self.info.name)
+            old, self.compute, self.loaded_for = self.compute, None, None
+            t0 = time.monotonic()
+            try:
+                if old is not None:
+                    await self.runner.run_compute(old.free_all)
+                    del old
+                compute = await self.runner.run_compute(StageCompute.load, self.model_dir, start, end)
+            except RingdError as e:
+                log.error("cannot load layers [%d, %d): %s", start, end, e)
+                self.agreement.load_failed(plan.hash, str(e))
+                self._pump(time.monotonic())
+                return
+            self.load_seconds = time.monotonic() - t0
+            self.compute, self.loaded_for = compute, plan.layout_hash
+            log.info("loaded layers [%d, %d): %s in %.2f s", start, end, format_size(compute.loaded_bytes),
+                     self.load_seconds)
+        self.agreement.loaded(plan.hash, time.monotonic())
+        self._pump(time.monotonic())
+
+    # ------------------------------------------------------------------ inputs
+    def _on_message(self, sender: str, addr: Addr, msg: wire.Message) -> None:
+        now = time.monotonic()
+        if isinstance(msg, wire.Gossip):
+            self.membership.receive(msg.payload, addr, now)
+            self._pump(now)
+        else:
+            self.runner.on_message(msg, sender)
+
+    def _on_peer(self, peer: Any) -> None:
+        now = time.monotonic()
+        for a in peer.addresses:
+            self.membership.add_peer_address((a, peer.port), now)
+        self._pump(now)
+
+    def _send(self, node_id: str, msg: wire.Message) -> None:
+        """Data plane out: to ourselves without a socket, to a member by its address."""
+        if node_id == self.node_id:
+            asyncio.get_running_loop().call_soon(self.runner.on_message, msg, self.node_id)
+            return
+        m = self.membership.member(node_id)
+        if m is None:
+            log.warning("no address for node %s; dropping %s", node_id[:8], type(msg).__name__)
+            return
+        self.transport.send(m.addr, msg)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    # ------------------------------------------------------------------ shutdown
+    async def _shutdown(self) -> None:
+        from ringd.service.sdnotify import notify
+
+        s = self.settings
+        notify(stopping=True, status="leaving the ring")
+        log.info("leaving the ring")
+        self.runner.leaving = True
+        try:
+            await asyncio.wait_for(self.runner.idle.wait(), s.shutdown_timeout)
+        except asyncio.TimeoutError:
+            log.warning("requests still running after %.0f s: failing them", s.shutdown_timeout)
+        self.membership.leave(time.monotonic())
+        self._pump(time.monotonic())
+        t_end = time.monotonic() + min(2.0, s.shutdown_timeout)
+        while not self.membership.leave_complete and time.monotonic() < t_end:
+            timer = self.membership.get_timer()  # gossip rounds carry the leave
+            await asyncio.sleep(max(0.0, min(t_end, timer or t_end) - time.monotonic()))
+            self.membership.handle_timer(time.monotonic())
+            self._pump(time.monotonic())
+        await self.runner.close()
+        await self.api.close()
+        if self.discovery is not None:
+            await self.discovery.close()
+        await self.transport.close()
+        log.info("stopped")
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        ag = self.agreement.status()
+        plan = self.agreement.plan
+        members = []
+        for m in sorted(self.membership.members(), key=lambda m: m.node_id):
+            a = plan.assignment(m.node_id) if plan else None
+            rtt = self.membership.rtt(m.node_id) if m.node_id != self.node_id else None
+            members.append({
+                "id": m.node_id, "name": m.name, "addr": f"{m.addr[0]}:{m.addr[1]}",
+                "state": m.state.value, "phase": m.meta.phase.value,
+                "usable_memory": m.meta.usable_memory, "total_memory": m.meta.total_memory,
+                "layers": [a.start, a.end] if a else None,
+                "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
+                "software_version": m.meta.software_version, "http_port": m.meta.http_port,
+                "self": m.node_id == self.node_id,
+            })
+        return {
+            "node": {"id": self.node_id, "name": self.settings.node_name,
+                     "addr": f"{self.addr[0]}:{self.addr[1]}", "http_port": self.http_port,
+                     "phase": self.membership.local.meta.phase.value},
+            "ready": self.runner.route is not None,
+            "reason": None if self.runner.route is not None else self.agreement.reason,
+            "model": {"name": self.info.name, "num_layers": self.info.num_layers,
+                      "total_bytes": self.info.total_bytes},
+            "plan": ({"epoch": plan.epoch, "hash": plan.hash,
+                      "assignments": [{"node_id": a.node_id, "start": a.start, "end": a.end,
+                                       "bytes": a.bytes_needed} for a in plan.order],
+                      "excluded": [{"node_id": e.node_id, "reason": e.reason} for e in plan.excluded]}
+                     if plan else None),
+            "members": members,
+            "fingerprint": None,
+            "ceiling": None,
+            "agreement": ag,
+            "timeline": {k: round(v, 3) for k, v in self.timeline.items()},
+            "stats": {"runner": self.runner.status(), "membership": self.membership.stats(),
+                      "transport": self.transport.stats(),
+                      "discovery": self.discovery.stats().__dict__ if self.discovery else None,
+                      "compute": self.compute.stats() if self.compute else None},
+        }
+
+
+class NodeBackend:
+    """The Backend the HTTP API sees: generation from the ring runner, status from the node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def served_models(self) -> list[str]:
+        return self.node.runner.served_models()
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        return self.node.runner.generate(request)
+
+    def status(self) -> dict[str, Any]:
+        return self.node.status()
+
+
+def parse_peer(text: str) -> Addr:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"static peer {text!r} is not host:port", hint="write e.g. 192.168.1.20:7411")
+    return host.strip("[]"), int(port)
+
+
+def _resolve_peer(text: str) -> Addr | None:
+    """A static peer as an IP address (membership keys peers by address); None if unresolvable."""
+    host, port = parse_peer(text)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as e:
+        log.warning("static peer %s: cannot resolve %s (%s); skipping it", text, host, e.strerror)
+        return None
+    ipv4 = [i for i in infos if i[0] == socket.AF_INET]
+    return (ipv4 or infos)[0][4][0], port
+
+
+def _default_advertise(s: Settings) -> str:
+    if s.bind_host not in ("0.0.0.0", "::", ""):
+        return s.bind_host
+    from ringd.net.discovery import local_addresses
+
+    addrs = local_addresses()
+    return addrs[0] if addrs else "127.0.0.1"
+
+
+# ---------------------------------------------------------------------- entry point
+async def _amain(settings: Settings, state: Any) -> None:
+    node = Node(settings, state)
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(signame: str) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second %s: exiting now", signame)
+            os._exit(1)
+        log.info("%s received: stopping", signame)
+        node.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    await node.run()
+
+
+def _ringd_errors(exc: BaseException) -> list[RingdError]:
+    """The RingdErrors in ``exc`` (the task group wraps them); [] if anything else is in it."""
+    if isinstance(exc, RingdError):
+        return [exc]
+    if isinstance(exc, BaseExceptionGroup):
+        found = [_ringd_errors(e) for e in exc.exceptions]
+        return [e for sub in found for e in sub] if all(found) else []
+    return []
+
+
+def run_node(settings: Settings) -> int:
+    """Run a node until it is stopped; returns the exit code."""
+    from ringd.logs import configure_logging, set_node_id
+    from ringd.state import NodeState
+
+    configure_logging(settings.log_level, settings.log_json, None)
+    faulthandler.enable()
+    try:
+        state = NodeState.open(settings.state_dir)
+    except RingdError as e:
+        click.echo(f"ringd: {e}", err=True)
+        return 2
+    set_node_id(state.node_id)
+    try:
+        from ringd.net.loop import run as run_loop
+
+        for peer in settings.peers:
+            parse_peer(peer)
+        run_loop(_amain(settings, state))
+    except (RingdError, ExceptionGroup) as exc:
+        errors = _ringd_errors(exc)
+        if not errors:
+            raise
+        for e in errors:
+            log.error("%s", e)
+            click.echo(f"ringd: {e}", err=True)
+        return 2 if all(isinstance(e, (ConfigError, UsageError, ModelError)) for e in errors) else 1
+    finally:
+        state.close()
+    return 0
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ringd")
+def cli() -> None:
+    """ringd: one node of a ring that runs a language model too large for any one machine."""
+
+
+@cli.command()
+@click.option("--config", "config", type=click.Path(dir_okay=False), default=None, envvar="RINGD_CONFIG",
+              help="TOML config file (also RINGD_CONFIG).")
+@settings_options
+def run(config: str | None, **flags: Any) -> None:
+    """Run this node: find peers, agree on a plan, load this node's layers, serve."""
+    try:
+        settings = build_settings(config, flags)
+    except RingdError as e:
+        click.echo(f"ringd: {e}", err=True)
+        sys.exit(2)
+    sys.exit(run_node(settings))
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ringd.cli import fail
-
-    fail("ringd run is not implemented yet")
+    args = sys.argv[1:] if argv is None else argv
+    if not args:  # plain `ringd` / `python -m ringd` runs the node
+        args = ["run"]
+    cli.main(args=args, prog_name="ringd")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])
+    main()

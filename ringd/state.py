@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 NODE_ID_FILE = "node_id"
 EPOCH_FILE = "boot_epoch"
+PLAN_EPOCH_FILE = "plan_epoch"
 LOCK_FILE = "lock"
 NODE_ID_RE = re.compile(r"[0-9a-f]{16}")
 _MAX_STATE_FILE = 64  # bytes; both files are tiny, anything longer is not ours
@@ -114,6 +115,16 @@ class NodeState:
             raise
         log.info("node %s, boot epoch %d, state in %s", node_id, epoch, state_dir)
         return cls(state_dir, node_id, epoch, in_temp, lock_fd)
+
+    @property
+    def plan_epoch(self) -> int:
+        """The highest plan epoch this node has committed to (0 before the first)."""
+        return _read_epoch(self.state_dir / PLAN_EPOCH_FILE)
+
+    def save_plan_epoch(self, epoch: int) -> None:
+        """Remember a committed plan epoch, so epochs keep rising across restarts."""
+        if epoch > self.plan_epoch:
+            atomic_write(self.state_dir / PLAN_EPOCH_FILE, f"{epoch}\n".encode())
 
     def close(self) -> None:
         """Release the state-dir lock (the process exiting releases it too)."""

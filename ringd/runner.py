@@ -1,0 +1,381 @@
+"""The ring's request path on one node: the entry role and the stage role.
+
+Entry (any node a prompt reaches): tokenizes, sends the prompt in prefill chunks to the
+owner of layer 0, turns the tokens coming back into text, applies stop strings, and ends
+the request on every node. Stage (every node on the plan): runs its layers on whatever
+activation arrives -- for any request, in arrival order -- and forwards the result; the
+owner of the last layer samples and sends the token to the owner of layer 0 (next step)
+and to the entry (streaming).
+
+Decisions come from the pure core (:mod:`ringd.core.pipeline`); compute runs on the one
+MLX thread through :class:`ringd.compute.stage.StageCompute`; messages leave through the
+``send`` callable the daemon gives (which short-cuts to ourselves without a socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from ringd.compute.stage import StageCompute
+from ringd.compute.tokenizer import Tokenizer
+from ringd.config import Settings
+from ringd.core import wire
+from ringd.core.pipeline import (RequestTable, Route, StopMatcher, check_activation, check_complete,
+                                 chunks)
+from ringd.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from ringd.errors import RequestError
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[str, wire.Message], None]
+
+
+@dataclass
+class _Entry:
+    """A request this node is the entry for."""
+
+    rid: str
+    route: Route
+    prompt_tokens: int
+    limit: int
+    queue: asyncio.Queue[wire.Token | RequestError] = field(default_factory=asyncio.Queue)
+
+
+@dataclass
+class _Flow:
+    """What a stage remembers of a request besides the table record."""
+
+    sampling: wire.Sampling
+    produced: int = 0  # tokens sampled (last stage)
+    continued: int = -1  # the last step whose token started the next step here (first stage)
+
+
+class RingRunner:
+    """Implements :class:`ringd.core.requests.Backend` over the ring."""
+
+    def __init__(self, settings: Settings, node_id: str, tokenizer: Tokenizer, model_name: str,
+                 eos_token_ids: tuple[int, ...], send: Send,
+                 not_ready_reason: Callable[[], str] = lambda: "the ring is not ready") -> None:
+        self.settings = settings
+        self.node_id = node_id
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.eos = frozenset(eos_token_ids)
+        self.send = send
+        self.not_ready_reason = not_ready_reason
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ringd-mlx")
+        self.route: Route | None = None  # set while serving
+        self.compute: StageCompute | None = None
+        self.leaving = False
+        self.table = RequestTable(capacity=4 * settings.max_concurrent + 8,
+                                  idle_timeout=settings.request_timeout)
+        self._flows: dict[str, _Flow] = {}
+        # Activations that arrived ahead of their position (a big prefill chunk on TCP
+        # overtaken by a small one on UDP): request id -> position -> (message, sender).
+        self._early: dict[str, dict[int, tuple[wire.Activation, str]]] = {}
+        self._entries: dict[str, _Entry] = {}
+        self.idle = asyncio.Event()  # set while no request has this node as its entry
+        self.idle.set()
+        self.counters = {"requests_served": 0, "requests_failed": 0, "tokens_generated": 0,
+                         "steps_computed": 0, "coverage_errors": 0}
+        self._compute_seconds = 0.0
+
+    # ---------------------------------------------------------------- serving control
+    def serve(self, route: Route, compute: StageCompute) -> None:
+        """Start serving ``route`` with this node's loaded shard."""
+        self.route, self.compute = route, compute
+        log.info("serving plan epoch %d as layers %s", route.epoch,
+                 (lambda s: f"[{s.start}, {s.end})")(route.stage_of(self.node_id)))
+
+    def stop_serving(self, reason: str) -> None:
+        """Fail every running request with ``reason`` and free every KV cache here."""
+        if self.route is None and not self._entries:
+            return
+        self.route = None
+        err = RequestError("not_ready", f"the ring stopped serving: {reason}",
+                           hint="retry once `ringctl status` shows the ring ready again")
+        for entry in list(self._entries.values()):
+            entry.queue.put_nowait(err)
+        now = time.monotonic()
+        self.table.clear(now)
+        self._flows.clear()
+        if self.compute is not None:
+            self.executor.submit(self.compute.free_all)
+
+    async def close(self) -> None:
+        self.leaving = True
+        self.stop_serving("this node is shutting down")
+        await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown)
+
+    async def run_compute(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # ---------------------------------------------------------------- Backend
+    def served_models(self) -> list[str]:
+        return [self.model_name]
+
+    def status(self) -> dict[str, Any]:
+        return {"active_entries": len(self._entries), "active_stage_requests": len(self.table.requests),
+                **self.counters, "compute_seconds": round(self._compute_seconds, 3)}
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        return self._generate(request)
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        s = self.settings
+        if self.leaving:
+            raise RequestError("leaving", "this node is shutting down", hint="send the request to another node")
+        route = self.route
+        if route is None:
+            raise RequestError("not_ready", f"the ring is not ready: {self.not_ready_reason()}",
+                               hint="`ringctl status` shows what the ring is waiting for")
+        if request.model not in (None, self.model_name):
+            raise RequestError("model_not_served", f"model {request.model!r} is not served by this ring "
+                               f"(served: {self.model_name})", hint="leave out model, or name the served one")
+        if len(self._entries) >= s.max_concurrent:
+            raise RequestError("busy", f"{len(self._entries)} requests are already running from this node "
+                               f"(max_concurrent = {s.max_concurrent})", hint="retry later, or raise max_concurrent")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        rid = uuid.uuid4().hex
+        entry = _Entry(rid, route, 0, 0)
+        self._entries[rid] = entry  # admitted: counts against max_concurrent from here
+        self.idle.clear()
+        finished = False
+        try:
+            ids = await asyncio.to_thread(self._encode, request)
+            room = s.max_context - len(ids)
+            if room < 1:
+                raise RequestError("context_length", f"the prompt has {len(ids)} tokens; the ring's context "
+                                   f"holds {s.max_context} (max_context)", hint="shorten the prompt, or raise max_context")
+            params = request.params
+            entry.prompt_tokens, entry.limit = len(ids), min(params.max_tokens, room)
+            sampling = wire.Sampling(params.temperature, params.top_p, params.top_k, params.seed, entry.limit)
+            for a, b in chunks(len(ids), s.prefill_chunk):
+                self.send(route.first.node_id, wire.Activation(
+                    rid, 0, a, route.epoch, 0, 0, self.node_id, sampling, b == len(ids), tokens_tensor(ids[a:b])))
+            decoder = self.tokenizer.new_decoder()
+            stopper = StopMatcher(params.stop)
+            n, reason, t_first, t_last = 0, "length", 0.0, 0.0
+            deadline = t0 + s.request_timeout
+            while True:
+                try:
+                    item = await asyncio.wait_for(entry.queue.get(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    raise RequestError("timeout", f"the request ran longer than request_timeout "
+                                       f"({s.request_timeout:g} s)", hint="raise request_timeout, or ask for fewer tokens") from None
+                if isinstance(item, RequestError):
+                    raise item
+                t_last = loop.time()
+                if n == 0:
+                    t_first = t_last
+                n += 1
+                tok = item.token_id
+                last = item.finished
+                if tok in self.eos:
+                    text = decoder.flush()
+                else:
+                    text = decoder.add(tok) + (decoder.flush() if last else "")
+                emit, stopped = stopper.feed(text)
+                if last and not stopped:
+                    emit += stopper.flush()
+                yield TokenEvent(n - 1, tok, emit)
+                if stopped or last:
+                    reason = "stop" if stopped or item.finish_reason == "stop" else "length"
+                    break
+            finished = True
+            self.counters["requests_served"] += 1
+            self.counters["tokens_generated"] += n
+            yield FinishEvent(reason=reason, prompt_tokens=entry.prompt_tokens, completion_tokens=n,
+                              time_to_first_token=t_first - t0,
+                              tokens_per_second=(n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else 0.0,
+                              extra={"request_id": rid, "epoch": route.epoch})
+        finally:
+            if not finished:
+                self.counters["requests_failed"] += 1
+            del self._entries[rid]
+            if not self._entries:
+                self.idle.set()
+            self._end_everywhere(route, rid, "done" if finished else "cancelled")
+
+    def _encode(self, request: GenerationRequest) -> list[int]:
+        if request.messages is not None:
+            ids = self.tokenizer.encode_chat(list(request.messages))
+        else:
+            ids = self.tokenizer.encode(request.prompt or "")
+        if not ids:
+            raise RequestError("bad_request", "the prompt is empty", hint="send some text")
+        return list(ids)
+
+    def _end_everywhere(self, route: Route, rid: str, reason: str) -> None:
+        for node in route.node_ids:
+            self.send(node, wire.Cancel(rid, reason))
+
+    # ---------------------------------------------------------------- inbound
+    def on_message(self, msg: wire.Message, sender: str) -> None:
+        """Dispatch a data-plane message (called on the loop thread)."""
+        if isinstance(msg, wire.Activation):
+            self._on_activation(msg, sender)
+        elif isinstance(msg, wire.Token):
+            self._on_token(msg, sender)
+        elif isinstance(msg, wire.Cancel):
+            self._on_cancel(msg)
+        elif isinstance(msg, wire.Error):
+            self._on_error(msg, sender)
+
+    def _fail(self, rid: str, entry_node: str, err: RequestError) -> None:
+        """A stage cannot go on with ``rid``: free it here, tell the entry."""
+        if err.code == "coverage":
+            self.counters["coverage_errors"] += 1
+        log.warning("request %s failed here: %s", rid[:8], err.message)
+        self._free(rid)
+        self.send(entry_node, wire.Error(rid, err.code, err.message[: wire.MAX_TEXT]))
+
+    def _free(self, rid: str) -> None:
+        known = self.table.end(rid, time.monotonic())
+        self._flows.pop(rid, None)
+        self._early.pop(rid, None)
+        if known and self.compute is not None:
+            compute = self.compute
+            self.executor.submit(compute.free, rid)
+
+    def _on_activation(self, msg: wire.Activation, sender: str) -> None:
+        rec = self.table.requests.get(msg.request_id)
+        expected = rec.next_position if rec is not None else 0
+        if msg.position > expected and msg.request_id not in self.table.finished:
+            held = self._early.setdefault(msg.request_id, {})
+            if len(held) < MAX_EARLY and sum(map(len, self._early.values())) < 8 * MAX_EARLY:
+                held[msg.position] = (msg, sender)
+                return
+            self._early.pop(msg.request_id, None)
+            self._fail(msg.request_id, msg.entry, RequestError(
+                "internal", f"node {self.node_id}: too many out-of-order activations for one request"))
+            return
+        self._step(msg, sender)
+        nxt = self._early.get(msg.request_id)
+        while nxt:
+            rec = self.table.requests.get(msg.request_id)
+            if rec is None or rec.next_position not in nxt:
+                break
+            self._step(*nxt.pop(rec.next_position))
+        if not nxt:
+            self._early.pop(msg.request_id, None)
+
+    def _step(self, msg: wire.Activation, sender: str) -> None:
+        route, compute = self.route, self.compute
+        if route is None or compute is None:
+            self._fail(msg.request_id, msg.entry, RequestError("not_ready", f"node {self.node_id} is not serving"))
+            return
+        try:
+            stage = check_activation(route, self.node_id, epoch=msg.epoch, layer_lo=msg.layer_lo,
+                                     layer_hi=msg.layer_hi, sender=sender)
+            length = msg.tensor.shape[0] if stage.start == 0 else msg.tensor.shape[1] if len(msg.tensor.shape) == 3 else -1
+            if length < 1:
+                raise RequestError("internal", f"activation for {msg.request_id[:8]} has shape {msg.tensor.shape}")
+            rec, created = self.table.admit(msg.request_id, entry=msg.entry, epoch=msg.epoch,
+                                            position=msg.position, length=length, now=time.monotonic())
+        except RequestError as e:
+            self._fail(msg.request_id, msg.entry, e)
+            return
+        if created:
+            self._flows[msg.request_id] = _Flow(msg.sampling)
+        is_last = route.next_stage(self.node_id) is None
+        if is_last:
+            try:
+                check_complete(route, layer_lo=0, layer_hi=stage.end, sender=sender, self_id=self.node_id)
+            except RequestError as e:
+                self._fail(msg.request_id, msg.entry, e)
+                return
+        params = SamplingParams(msg.sampling.temperature, msg.sampling.top_p, msg.sampling.top_k,
+                                msg.sampling.seed, msg.sampling.max_tokens)
+        started = time.perf_counter()
+        fut = self.executor.submit(compute.step, msg.request_id, msg.tensor, new=created, final=msg.final,
+                                   params=params)
+        loop = asyncio.get_running_loop()
+        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._after_step, f, msg, route, stage.end,
+                                                                  started))
+
+    def _after_step(self, fut: concurrent.futures.Future, msg: wire.Activation, route: Route, end: int,
+                    started: float) -> None:
+        self._compute_seconds += time.perf_counter() - started
+        rid = msg.request_id
+        if rid not in self.table.requests or self.route is not route:
+            return  # cancelled or the plan changed while computing
+        exc = fut.exception()
+        if exc is not None:
+            log.error("compute failed for request %s: %s", rid[:8], exc, exc_info=exc)
+            self._fail(rid, msg.entry, RequestError("internal", f"node {self.node_id} failed to compute layers: {exc}"))
+            return
+        self.counters["steps_computed"] += 1
+        out = fut.result()
+        nxt = route.next_stage(self.node_id)
+        if nxt is not None:
+            self.send(nxt.node_id, wire.Activation(rid, msg.step, msg.position, msg.epoch, 0, end, msg.entry,
+                                                   msg.sampling, msg.final, out))
+            return
+        if out is None:
+            return  # a prefill chunk before the last: the cache is filled, nothing to sample
+        flow = self._flows[rid]
+        flow.produced += 1
+        reason = "stop" if out in self.eos else "length" if flow.produced >= msg.sampling.max_tokens else None
+        token = wire.Token(rid, msg.step, msg.epoch, int(out), 0, route.num_layers, reason)
+        self.send(msg.entry, token)
+        if reason is None and route.first.node_id != msg.entry:
+            self.send(route.first.node_id, token)  # the entry, if it is the first stage, goes on by itself
+
+    def _on_token(self, msg: wire.Token, sender: str) -> None:
+        entry = self._entries.get(msg.request_id)
+        route = self.route
+        if entry is not None and msg.epoch == entry.route.epoch:
+            if (msg.layer_lo, msg.layer_hi) != (0, entry.route.num_layers):
+                entry.queue.put_nowait(RequestError(
+                    "coverage", f"node {sender} sent a token for layers [{msg.layer_lo}, {msg.layer_hi}) "
+                    f"of {entry.route.num_layers}; no token is shown"))
+            else:
+                entry.queue.put_nowait(msg)
+        if msg.finished or route is None or route.first.node_id != self.node_id:
+            return
+        rec = self.table.requests.get(msg.request_id)
+        flow = self._flows.get(msg.request_id)
+        if rec is None or flow is None:
+            return  # ended meanwhile
+        if msg.step <= flow.continued:
+            return  # a duplicate: each step goes on exactly once
+        flow.continued = msg.step
+        # The next step starts here, at the owner of layer 0, with the sampled token.
+        self._on_activation(wire.Activation(msg.request_id, msg.step + 1, rec.next_position, msg.epoch, 0, 0,
+                                            rec.entry, flow.sampling, True, tokens_tensor([msg.token_id])),
+                            sender=self.node_id)
+
+    def _on_cancel(self, msg: wire.Cancel) -> None:
+        self._free(msg.request_id)
+
+    def _on_error(self, msg: wire.Error, sender: str) -> None:
+        entry = self._entries.get(msg.request_id)
+        if entry is not None:
+            code = msg.code if msg.code in _CODES else "internal"
+            entry.queue.put_nowait(RequestError(code, f"node {sender}: {msg.message}"))
+
+    def expire(self, now: float) -> None:
+        """Free stage requests idle beyond request_timeout (their entry is gone)."""
+        for rid in self.table.expired(now):
+            log.info("request %s idle for %.0f s: freeing its cache", rid[:8], self.table.idle_timeout)
+            self._free(rid)
+
+
+MAX_EARLY = 64
+
+_CODES = frozenset({"busy", "not_ready", "cancelled", "timeout", "peer_lost", "leaving", "bad_request",
+                    "context_length", "model_not_served", "coverage", "internal"})
+
+
+def tokens_tensor(ids: list[int]) -> wire.Tensor:
+    """Token ids as the int32 tensor the first shard takes (little-endian, like every tensor body)."""
+    return wire.Tensor("int32", (len(ids),), struct.pack(f"<{len(ids)}i", *ids))
