@@ -1,0 +1,855 @@
+"""Reliable, ordered frames over UDP datagrams (sans-I/O; time is passed in, aioquic style).
+
+Feed it with :meth:`Endpoint.receive_datagram`, ask it what to send with
+:meth:`Endpoint.datagrams_to_send`, take :meth:`Endpoint.next_event`, and re-arm one timer
+at :meth:`Endpoint.get_timer` that calls :meth:`Endpoint.handle_timer`.
+
+Layers, bottom up:
+
+- **Segment** (one UDP datagram, at most ``datagram_size`` bytes)::
+
+      magic | version | index | count | cluster tag (4) | session (u64) | pn (u64) | payload
+
+  A packet is cut into up to 64 equal segments (the last may be shorter) so a Linux
+  adapter can send them with one ``sendmsg`` (UDP GSO) and receive them with one
+  ``recvmsg`` (UDP GRO); elsewhere they go one by one. IP fragmentation is never used.
+- **Packet**: the concatenated segment payloads form one sealed unit
+  (:meth:`ringd.core.wire.Sealer.seal`): one AEAD tag per packet, nonce = packet number
+  (never reused: a retransmission is a new packet). Nothing is parsed before the tag checks
+  out, and a forged segment can at most make its packet fail (and be sent again); it never
+  enters reassembly. The plaintext is a list of chunks: ACK (selective, newest ranges
+  first), DATA (a byte range of a frame on a stream), ONESHOT (an unreliable message).
+- **Frames** are byte strings delivered exactly once, in order per ``(peer, stream)``.
+
+Loss recovery follows RFC 9002: RTT estimate (smoothed, variance, min), packet threshold 3
+and time threshold 9/8 RTT, probe timeout with exponential backoff. A packet's segment
+budget halves when it is lost and grows back by one per acknowledged packet, so a lossy
+path degrades to one segment per packet. After ``pto_limit`` probe timeouts in a row the
+peer is reported with :class:`PeerUnreachable` (carrying the frames not yet acknowledged)
+so the adapter can move it to TCP.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Union
+
+from ringd.core.wire import (CHANNEL_UDP, WIRE_VERSION, Buffer, Dropped, ReplayGuard, Sealer,
+                             new_counters)
+from ringd.errors import LocalProtocolError
+
+Addr = tuple[str, int]
+
+SEGMENT = struct.Struct("<BBBB4sQQ")  # magic, version, index, count, cluster tag, session, pn
+SEGMENT_MAGIC = 0xD7
+MAX_SEGMENTS = 64  # Linux UDP GSO limit per sendmsg
+MAX_BURST = 65000  # bytes of all segments of one packet (one GSO send fits in an IP packet)
+
+CH_ACK, CH_DATA, CH_ONESHOT = 1, 2, 3
+ACK = struct.Struct("<BIB")  # type, ack delay (us), range count
+ACK_RANGE = struct.Struct("<QQ")  # largest, smallest (newest range first)
+DATA = struct.Struct("<BBQQIII")  # type, stream, seq, base, frame length, offset, length
+ONESHOT = struct.Struct("<BI")  # type, length
+MAX_ACK_RANGES = 16
+KEEP_RANGES = 32
+STREAM_WINDOW = 1024  # frames a stream may run ahead of the next one to deliver
+
+K_PACKET_THRESHOLD = 3
+K_TIME_THRESHOLD = 9 / 8
+K_GRANULARITY = 0.001
+
+
+@dataclass(frozen=True)
+class ReliableConfig:
+    """Tunables of the UDP reliability layer."""
+
+    datagram_size: int = 1400  # largest UDP payload sent; keep under the path MTU
+    max_frame: int = 1 << 20  # largest frame accepted over UDP (bigger ones go over TCP)
+    max_in_flight: int = 1 << 20  # bytes sent and not yet acknowledged, per peer
+    max_queued: int = 16 << 20  # bytes of frames waiting for acknowledgement, per peer
+    initial_rtt: float = 0.05
+    max_ack_delay: float = 0.005
+    pto_limit: int = 5  # probe timeouts in a row before PeerUnreachable
+    assembly_timeout: float = 1.0  # incomplete packets (segments waiting for the rest)
+    max_assemblies: int = 256
+    max_assembly_bytes: int = 16 << 20
+    reassembly_budget: int = 32 << 20  # bytes of incomplete or out-of-order frames, per peer
+    gap_timeout: float = 10.0  # whole frames wait this long behind a missing one, then skip it
+    idle_timeout: float = 60.0  # a silent peer's state is dropped after this
+    max_peers: int = 1024
+
+    def __post_init__(self) -> None:
+        if not SEGMENT.size + 64 <= self.datagram_size <= MAX_BURST:
+            raise LocalProtocolError(f"datagram_size must be {SEGMENT.size + 64}..{MAX_BURST}")
+
+
+# ------------------------------------------------------------------------ events
+@dataclass(frozen=True)
+class FrameReceived:
+    """A whole frame from ``sender`` (authenticated node id). ``stream`` is None for one-shots."""
+
+    addr: Addr
+    sender: str
+    data: Buffer
+    stream: int | None
+
+
+@dataclass(frozen=True)
+class PeerUnreachable:
+    """``pto_limit`` probes went unanswered; ``frames`` were not acknowledged (in order)."""
+
+    addr: Addr
+    frames: tuple[bytes, ...]
+
+
+Event = Union[FrameReceived, PeerUnreachable]
+
+
+@dataclass(frozen=True)
+class Transmit:
+    """Datagrams for one ``sendmsg``: ``iov`` alternates segment headers and payloads.
+
+    Every segment is ``segment_size`` bytes except possibly the last (UDP GSO layout).
+    """
+
+    addr: Addr
+    iov: list[Buffer]
+    segment_size: int
+
+    @property
+    def segments(self) -> int:
+        return len(self.iov) // 2
+
+
+# ------------------------------------------------------------------------ state
+class _Ranges:
+    """Disjoint sorted half-open byte ranges."""
+
+    __slots__ = ("spans", "total")
+
+    def __init__(self) -> None:
+        self.spans: list[list[int]] = []
+        self.total = 0
+
+    def add(self, start: int, end: int) -> None:
+        if start >= end:
+            return
+        spans = self.spans
+        i = 0
+        while i < len(spans) and spans[i][1] < start:
+            i += 1
+        j = i
+        while j < len(spans) and spans[j][0] <= end:
+            start, end = min(start, spans[j][0]), max(end, spans[j][1])
+            j += 1
+        spans[i:j] = [[start, end]]
+        self.total = sum(e - s for s, e in spans)
+
+    def missing(self, start: int, end: int) -> list[tuple[int, int]]:
+        out, pos = [], start
+        for s, e in self.spans:
+            if e <= pos:
+                continue
+            if s >= end:
+                break
+            if s > pos:
+                out.append((pos, s))
+            pos = max(pos, e)
+        if pos < end:
+            out.append((pos, end))
+        return out
+
+
+class _OutFrame:
+    __slots__ = ("stream", "seq", "data", "acked", "done")
+
+    def __init__(self, stream: int, seq: int, data: bytes) -> None:
+        self.stream, self.seq, self.data = stream, seq, memoryview(data)
+        self.acked = _Ranges()
+        self.done = False
+
+
+class _OutStream:
+    __slots__ = ("next_seq", "unacked")
+
+    def __init__(self) -> None:
+        self.next_seq = 0
+        self.unacked: dict[int, _OutFrame] = {}  # insertion order == seq order
+
+    @property
+    def base(self) -> int:
+        return next(iter(self.unacked)) if self.unacked else self.next_seq
+
+
+class _Sent:
+    __slots__ = ("pn", "time", "size", "ranges", "segments")
+
+    def __init__(self, pn: int, time: float, size: int, ranges: list, segments: int) -> None:
+        self.pn, self.time, self.size, self.ranges, self.segments = pn, time, size, ranges, segments
+
+
+class _InFrame:
+    __slots__ = ("buf", "have")
+
+    def __init__(self, length: int) -> None:
+        self.buf = bytearray(length)
+        self.have = _Ranges()
+
+
+class _InStream:
+    __slots__ = ("next_seq", "partial", "ready", "blocked_since")
+
+    def __init__(self, next_seq: int) -> None:
+        self.next_seq = next_seq
+        self.partial: dict[int, _InFrame] = {}
+        self.ready: dict[int, Buffer] = {}
+        self.blocked_since: float | None = None  # whole frames wait behind a missing one
+
+
+class _Peer:
+    def __init__(self, addr: Addr, now: float, cfg: ReliableConfig, max_segs: int) -> None:
+        self.addr = addr
+        self.last_activity = now
+        # sending
+        self.next_pn = 0
+        self.sent: dict[int, _Sent] = {}  # ack-eliciting packets in flight, pn order
+        self.in_flight = 0
+        self.queued = 0
+        self.out_streams: dict[int, _OutStream] = {}
+        self.new: deque[tuple[_OutFrame, int, int]] = deque()  # (frame, offset, length)
+        self.retx: deque[tuple[_OutFrame, int, int]] = deque()
+        self.oneshots: deque[bytes] = deque()
+        self.probes = 0
+        self.max_segs = max_segs
+        self.seg_limit = max_segs
+        # RFC 9002 state
+        self.latest_rtt = 0.0
+        self.smoothed_rtt = cfg.initial_rtt
+        self.rttvar = cfg.initial_rtt / 2
+        self.min_rtt = 0.0
+        self.has_rtt = False
+        self.largest_acked = -1
+        self.loss_time: float | None = None
+        self.pto_count = 0
+        self.last_eliciting = 0.0
+        # receiving
+        self.remote_session: int | None = None
+        self.remote_node = ""
+        self.recv_ranges: list[list[int]] = []  # [largest, smallest], newest first
+        self.largest_recv_time = now
+        self.ack_pending = False
+        self.in_streams: dict[int, _InStream] = {}
+        self.reassembly = 0  # bytes held in partial and ready frames
+
+    def has_data(self) -> bool:
+        return bool(self.retx or self.new)
+
+
+class _Assembly:
+    __slots__ = ("parts", "got", "size", "first_seen")
+
+    def __init__(self, count: int, now: float) -> None:
+        self.parts: list[bytes | None] = [None] * count
+        self.got = 0
+        self.size = 0
+        self.first_seen = now
+
+
+# ------------------------------------------------------------------------ endpoint
+class Endpoint:
+    """All UDP peers of one node. Addresses are ``(ip, port)`` tuples as the socket reports."""
+
+    def __init__(self, sealer: Sealer, guard: ReplayGuard, *, config: ReliableConfig | None = None,
+                 counters: dict[str, int] | None = None) -> None:
+        self.config = cfg = config or ReliableConfig()
+        self._sealer = sealer
+        self._guard = guard
+        self.counters = counters if counters is not None else new_counters()
+        self._seg_payload = cfg.datagram_size - SEGMENT.size
+        self._max_segs = max(1, min(MAX_SEGMENTS, MAX_BURST // cfg.datagram_size))
+        self._peers: OrderedDict[Addr, _Peer] = OrderedDict()
+        self._dirty: dict[Addr, _Peer] = {}
+        self._assemblies: OrderedDict[tuple[Addr, int, int], _Assembly] = OrderedDict()
+        self._assembly_bytes = 0
+        self._events: deque[Event] = deque()
+        self.totals = dict.fromkeys((
+            "frames_sent", "frames_received", "oneshots_sent", "oneshots_received",
+            "packets_sent", "packets_received", "segments_sent", "segments_received",
+            "packets_lost", "probes", "unreachable", "acks_sent"), 0)
+
+    # ---------------------------------------------------------------- API
+    @property
+    def max_oneshot(self) -> int:
+        """Largest unreliable message (it must fit in one packet)."""
+        return self._max_segs * self._seg_payload - self._sealer.overhead - ONESHOT.size - 300
+
+    def send_frame(self, addr: Addr, data: Buffer, now: float, *, stream: int = 0,
+                   reliable: bool = True) -> bool:
+        """Queue a frame. False (and counted as ``overflow``) if the peer's queue is full."""
+        n = memoryview(data).nbytes
+        if reliable and n > self.config.max_frame:
+            raise LocalProtocolError(f"frame of {n} bytes exceeds the UDP limit {self.config.max_frame}")
+        if not reliable and n > self.max_oneshot:
+            raise LocalProtocolError(f"unreliable message of {n} bytes exceeds {self.max_oneshot}")
+        if not 0 <= stream <= 255:
+            raise LocalProtocolError(f"stream must be 0..255, got {stream}")
+        peer = self._peer(addr, now)
+        if peer is None or peer.queued + n > self.config.max_queued:
+            self.counters["overflow"] += 1
+            return False
+        if reliable:
+            s = peer.out_streams.get(stream)
+            if s is None:
+                s = peer.out_streams[stream] = _OutStream()
+            f = _OutFrame(stream, s.next_seq, bytes(data))
+            s.unacked[s.next_seq] = f
+            s.next_seq += 1
+            peer.new.append((f, 0, n))
+            peer.queued += n
+            self.totals["frames_sent"] += 1
+        else:
+            peer.oneshots.append(bytes(data))
+            self.totals["oneshots_sent"] += 1
+        self._dirty[addr] = peer
+        return True
+
+    def receive_datagram(self, data: Buffer, addr: Addr, now: float, segment_size: int = 0) -> None:
+        """One UDP read: a datagram, or several coalesced by GRO (``segment_size`` apart).
+
+        ``data`` is only read during the call (the adapter may reuse its buffer).
+        """
+        mv = memoryview(data)
+        n = len(mv)
+        if segment_size and n > segment_size:
+            if self._receive_burst(mv, segment_size, addr, now):
+                return
+            for off in range(0, n, segment_size):
+                self._receive_segment(mv[off:off + segment_size], addr, now)
+        else:
+            self._receive_segment(mv, addr, now)
+
+    def datagrams_to_send(self, now: float) -> list[Transmit]:
+        out: list[Transmit] = []
+        for addr, peer in list(self._dirty.items()):
+            self._build(peer, now, out)
+            if not (peer.ack_pending or peer.oneshots or (peer.has_data() and self._window_open(peer, 0))):
+                del self._dirty[addr]
+        return out
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        t: float | None = None
+        for peer in self._peers.values():
+            pt = self._peer_timer(peer)
+            if pt is not None and (t is None or pt < t):
+                t = pt
+            if self._evictable(peer):
+                idle = peer.last_activity + self.config.idle_timeout
+                if t is None or idle < t:
+                    t = idle
+            for s in peer.in_streams.values():
+                if s.blocked_since is not None:
+                    gap = s.blocked_since + self.config.gap_timeout
+                    if t is None or gap < t:
+                        t = gap
+        if self._assemblies:
+            a = next(iter(self._assemblies.values()))
+            at = a.first_seen + self.config.assembly_timeout
+            if t is None or at < t:
+                t = at
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        for addr, peer in list(self._peers.items()):
+            if peer.loss_time is not None:
+                if peer.loss_time <= now:
+                    self._detect_lost(peer, now)
+            elif peer.sent and peer.last_eliciting + self._pto(peer) <= now:
+                peer.pto_count += 1
+                if peer.pto_count >= self.config.pto_limit:
+                    self._unreachable(peer)
+                else:
+                    self.totals["probes"] += 1
+                    peer.seg_limit = max(1, peer.seg_limit // 2)
+                    oldest = next(iter(peer.sent.values()))
+                    for r in reversed(oldest.ranges):
+                        peer.retx.appendleft(r)
+                    peer.probes = 1
+                    self._dirty[addr] = peer
+            for stream, s in peer.in_streams.items():
+                if s.blocked_since is not None and s.blocked_since + self.config.gap_timeout <= now:
+                    self._skip_to(peer, stream, s, min(s.ready), now)
+            if now - peer.last_activity >= self.config.idle_timeout and self._evictable(peer):
+                del self._peers[addr]
+        while self._assemblies:
+            key, a = next(iter(self._assemblies.items()))
+            if a.first_seen + self.config.assembly_timeout > now:
+                break
+            self._drop_assembly(key, "expired")
+
+    def peer_stats(self) -> dict[str, dict[str, float | int | str | None]]:
+        return {f"{a[0]}:{a[1]}": {
+            "node": p.remote_node or None, "smoothed_rtt": p.smoothed_rtt if p.has_rtt else None,
+            "rttvar": p.rttvar, "min_rtt": p.min_rtt if p.has_rtt else None,
+            "in_flight": p.in_flight, "queued": p.queued, "segments_per_packet": p.seg_limit,
+            "pto_count": p.pto_count} for a, p in self._peers.items()}
+
+    # ---------------------------------------------------------------- sending
+    def _peer(self, addr: Addr, now: float) -> _Peer | None:
+        peer = self._peers.get(addr)
+        if peer is None:
+            if len(self._peers) >= self.config.max_peers and not self._evict_idle():
+                return None
+            peer = self._peers[addr] = _Peer(addr, now, self.config, self._max_segs)
+        else:
+            self._peers.move_to_end(addr)
+        peer.last_activity = now
+        return peer
+
+    def _evictable(self, peer: _Peer) -> bool:
+        return not (peer.sent or peer.queued or peer.oneshots or peer.addr in self._dirty)
+
+    def _evict_idle(self) -> bool:
+        for addr, peer in self._peers.items():
+            if self._evictable(peer):
+                del self._peers[addr]
+                return True
+        return False
+
+    def _window_open(self, peer: _Peer, extra: int) -> bool:
+        return peer.probes > 0 or peer.in_flight + extra < self.config.max_in_flight
+
+    def _build(self, peer: _Peer, now: float, out: list[Transmit]) -> None:
+        overhead = self._sealer.overhead
+        cap_oneshot = self._max_segs * self._seg_payload - overhead
+        while True:
+            cap = min(peer.seg_limit, self._max_segs) * self._seg_payload - overhead
+            parts: list[Buffer] = []
+            ranges: list[tuple[_OutFrame, int, int]] = []
+            size = 0
+            if peer.ack_pending:
+                ack = self._ack_chunk(peer, now)
+                parts.append(ack)
+                size += len(ack)
+                peer.ack_pending = False
+                self.totals["acks_sent"] += 1
+            while peer.oneshots and size + ONESHOT.size + len(peer.oneshots[0]) <= cap_oneshot:
+                msg = peer.oneshots.popleft()
+                parts += (ONESHOT.pack(CH_ONESHOT, len(msg)), msg)
+                size += ONESHOT.size + len(msg)
+            while peer.has_data() and size + DATA.size < cap and self._window_open(peer, size):
+                q = peer.retx if peer.retx else peer.new
+                f, off, ln = q[0]
+                if f.done:
+                    q.popleft()
+                    continue
+                if q is peer.retx:
+                    missing = f.acked.missing(off, off + ln)
+                    q.popleft()
+                    for s, e in reversed(missing):
+                        q.appendleft((f, s, e - s))
+                    if not missing:
+                        continue
+                    f, off, ln = q[0]
+                take = min(ln, cap - size - DATA.size)
+                parts += (DATA.pack(CH_DATA, f.stream, f.seq, peer.out_streams[f.stream].base,
+                                    len(f.data), off, take), f.data[off:off + take])
+                size += DATA.size + take
+                ranges.append((f, off, take))
+                if take == ln:
+                    q.popleft()
+                else:
+                    q[0] = (f, off + take, ln - take)
+            if not parts:
+                return
+            pn = peer.next_pn
+            peer.next_pn += 1
+            unit = self._sealer.seal(CHANNEL_UDP, pn, b"".join(parts))
+            t = self._segment(peer.addr, pn, unit)
+            out.append(t)
+            self.totals["packets_sent"] += 1
+            self.totals["segments_sent"] += t.segments
+            if ranges:
+                peer.sent[pn] = _Sent(pn, now, len(unit), ranges, t.segments)
+                peer.in_flight += len(unit)
+                peer.last_eliciting = now
+                if peer.probes:
+                    peer.probes -= 1
+
+    def _segment(self, addr: Addr, pn: int, unit: Buffer) -> Transmit:
+        sp = self._seg_payload
+        if len(unit) <= sp:
+            return Transmit(addr, [SEGMENT.pack(SEGMENT_MAGIC, WIRE_VERSION, 0, 1, self._sealer.cluster_tag,
+                                                self._sealer.session, pn), unit], self.config.datagram_size)
+        count = -(-len(unit) // sp)
+        mv = memoryview(unit)
+        tag, session = self._sealer.cluster_tag, self._sealer.session
+        iov: list[Buffer] = []
+        for i in range(count):
+            iov += (SEGMENT.pack(SEGMENT_MAGIC, WIRE_VERSION, i, count, tag, session, pn),
+                    mv[i * sp:(i + 1) * sp])
+        return Transmit(addr, iov, self.config.datagram_size)
+
+    def _ack_chunk(self, peer: _Peer, now: float) -> bytes:
+        ranges = peer.recv_ranges[:MAX_ACK_RANGES]
+        delay = min(int((now - peer.largest_recv_time) * 1e6), 0xFFFFFFFF) if now > peer.largest_recv_time else 0
+        return ACK.pack(CH_ACK, delay, len(ranges)) + b"".join(ACK_RANGE.pack(hi, lo) for hi, lo in ranges)
+
+    # ---------------------------------------------------------------- receiving
+    def _receive_burst(self, mv: memoryview, ss: int, addr: Addr, now: float) -> bool:
+        """GRO fast path: the read holds exactly one whole packet, in order. True if handled."""
+        n = -(-len(mv) // ss)
+        if len(mv) < (n - 1) * ss + SEGMENT.size + 1:
+            return False
+        first = SEGMENT.unpack_from(mv, 0)
+        last = SEGMENT.unpack_from(mv, (n - 1) * ss)
+        if (first[3] != n or first[2] != 0 or last[2] != n - 1 or first[6] != last[6]
+                or first[5] != last[5] or not self._segment_ok(first)):
+            return False
+        self.totals["segments_received"] += n
+        unit = b"".join([mv[off + SEGMENT.size:off + ss] for off in range(0, len(mv), ss)])
+        self._receive_packet(unit, addr, first[5], first[6], now, owned=True)
+        return True
+
+    def _segment_ok(self, h: tuple) -> bool:
+        magic, version, index, count, tag, session, pn = h
+        reason = None
+        if magic != SEGMENT_MAGIC:
+            reason = "malformed"
+        elif version != WIRE_VERSION:
+            reason = "bad_version"
+        elif tag != self._sealer.cluster_tag:
+            reason = "wrong_cluster"
+        elif not 0 < count <= MAX_SEGMENTS or index >= count:
+            reason = "malformed"
+        elif not self._guard.fresh(CHANNEL_UDP, session, pn):
+            reason = "replay"
+        if reason:
+            self.counters[reason] += 1
+            return False
+        return True
+
+    def _receive_segment(self, mv: memoryview, addr: Addr, now: float) -> None:
+        if len(mv) <= SEGMENT.size:
+            self.counters["truncated"] += 1
+            return
+        h = SEGMENT.unpack_from(mv, 0)
+        if not self._segment_ok(h):
+            return
+        self.totals["segments_received"] += 1
+        _, _, index, count, _, session, pn = h
+        if count == 1:
+            self._receive_packet(mv[SEGMENT.size:], addr, session, pn, now, owned=False)
+            return
+        key = (addr, session, pn)
+        a = self._assemblies.get(key)
+        if a is None:
+            while (len(self._assemblies) >= self.config.max_assemblies
+                   or self._assembly_bytes + len(mv) > self.config.max_assembly_bytes):
+                self._drop_assembly(next(iter(self._assemblies)), "overflow")
+            a = self._assemblies[key] = _Assembly(count, now)
+        if len(a.parts) != count or a.size + len(mv) > MAX_BURST:
+            self._drop_assembly(key, "malformed")
+            return
+        if a.parts[index] is not None:
+            self.counters["replay"] += 1
+            return
+        a.parts[index] = bytes(mv[SEGMENT.size:])
+        a.got += 1
+        a.size += len(mv)
+        self._assembly_bytes += len(mv)
+        if a.got == count:
+            del self._assemblies[key]
+            self._assembly_bytes -= a.size
+            self._receive_packet(b"".join(a.parts), addr, session, pn, now, owned=True)  # type: ignore[arg-type]
+
+    def _drop_assembly(self, key: tuple[Addr, int, int], reason: str) -> None:
+        a = self._assemblies.pop(key)
+        self._assembly_bytes -= a.size
+        self.counters[reason] += 1
+
+    def _receive_packet(self, unit: Buffer, addr: Addr, session: int, pn: int, now: float,
+                        *, owned: bool) -> None:
+        try:
+            sender, plain, plain_owned = self._sealer.open(CHANNEL_UDP, session, pn, unit)
+        except Dropped as e:
+            self.counters[e.reason] += 1
+            return
+        if not self._guard.accept(CHANNEL_UDP, sender, session, pn, now):
+            self.counters["replay"] += 1
+            return
+        peer = self._peer(addr, now)
+        if peer is None:
+            self.counters["overflow"] += 1
+            return
+        self.totals["packets_received"] += 1
+        if peer.remote_session != session:
+            peer.in_streams.clear()
+            peer.recv_ranges.clear()
+            peer.reassembly = 0
+            peer.remote_session, peer.remote_node = session, sender
+        try:
+            eliciting, refused = self._chunks(peer, sender, plain, owned or plain_owned, now)
+        except (struct.error, ValueError):
+            self.counters["malformed"] += 1
+            return
+        if not refused:  # every packet is acked (keeps ranges whole); only data asks for it
+            self._record(peer, pn, now)
+            if eliciting:
+                peer.ack_pending = True
+                self._dirty[addr] = peer
+
+    def _chunks(self, peer: _Peer, sender: str, plain: memoryview, owned: bool,
+                now: float) -> tuple[bool, bool]:
+        pos, end = 0, len(plain)
+        eliciting = refused = False
+        while pos < end:
+            kind = plain[pos]
+            if kind == CH_DATA:
+                _, stream, seq, base, flen, off, ln = DATA.unpack_from(plain, pos)
+                pos += DATA.size
+                if off + ln > flen or pos + ln > end:
+                    raise ValueError("data chunk runs past its frame or packet")
+                if flen > self.config.max_frame:
+                    self.counters["oversize"] += 1
+                    raise ValueError("frame too large")
+                eliciting = True
+                piece = plain[pos:pos + ln]
+                pos += ln
+                if not self._data(peer, stream, seq, base, flen, off, piece, owned, now):
+                    refused = True
+            elif kind == CH_ACK:
+                _, delay_us, count = ACK.unpack_from(plain, pos)
+                pos += ACK.size
+                if not 0 < count <= MAX_ACK_RANGES or pos + count * ACK_RANGE.size > end:
+                    raise ValueError("bad ack chunk")
+                ranges = [ACK_RANGE.unpack_from(plain, pos + i * ACK_RANGE.size) for i in range(count)]
+                pos += count * ACK_RANGE.size
+                if any(lo > hi for hi, lo in ranges):
+                    raise ValueError("bad ack range")
+                self._on_ack(peer, ranges, delay_us / 1e6, now)
+            elif kind == CH_ONESHOT:
+                _, ln = ONESHOT.unpack_from(plain, pos)
+                pos += ONESHOT.size
+                if pos + ln > end:
+                    raise ValueError("one-shot runs past the packet")
+                piece = plain[pos:pos + ln]
+                pos += ln
+                self.totals["oneshots_received"] += 1
+                self._events.append(FrameReceived(peer.addr, sender, piece if owned else bytes(piece), None))
+            else:
+                raise ValueError(f"unknown chunk {kind}")
+        return eliciting, refused
+
+    def _data(self, peer: _Peer, stream: int, seq: int, base: int, flen: int,
+              off: int, piece: memoryview, owned: bool, now: float) -> bool:
+        """Store a frame piece. False if refused for lack of room (then it is not acked)."""
+        s = peer.in_streams.get(stream)
+        if s is None:
+            s = peer.in_streams[stream] = _InStream(base)
+        if base > s.next_seq:
+            self._skip_to(peer, stream, s, base, now)
+        if seq < s.next_seq or seq in s.ready:
+            return True  # a duplicate: already delivered or complete
+        if seq >= s.next_seq + STREAM_WINDOW:
+            self.counters["overflow"] += 1
+            return False
+        f = s.partial.get(seq)
+        if f is None:
+            # The next frame to deliver is always let in, so a full budget can't deadlock.
+            if seq != s.next_seq and peer.reassembly + flen > self.config.reassembly_budget:
+                self.counters["overflow"] += 1
+                return False
+            if off == 0 and len(piece) == flen:
+                self._complete(peer, stream, s, seq, piece if owned else bytes(piece), now)
+                return True
+            f = s.partial[seq] = _InFrame(flen)
+            peer.reassembly += flen
+        elif len(f.buf) != flen:
+            raise ValueError("frame length changed")
+        for a, b in f.have.missing(off, off + len(piece)):
+            f.buf[a:b] = piece[a - off:b - off]
+        f.have.add(off, off + len(piece))
+        if f.have.total == flen:
+            del s.partial[seq]
+            peer.reassembly -= flen
+            self._complete(peer, stream, s, seq, f.buf, now)
+        return True
+
+    def _complete(self, peer: _Peer, stream: int, s: _InStream, seq: int, data: Buffer,
+                  now: float) -> None:
+        if seq != s.next_seq:
+            s.ready[seq] = data
+            peer.reassembly += len(data)
+            if s.blocked_since is None:
+                s.blocked_since = now
+            return
+        self._deliver(peer, stream, data)
+        s.next_seq += 1
+        self._drain(peer, stream, s, now)
+
+    def _skip_to(self, peer: _Peer, stream: int, s: _InStream, base: int, now: float) -> None:
+        """Frames below ``base`` were given up (by the sender, or by the gap timeout):
+        deliver those that are whole, drop the rest."""
+        for seq in sorted(q for q in s.partial if q < base):
+            peer.reassembly -= len(s.partial.pop(seq).buf)
+            self.counters["expired"] += 1
+        for seq in sorted(q for q in s.ready if q < base):
+            data = s.ready.pop(seq)
+            peer.reassembly -= len(data)
+            self._deliver(peer, stream, data)
+        s.next_seq = base
+        self._drain(peer, stream, s, now)
+
+    def _drain(self, peer: _Peer, stream: int, s: _InStream, now: float) -> None:
+        while s.next_seq in s.ready:
+            data = s.ready.pop(s.next_seq)
+            peer.reassembly -= len(data)
+            self._deliver(peer, stream, data)
+            s.next_seq += 1
+        s.blocked_since = now if s.ready else None
+
+    def _deliver(self, peer: _Peer, stream: int, data: Buffer) -> None:
+        self.totals["frames_received"] += 1
+        self._events.append(FrameReceived(peer.addr, peer.remote_node, data, stream))
+
+    def _record(self, peer: _Peer, pn: int, now: float) -> None:
+        r = peer.recv_ranges
+        if not r or pn > r[0][0]:
+            peer.largest_recv_time = now
+            if r and pn == r[0][0] + 1:
+                r[0][0] = pn
+            else:
+                r.insert(0, [pn, pn])
+        else:
+            for i, span in enumerate(r):
+                hi, lo = span
+                if pn > hi + 1:
+                    r.insert(i, [pn, pn])
+                    break
+                if pn == hi + 1:
+                    span[0] = pn
+                    if i and r[i - 1][1] == pn + 1:
+                        r[i - 1][1] = lo
+                        del r[i]
+                    break
+                if pn >= lo:
+                    break
+                if pn == lo - 1:
+                    span[1] = pn
+                    if i + 1 < len(r) and r[i + 1][0] == pn - 1:
+                        span[1] = r[i + 1][1]
+                        del r[i + 1]
+                    break
+            else:
+                r.append([pn, pn])
+        del r[KEEP_RANGES:]
+
+    # ---------------------------------------------------------------- loss recovery
+    def _on_ack(self, peer: _Peer, ranges: list[tuple[int, int]], ack_delay: float, now: float) -> None:
+        sent = peer.sent
+        if not sent:
+            return
+        smallest = next(iter(sent))
+        top = peer.next_pn - 1
+        hi, lo = ranges[0]
+        if lo <= smallest and hi >= top:  # the usual case: everything in flight is acked
+            newly = list(sent.values())
+            sent.clear()
+        else:
+            newly = []
+            for hi, lo in ranges:
+                for pn in range(max(lo, smallest), min(hi, top) + 1):
+                    p = sent.pop(pn, None)
+                    if p is not None:
+                        newly.append(p)
+        if not newly:
+            return
+        largest = max(p.pn for p in newly)
+        if largest > peer.largest_acked:
+            peer.largest_acked = largest
+            if largest == ranges[0][0]:
+                self._update_rtt(peer, now - next(p.time for p in newly if p.pn == largest), ack_delay)
+        for p in newly:
+            peer.in_flight -= p.size
+            for f, off, ln in p.ranges:
+                if f.done:
+                    continue
+                f.acked.add(off, off + ln)
+                if f.acked.total == len(f.data):
+                    f.done = True
+                    peer.out_streams[f.stream].unacked.pop(f.seq, None)
+                    peer.queued -= len(f.data)
+            if p.segments >= peer.seg_limit < peer.max_segs:
+                peer.seg_limit += 1
+        peer.pto_count = 0
+        self._detect_lost(peer, now)
+        if peer.has_data() or peer.oneshots:
+            self._dirty[peer.addr] = peer
+
+    def _update_rtt(self, peer: _Peer, latest: float, ack_delay: float) -> None:
+        peer.latest_rtt = latest
+        if not peer.has_rtt:
+            peer.has_rtt = True
+            peer.min_rtt = peer.smoothed_rtt = latest
+            peer.rttvar = latest / 2
+            return
+        peer.min_rtt = min(peer.min_rtt, latest)
+        ack_delay = min(ack_delay, self.config.max_ack_delay)
+        adjusted = latest - ack_delay if latest >= peer.min_rtt + ack_delay else latest
+        peer.rttvar = 0.75 * peer.rttvar + 0.25 * abs(peer.smoothed_rtt - adjusted)
+        peer.smoothed_rtt = 0.875 * peer.smoothed_rtt + 0.125 * adjusted
+
+    def _detect_lost(self, peer: _Peer, now: float) -> None:
+        delay = max(K_TIME_THRESHOLD * max(peer.latest_rtt, peer.smoothed_rtt), K_GRANULARITY)
+        peer.loss_time = None
+        lost: list[_Sent] = []
+        for pn, p in peer.sent.items():
+            if pn > peer.largest_acked:
+                break
+            if p.time + delay <= now or peer.largest_acked >= pn + K_PACKET_THRESHOLD:
+                lost.append(p)
+            elif peer.loss_time is None or p.time + delay < peer.loss_time:
+                peer.loss_time = p.time + delay
+        for p in lost:
+            del peer.sent[p.pn]
+            peer.in_flight -= p.size
+            self.totals["packets_lost"] += 1
+            peer.retx.extend(r for r in p.ranges if not r[0].done)
+            if p.segments > 1:
+                peer.seg_limit = max(1, min(peer.seg_limit, p.segments // 2))
+        if lost:
+            self._dirty[peer.addr] = peer
+
+    def _pto(self, peer: _Peer) -> float:
+        base = peer.smoothed_rtt + max(4 * peer.rttvar, K_GRANULARITY) + self.config.max_ack_delay
+        return base * (1 << peer.pto_count)
+
+    def _peer_timer(self, peer: _Peer) -> float | None:
+        if peer.loss_time is not None:
+            return peer.loss_time
+        if not peer.sent:
+            return None
+        return peer.last_eliciting + self._pto(peer)
+
+    def _unreachable(self, peer: _Peer) -> None:
+        frames = []
+        for stream in sorted(peer.out_streams):
+            s = peer.out_streams[stream]
+            for f in s.unacked.values():
+                f.done = True
+                frames.append(bytes(f.data))
+            s.unacked.clear()
+        peer.sent.clear()
+        peer.retx.clear()
+        peer.new.clear()
+        peer.in_flight = peer.queued = 0
+        peer.pto_count = 0
+        peer.probes = 0
+        peer.loss_time = None
+        self.totals["unreachable"] += 1
+        self._events.append(PeerUnreachable(peer.addr, tuple(frames)))

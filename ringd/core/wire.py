@@ -1,0 +1,713 @@
+"""Wire format: messages, the tensor codec, frame sealing and the TCP stream decoder.
+
+Pure: no sockets, clocks or MLX. ``now`` is passed in where time matters.
+
+A *message* encodes as ``type (u8) | meta_len (u32 LE) | msgpack meta | raw body``; the body
+is a tensor's bytes or a gossip payload, never element-wise encoded, never pickled.
+
+Messages travel inside *sealed* units (a UDP packet, see :mod:`ringd.core.reliable`, or a
+TCP frame, see :class:`StreamDecoder`). A sealed unit is::
+
+    flags (u8) | id_len (u8) | sender node id | AEAD(plaintext) + 16-byte tag
+
+authenticated with AES-GCM under a key derived from the 32-byte cluster key, the sender's
+session and the channel; the nonce is the unit's packet/sequence number, which also feeds a
+per-sender replay window. With ``encrypt=False`` the plaintext travels in clear and the tag
+is a GMAC over the whole unit (authentication only). Nothing is msgpack-parsed before the
+tag has been checked; every length is bounded before anything is allocated.
+
+Peers' bad input raises :class:`Dropped` (a :class:`ringd.errors.RemoteProtocolError`) with
+a ``reason`` that the network layer counts; it never crashes anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
+from enum import IntEnum
+from typing import Any, Callable, Union
+
+import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ringd.core.requests import SamplingParams
+from ringd.errors import LocalProtocolError, RemoteProtocolError, RequestError
+
+#: Version of the framing below (segment headers, sealed units, message encoding).
+WIRE_VERSION = 1
+
+KEY_SIZE = 32
+TAG_SIZE = 16
+FLAG_ENCRYPTED = 0x01
+CHANNEL_UDP = 1
+CHANNEL_TCP = 2
+
+# --- limits (every length is checked against one of these before allocation) ----------
+MAX_NODE_ID = 64  # bytes of UTF-8
+MAX_META = 64 * 1024
+MAX_ID = 128  # request ids
+MAX_TEXT = 4096  # error messages, reasons, versions
+MAX_GOSSIP = 1 << 20
+MAX_RANK = 4
+MAX_DIM = 1 << 24
+MAX_ARRAY = 16  # longest msgpack array in any message's metadata
+TCP_MAX_FRAME = 64 << 20  # default cap of one TCP frame (configurable per decoder)
+
+#: Counted drop reasons, so ``stats()`` always shows every key.
+DROP_REASONS = (
+    "bad_mac", "replay", "wrong_cluster", "bad_version", "stale_epoch", "truncated",
+    "oversize", "unknown_type", "malformed", "overflow", "expired",
+)
+
+DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "uint32": 4}
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class Dropped(RemoteProtocolError):
+    """A peer's unit or message was rejected; ``reason`` is one of :data:`DROP_REASONS`."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"dropped ({reason}){': ' + detail if detail else ''}")
+        self.reason = reason
+
+
+def new_counters() -> dict[str, int]:
+    """A drop counter with every reason present."""
+    return dict.fromkeys(DROP_REASONS, 0)
+
+
+# ======================================================================== messages
+class MsgType(IntEnum):
+    HANDSHAKE = 1
+    GOSSIP = 2
+    ACTIVATION = 3
+    TOKEN = 4
+    CANCEL = 5
+    ERROR = 6
+
+
+U63 = (1 << 63) - 1
+I31 = (1 << 31) - 1
+
+
+def _int(lo: int, hi: int) -> Callable[[Any], bool]:
+    return lambda v: type(v) is int and lo <= v <= hi
+
+
+def _str(limit: int, *, empty: bool = False) -> Callable[[Any], bool]:
+    return lambda v: type(v) is str and (empty or v != "") and len(v) <= limit
+
+
+def _num(lo: float, hi: float) -> Callable[[Any], bool]:
+    return lambda v: type(v) in (float, int) and lo <= v <= hi
+
+
+_u63, _i31, _rid = _int(0, U63), _int(0, I31), _str(MAX_ID)
+
+
+def _check(obj: object, checks: tuple[tuple[str, Callable[[Any], bool]], ...]) -> None:
+    """Field invariants of a message; a violation is our misuse (decode turns it into a drop)."""
+    for name, ok in checks:
+        if not ok(getattr(obj, name)):
+            raise LocalProtocolError(f"{type(obj).__name__}.{name}: bad value {getattr(obj, name)!r:.80}")
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Tensor:
+    """A tensor on the wire: dtype name, shape and its raw C-order bytes (never copied here)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: Buffer
+
+    def __post_init__(self) -> None:
+        problem = tensor_problem(self.dtype, self.shape, memoryview(self.data).nbytes)
+        if problem:
+            raise LocalProtocolError(f"bad tensor: {problem}")
+
+    @property
+    def nbytes(self) -> int:
+        return memoryview(self.data).nbytes
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Tensor):
+            return NotImplemented
+        return (self.dtype == other.dtype and self.shape == other.shape
+                and bytes(self.data) == bytes(other.data))
+
+    def __repr__(self) -> str:
+        return f"Tensor({self.dtype}, {self.shape}, {self.nbytes} bytes)"
+
+
+def tensor_problem(dtype: Any, shape: Any, nbytes: int) -> str | None:
+    """Why (dtype, shape, nbytes) is not an acceptable tensor, or None."""
+    size = DTYPE_SIZES.get(dtype) if type(dtype) is str else None
+    if size is None:
+        return f"dtype {dtype!r} not in {sorted(DTYPE_SIZES)}"
+    if type(shape) is not tuple or len(shape) > MAX_RANK:
+        return f"shape must be a tuple of at most {MAX_RANK} dims"
+    for d in shape:
+        if type(d) is not int or not 0 <= d <= MAX_DIM:
+            return f"dim {d!r} out of range 0..{MAX_DIM}"
+    if math.prod(shape) * size != nbytes:
+        return f"shape {shape} x {dtype} needs {math.prod(shape) * size} bytes, got {nbytes}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """:class:`ringd.core.requests.SamplingParams` as the last shard needs it (no stop strings)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        t, p, k, seed, m = self.temperature, self.top_p, self.top_k, self.seed, self.max_tokens
+        if (type(t) in _NUM and 0.0 <= t <= 10.0 and type(p) in _NUM and 0.0 < p <= 1.0
+                and type(k) is int and 0 <= k <= I31 and type(m) is int and 1 <= m <= I31
+                and (seed is None or (type(seed) is int and 0 <= seed <= U63))):
+            return
+        _check(self, _SAMPLING_CHECKS)
+        try:
+            self.to_params()
+        except RequestError as e:
+            raise LocalProtocolError(f"Sampling: {e.message}") from None
+        raise LocalProtocolError(f"Sampling: bad values {self!r}")
+
+    @classmethod
+    def from_params(cls, p: SamplingParams) -> "Sampling":
+        return cls(p.temperature, p.top_p, p.top_k, p.seed, p.max_tokens)
+
+    def to_params(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed, self.max_tokens)
+
+
+_NUM = (float, int)
+_SAMPLING_CHECKS = (("temperature", _num(0.0, 10.0)), ("top_p", _num(0.0, 1.0)), ("top_k", _i31),
+                    ("seed", lambda v: v is None or _u63(v)), ("max_tokens", _int(1, I31)))
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """First frame on every TCP connection, both ways. ``port``: the sender's peer port."""
+
+    node_id: str
+    cluster_id: str
+    protocol_version: int
+    software_version: str
+    port: int
+
+    def __post_init__(self) -> None:
+        _check(self, (("node_id", _str(MAX_NODE_ID)), ("cluster_id", _str(64)),
+                      ("protocol_version", _int(0, 1 << 16)), ("software_version", _str(64)),
+                      ("port", _int(0, 65535))))
+
+
+@dataclass(frozen=True, slots=True)
+class Gossip:
+    """Membership payload: msgpack produced and validated by the membership core."""
+
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        if type(self.payload) is not bytes or len(self.payload) > MAX_GOSSIP:
+            raise LocalProtocolError(f"Gossip.payload must be bytes of at most {MAX_GOSSIP}")
+
+
+@dataclass(frozen=True, slots=True)
+class Activation:
+    """Hidden states of one step. ``[layer_lo, layer_hi)`` is the span already applied;
+    ``final``: the last prefill chunk or a decode step (the last shard must sample)."""
+
+    request_id: str
+    step: int
+    position: int
+    epoch: int
+    layer_lo: int
+    layer_hi: int
+    entry: str
+    sampling: Sampling
+    final: bool
+    tensor: Tensor
+
+    def __post_init__(self) -> None:
+        r, e = self.request_id, self.entry
+        if not (type(r) is str and 0 < len(r) <= MAX_ID and type(e) is str and 0 < len(e) <= MAX_NODE_ID
+                and type(self.step) is int and 0 <= self.step <= U63
+                and type(self.position) is int and 0 <= self.position <= U63
+                and type(self.epoch) is int and 0 <= self.epoch <= U63
+                and type(self.layer_lo) is int and 0 <= self.layer_lo <= I31
+                and type(self.layer_hi) is int and 0 <= self.layer_hi <= I31
+                and type(self.sampling) is Sampling and type(self.final) is bool
+                and type(self.tensor) is Tensor):
+            _check(self, _ACTIVATION_CHECKS)
+
+
+_ACTIVATION_CHECKS = (
+    ("request_id", _rid), ("step", _u63), ("position", _u63), ("epoch", _u63),
+    ("layer_lo", _i31), ("layer_hi", _i31), ("entry", _str(MAX_NODE_ID)),
+    ("sampling", lambda v: type(v) is Sampling), ("final", lambda v: type(v) is bool),
+    ("tensor", lambda v: type(v) is Tensor))
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A sampled token. ``finish_reason`` (``stop``/``length``) is set on the last one."""
+
+    request_id: str
+    step: int
+    epoch: int
+    token_id: int
+    layer_lo: int
+    layer_hi: int
+    finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        r, f = self.request_id, self.finish_reason
+        if not (type(r) is str and 0 < len(r) <= MAX_ID
+                and type(self.step) is int and 0 <= self.step <= U63
+                and type(self.epoch) is int and 0 <= self.epoch <= U63
+                and type(self.token_id) is int and 0 <= self.token_id <= I31
+                and type(self.layer_lo) is int and 0 <= self.layer_lo <= I31
+                and type(self.layer_hi) is int and 0 <= self.layer_hi <= I31
+                and (f is None or (type(f) is str and 0 < len(f) <= 32))):
+            _check(self, _TOKEN_CHECKS)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+_TOKEN_CHECKS = (("request_id", _rid), ("step", _u63), ("epoch", _u63), ("token_id", _i31),
+                 ("layer_lo", _i31), ("layer_hi", _i31),
+                 ("finish_reason", lambda v: v is None or _str(32)(v)))
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    request_id: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        _check(self, (("request_id", _rid), ("reason", _str(MAX_TEXT, empty=True))))
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    request_id: str
+    code: str
+    message: str
+
+    def __post_init__(self) -> None:
+        _check(self, (("request_id", _rid), ("code", _str(64)), ("message", _str(MAX_TEXT, empty=True))))
+
+
+Message = Union[Handshake, Gossip, Activation, Token, Cancel, Error]
+_HEAD = struct.Struct("<BI")
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def encode(msg: Message) -> tuple[bytes, Buffer]:
+    """``(head, body)``: head = type, meta length and msgpack meta; body = raw bytes (no copy).
+
+    Messages validate their fields when built, so encoding never fails on a built message.
+    """
+    cls = type(msg)
+    body: Buffer = b""
+    if cls is Activation:
+        t, s = msg.tensor, msg.sampling  # type: ignore[union-attr]
+        meta: tuple = (msg.request_id, msg.step, msg.position, msg.epoch,  # type: ignore[union-attr]
+                       msg.layer_lo, msg.layer_hi, msg.entry,  # type: ignore[union-attr]
+                       (s.temperature, s.top_p, s.top_k, s.seed, s.max_tokens), msg.final,  # type: ignore[union-attr]
+                       t.dtype, t.shape)
+        body = t.data
+    elif cls is Gossip:
+        meta = ()
+        body = msg.payload  # type: ignore[union-attr]
+    elif cls in _FIELDS:
+        meta = tuple(getattr(msg, f) for f in _FIELDS[cls])
+    else:
+        raise LocalProtocolError(f"not a wire message: {cls.__name__}")
+    packed = _packb(meta)
+    return _HEAD.pack(_TYPES[cls], len(packed)) + packed, body
+
+
+def encode_bytes(msg: Message) -> bytes:
+    """The whole encoding in one buffer."""
+    head, body = encode(msg)
+    return b"".join((head, body))
+
+
+def decode(data: Buffer, *, epoch: int | None = None) -> Message:
+    """Decode one message; raises :class:`Dropped`. Tensor data is a view into ``data``.
+
+    ``epoch``: when set, Activation and Token messages of any other plan epoch are dropped
+    (``stale_epoch``).
+    """
+    mv = memoryview(data)
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    if len(mv) < _HEAD.size:
+        raise Dropped("truncated", "message shorter than its header")
+    mtype, meta_len = _HEAD.unpack_from(mv, 0)
+    if meta_len > MAX_META:
+        raise Dropped("oversize", f"metadata of {meta_len} bytes")
+    end = _HEAD.size + meta_len
+    if end > len(mv):
+        raise Dropped("truncated", "metadata runs past the end")
+    cls = _CLASSES.get(mtype)
+    if cls is None:
+        raise Dropped("unknown_type", f"message type {mtype}")
+    # unpackb with explicit limits: the input is already bounded by MAX_META above (what
+    # an Unpacker's max_buffer_size would do); unpackb is ~3x cheaper than an Unpacker.
+    try:
+        meta = msgpack.unpackb(mv[_HEAD.size:end], use_list=False, raw=False, strict_map_key=True,
+                               max_str_len=MAX_TEXT, max_bin_len=MAX_META, max_array_len=MAX_ARRAY,
+                               max_map_len=0, max_ext_len=0)
+    except Exception as e:  # msgpack raises many types on bad input; all mean "malformed"
+        raise Dropped("malformed", f"metadata: {type(e).__name__}") from None
+    body = mv[end:]
+    try:
+        if type(meta) is not tuple:
+            raise LocalProtocolError("metadata is not an array")
+        if cls is Activation:
+            if len(meta) != 11 or type(meta[7]) is not tuple or len(meta[7]) != 5:
+                raise LocalProtocolError("Activation needs 11 fields")
+            if epoch is not None and meta[3] != epoch:
+                raise Dropped("stale_epoch", f"epoch {meta[3]!r}, current {epoch}")
+            return Activation(*meta[:7], Sampling(*meta[7]), meta[8], Tensor(meta[9], meta[10], body))
+        if cls is Gossip:
+            if meta or len(body) > MAX_GOSSIP:
+                raise LocalProtocolError("Gossip carries only its payload")
+            return Gossip(bytes(body))
+        if len(meta) != len(_FIELDS[cls]) or len(body):
+            raise LocalProtocolError(f"{cls.__name__} needs {len(_FIELDS[cls])} fields and no body")
+        if cls is Token and epoch is not None and meta[2] != epoch:
+            raise Dropped("stale_epoch", f"epoch {meta[2]!r}, current {epoch}")
+        return cls(*meta)
+    except LocalProtocolError as e:
+        raise Dropped("malformed", e.message) from None
+
+
+_TYPES: dict[type, MsgType] = {Handshake: MsgType.HANDSHAKE, Gossip: MsgType.GOSSIP,
+                               Activation: MsgType.ACTIVATION, Token: MsgType.TOKEN,
+                               Cancel: MsgType.CANCEL, Error: MsgType.ERROR}
+_CLASSES = {int(v): k for k, v in _TYPES.items()}
+_FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in (Handshake, Token, Cancel, Error)}
+
+
+# ======================================================================== sealing
+def cluster_id(key: bytes) -> str:
+    """A public name of the cluster key (hex of a keyed-hash digest); safe to advertise."""
+    return hashlib.blake2b(key, digest_size=8, person=b"ringd-cluster").hexdigest()
+
+
+def new_session(time_ms: int, random16: int) -> int:
+    """A sender session number: later starts give larger numbers (used against replays)."""
+    return ((time_ms & ((1 << 48) - 1)) << 16) | (random16 & 0xFFFF)
+
+
+def _derive(key: bytes, session: int, channel: int) -> AESGCM:
+    k = hashlib.blake2b(session.to_bytes(8, "little") + bytes([channel, WIRE_VERSION]),
+                        key=key, digest_size=32, person=b"ringd-frame-key").digest()
+    return AESGCM(k)
+
+
+def _nonce(pn: int) -> bytes:
+    return b"\0\0\0\0" + pn.to_bytes(8, "little")
+
+
+class Sealer:
+    """Seals and opens units with the cluster key. One per node; shared by both channels."""
+
+    def __init__(self, key: bytes, node_id: str, session: int, *, encrypt: bool = True,
+                 max_peer_keys: int = 256) -> None:
+        if not isinstance(key, bytes) or len(key) != KEY_SIZE:
+            raise LocalProtocolError(f"cluster key must be {KEY_SIZE} bytes")
+        nid = node_id.encode()
+        if not 0 < len(nid) <= MAX_NODE_ID:
+            raise LocalProtocolError(f"node id must be 1..{MAX_NODE_ID} bytes of UTF-8")
+        self.key = key
+        self.node_id = node_id
+        self.session = session
+        self.encrypt = encrypt
+        self.cluster_id = cluster_id(key)
+        self.cluster_tag = bytes.fromhex(self.cluster_id)[:4]
+        self.prefix = bytes([FLAG_ENCRYPTED if encrypt else 0, len(nid)]) + nid
+        self._own = {ch: _derive(key, session, ch) for ch in (CHANNEL_UDP, CHANNEL_TCP)}
+        self._peer_keys: OrderedDict[tuple[int, int], AESGCM] = OrderedDict()
+        self._max_peer_keys = max_peer_keys
+
+    @property
+    def overhead(self) -> int:
+        """Bytes a sealed unit adds to its plaintext."""
+        return len(self.prefix) + TAG_SIZE
+
+    def seal(self, channel: int, pn: int, plaintext: Buffer, *, head: bytes = b"",
+             out: bytearray | None = None) -> Buffer:
+        """``head | prefix | ciphertext | tag`` (clear mode: ``head | prefix | plaintext | GMAC``).
+
+        ``head`` (e.g. a TCP length header) is outside the authenticated unit. With ``out``
+        (a reused buffer, large enough) the result is a view of its start.
+        """
+        aead = self._own[channel]
+        h, p, n = len(head), len(self.prefix), memoryview(plaintext).nbytes
+        total = h + p + n + TAG_SIZE
+        if out is None:
+            out = bytearray(total)
+        mv = memoryview(out)[:total]
+        mv[:h] = head
+        mv[h:h + p] = self.prefix
+        if self.encrypt:
+            aead.encrypt_into(_nonce(pn), plaintext, self.prefix, mv[h + p:])
+        else:
+            mv[h + p:h + p + n] = memoryview(plaintext).cast("B")
+            mv[h + p + n:] = aead.encrypt(_nonce(pn), b"", mv[h:h + p + n])
+        return out if len(out) == total else mv
+
+    def open(self, channel: int, session: int, pn: int, unit: Buffer) -> tuple[str, memoryview, bool]:
+        """Check the tag; return ``(sender node id, plaintext, owned)``.
+
+        ``owned`` is False when the plaintext is a view into ``unit`` (clear units): copy it
+        before ``unit``'s buffer is reused. Raises :class:`Dropped` (``truncated``,
+        ``malformed``, ``bad_mac``).
+        """
+        mv = memoryview(unit)
+        if len(mv) < 2 + TAG_SIZE:
+            raise Dropped("truncated", "sealed unit too short")
+        flags, id_len = mv[0], mv[1]
+        start = 2 + id_len
+        if flags & ~FLAG_ENCRYPTED or not 0 < id_len <= MAX_NODE_ID or start + TAG_SIZE > len(mv):
+            raise Dropped("malformed", "bad unit prefix")
+        aead = self._peer_key(channel, session)
+        try:
+            if flags & FLAG_ENCRYPTED:
+                plain = memoryview(aead.decrypt(_nonce(pn), mv[start:], mv[:start]))
+                owned = True
+            else:
+                aead.decrypt(_nonce(pn), mv[-TAG_SIZE:], mv[:-TAG_SIZE])
+                plain, owned = mv[start:-TAG_SIZE], False
+        except InvalidTag:
+            raise Dropped("bad_mac") from None
+        try:
+            sender = str(mv[2:start], "utf-8")
+        except UnicodeDecodeError:
+            raise Dropped("malformed", "node id is not UTF-8") from None
+        return sender, plain, owned
+
+    def _peer_key(self, channel: int, session: int) -> AESGCM:
+        k = (channel, session)
+        aead = self._peer_keys.get(k)
+        if aead is None:
+            aead = self._own[channel] if session == self.session else _derive(self.key, session, channel)
+            self._peer_keys[k] = aead
+            if len(self._peer_keys) > self._max_peer_keys:
+                self._peer_keys.popitem(last=False)
+        return aead
+
+
+# ======================================================================== replay
+class ReplayWindow:
+    """Sliding bitmap of the last ``size`` sequence numbers seen from one sender session."""
+
+    __slots__ = ("top", "bits", "size")
+
+    def __init__(self, size: int = 4096) -> None:
+        self.top = -1
+        self.bits = 0
+        self.size = size
+
+    def fresh(self, pn: int) -> bool:
+        if pn > self.top:
+            return True
+        d = self.top - pn
+        return d < self.size and not (self.bits >> d) & 1
+
+    def mark(self, pn: int) -> None:
+        if pn > self.top:
+            shift = pn - self.top
+            self.bits = 1 if shift >= self.size else ((self.bits << shift) | 1) & ((1 << self.size) - 1)
+            self.top = pn
+        else:
+            self.bits |= 1 << (self.top - pn)
+
+
+@dataclass
+class _SenderState:
+    node: str
+    session: int
+    last_seen: float
+    windows: dict[int, ReplayWindow] = field(default_factory=dict)
+
+
+class ReplayGuard:
+    """Per-sender replay windows (one per channel) and the newest session of every node.
+
+    A unit from an older session of a node that spoke within ``session_timeout`` is a replay
+    (sessions grow with start time); after that long a node may come back with any session
+    (its clock may have moved back). Bounded: the least recently heard senders are forgotten.
+    """
+
+    def __init__(self, *, window: int = 4096, max_senders: int = 4096,
+                 session_timeout: float = 30.0) -> None:
+        self._by_node: OrderedDict[str, _SenderState] = OrderedDict()
+        self._by_session: dict[int, _SenderState] = {}
+        self._window = window
+        self._max = max_senders
+        self._timeout = session_timeout
+
+    def fresh(self, channel: int, session: int, pn: int) -> bool:
+        """Cheap pre-check before authentication (never updates state)."""
+        st = self._by_session.get(session)
+        w = st.windows.get(channel) if st else None
+        return w is None or w.fresh(pn)
+
+    def accept(self, channel: int, sender: str, session: int, pn: int, now: float) -> bool:
+        """After authentication: True (and recorded) if the unit is new, else False."""
+        st = self._by_node.get(sender)
+        if st is None or (session != st.session
+                          and (session > st.session or now - st.last_seen > self._timeout)):
+            if st is not None:
+                self._by_session.pop(st.session, None)
+            st = _SenderState(sender, session, now)
+            self._by_node[sender] = st
+            self._by_session[session] = st
+            if len(self._by_node) > self._max:
+                _, old = self._by_node.popitem(last=False)
+                self._by_session.pop(old.session, None)
+        elif session != st.session:
+            return False
+        self._by_node.move_to_end(sender)
+        st.last_seen = now
+        w = st.windows.get(channel)
+        if w is None:
+            w = st.windows[channel] = ReplayWindow(self._window)
+        if not w.fresh(pn):
+            return False
+        w.mark(pn)
+        return True
+
+
+# ======================================================================== TCP frames
+#: ``length (u32, of what follows) | magic | version | 2 reserved | cluster tag (4) |
+#: session (u64) | seq (u64)`` then the sealed unit.
+TCP_HEADER = struct.Struct("<IBB2x4sQQ")
+TCP_MAGIC = 0xD8
+
+
+def seal_tcp_frame(sealer: Sealer, seq: int, plaintext: Buffer, *,
+                   out: bytearray | None = None) -> Buffer:
+    """One TCP frame: length-prefixed header plus the sealed unit (into ``out`` if given)."""
+    length = TCP_HEADER.size - 4 + sealer.overhead + memoryview(plaintext).nbytes
+    head = TCP_HEADER.pack(length, TCP_MAGIC, WIRE_VERSION, sealer.cluster_tag, sealer.session, seq)
+    return sealer.seal(CHANNEL_TCP, seq, plaintext, head=head, out=out)
+
+
+@dataclass(frozen=True)
+class StreamFrame:
+    """An authenticated TCP frame: its sender and plaintext (a message encoding)."""
+
+    sender: str
+    session: int
+    data: memoryview
+
+
+class StreamDecoder:
+    """Sans-I/O decoder of one TCP connection's byte stream.
+
+    Feed with :meth:`receive_data`, or with :meth:`get_buffer` + :meth:`buffer_updated` from
+    a ``BufferedProtocol`` (the socket reads straight into the reused internal buffer). Both
+    return the authenticated frames completed so far. A frame's length is checked against
+    ``max_frame`` before the buffer grows; the buffer holds at most one partial frame. After
+    a fatal error (bad magic or version, wrong cluster, impossible length) :attr:`failed`
+    holds the reason: the stream can't be resynchronised, close the connection.
+    """
+
+    def __init__(self, sealer: Sealer, guard: ReplayGuard, counters: dict[str, int], *,
+                 max_frame: int = TCP_MAX_FRAME, clock: Callable[[], float] = lambda: 0.0) -> None:
+        self._sealer = sealer
+        self._guard = guard
+        self._counters = counters
+        self._max = max_frame
+        self._clock = clock
+        self._buf = bytearray(64 * 1024)
+        self._start = 0  # first unread byte
+        self._end = 0  # end of data
+        self.failed: str | None = None
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Free space at the end of the internal buffer (never empty)."""
+        pending = self._end - self._start
+        if self._start and (pending == 0 or len(self._buf) - self._end < 4096):
+            self._buf[:pending] = self._buf[self._start:self._end]
+            self._start, self._end = 0, pending
+        need = self._needed()
+        if need > len(self._buf) or self._end == len(self._buf):
+            grown = bytearray(max(need, len(self._buf) + 4096))
+            grown[:pending] = self._buf[self._start:self._end]
+            self._buf, self._start, self._end = grown, 0, pending
+        return memoryview(self._buf)[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> list[StreamFrame]:
+        self._end += nbytes
+        return self._frames()
+
+    def receive_data(self, data: Buffer) -> list[StreamFrame]:
+        mv = memoryview(data).cast("B")
+        out: list[StreamFrame] = []
+        while mv and self.failed is None:
+            dst = self.get_buffer()
+            n = min(len(dst), len(mv))
+            dst[:n] = mv[:n]
+            mv = mv[n:]
+            out.extend(self.buffer_updated(n))
+        return out
+
+    def _needed(self) -> int:
+        """Buffer size the current frame needs (its full size once its length is known)."""
+        if self._end - self._start < 4:
+            return 4
+        length = int.from_bytes(self._buf[self._start:self._start + 4], "little")
+        return 4 + min(length, self._max + TCP_HEADER.size)
+
+    def _frames(self) -> list[StreamFrame]:
+        out: list[StreamFrame] = []
+        while self.failed is None and self._end - self._start >= TCP_HEADER.size:
+            length, magic, version, tag, session, seq = TCP_HEADER.unpack_from(self._buf, self._start)
+            if magic != TCP_MAGIC:
+                self._fail("malformed")
+            elif version != WIRE_VERSION:
+                self._fail("bad_version")
+            elif tag != self._sealer.cluster_tag:
+                self._fail("wrong_cluster")
+            elif length > self._max + TCP_HEADER.size:
+                self._fail("oversize")
+            elif length < TCP_HEADER.size - 4 + 2 + TAG_SIZE:
+                self._fail("truncated")
+            if self.failed is not None or self._end - self._start < 4 + length:
+                break
+            unit = memoryview(self._buf)[self._start + TCP_HEADER.size:self._start + 4 + length]
+            self._start += 4 + length
+            try:
+                if not self._guard.fresh(CHANNEL_TCP, session, seq):
+                    raise Dropped("replay")
+                sender, plain, owned = self._sealer.open(CHANNEL_TCP, session, seq, unit)
+                if not self._guard.accept(CHANNEL_TCP, sender, session, seq, self._clock()):
+                    raise Dropped("replay")
+            except Dropped as e:
+                self._counters[e.reason] += 1
+                continue
+            out.append(StreamFrame(sender, session, plain if owned else memoryview(bytes(plain))))
+        return out
+
+    def _fail(self, reason: str) -> None:
+        self._counters[reason] += 1
+        self.failed = reason

@@ -1,0 +1,318 @@
+"""Wire format: message round trips, rejections, sealing, replay windows, the TCP stream decoder."""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import tracemalloc
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ringd.core import wire
+from ringd.core.requests import SamplingParams
+from ringd.core.wire import (DTYPE_SIZES, MAX_DIM, MAX_RANK, TCP_HEADER, Activation, Cancel, Dropped,
+                             Error, Gossip, Handshake, ReplayGuard, ReplayWindow, Sampling, Sealer,
+                             StreamDecoder, Tensor, Token, decode, encode, encode_bytes, new_counters,
+                             seal_tcp_frame)
+from ringd.errors import LocalProtocolError
+
+KEY = bytes(range(32))
+
+# ------------------------------------------------------------------------ strategies
+ids = st.text(min_size=1, max_size=40)
+u63 = st.integers(0, (1 << 63) - 1)
+i31 = st.integers(0, (1 << 31) - 1)
+
+
+@st.composite
+def tensors(draw, max_elems: int = 4096) -> Tensor:
+    dtype = draw(st.sampled_from(sorted(DTYPE_SIZES)))
+    rank = draw(st.integers(0, MAX_RANK))
+    shape = tuple(draw(st.lists(st.integers(0, 16), min_size=rank, max_size=rank)))
+    n = math.prod(shape) * DTYPE_SIZES[dtype]
+    return Tensor(dtype, shape, draw(st.binary(min_size=n, max_size=n)))
+
+
+samplings = st.builds(Sampling, temperature=st.floats(0, 10), top_p=st.floats(0.001, 1),
+                      top_k=st.integers(0, 1000), seed=st.none() | u63, max_tokens=st.integers(1, 1 << 20))
+messages = st.one_of(
+    st.builds(Handshake, ids, st.text(min_size=1, max_size=64), st.integers(0, 1 << 16),
+              st.text(min_size=1, max_size=64), st.integers(0, 65535)),
+    st.builds(Gossip, st.binary(max_size=3000)),
+    st.builds(Activation, ids, u63, u63, u63, i31, i31, ids, samplings, st.booleans(), tensors()),
+    st.builds(Token, ids, u63, u63, i31, i31, i31, st.none() | st.sampled_from(["stop", "length"])),
+    st.builds(Cancel, ids, st.text(max_size=200)),
+    st.builds(Error, ids, st.text(min_size=1, max_size=64), st.text(max_size=500)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages)
+def test_every_message_round_trips(msg) -> None:
+    head, body = encode(msg)
+    assert decode(head + bytes(body)) == msg
+    assert decode(bytearray(encode_bytes(msg))) == msg
+    assert decode(memoryview(encode_bytes(msg))) == msg
+
+
+@settings(max_examples=150, deadline=None)
+@given(tensors())
+def test_every_dtype_and_shape_round_trips_without_copying(t: Tensor) -> None:
+    msg = Activation("r", 1, 2, 3, 0, 4, "n", Sampling(), True, t)
+    data = encode_bytes(msg)
+    got = decode(data)
+    assert got.tensor == t and got.tensor.shape == t.shape and got.tensor.dtype == t.dtype
+    assert isinstance(got.tensor.data, memoryview) and got.tensor.data.obj is data  # a view, no copy
+    head, body = encode(msg)
+    assert body is t.data  # sending doesn't copy either
+
+
+def test_sampling_matches_request_params() -> None:
+    p = SamplingParams(temperature=0.7, top_p=0.9, top_k=40, seed=7, max_tokens=99, stop=("x",))
+    assert Sampling.from_params(p).to_params() == SamplingParams(0.7, 0.9, 40, 7, 99)
+    for bad in (dict(temperature=11.0), dict(top_p=0.0), dict(top_k=-1), dict(seed=-1),
+                dict(max_tokens=0), dict(temperature="hot"), dict(seed=True)):
+        with pytest.raises(LocalProtocolError):
+            Sampling(**bad)
+
+
+def test_bad_messages_raise_when_built() -> None:
+    t = Tensor("float16", (2,), bytes(4))
+    with pytest.raises(LocalProtocolError):
+        Activation("", 0, 0, 0, 0, 1, "n", Sampling(), True, t)
+    with pytest.raises(LocalProtocolError):
+        Activation("r", -1, 0, 0, 0, 1, "n", Sampling(), True, t)
+    with pytest.raises(LocalProtocolError):
+        Token("r", 0, 0, 2**31, 0, 1)
+    with pytest.raises(LocalProtocolError):
+        Tensor("float64", (1,), bytes(8))
+    with pytest.raises(LocalProtocolError):
+        Tensor("float16", (3,), bytes(4))
+    with pytest.raises(LocalProtocolError):
+        Tensor("int32", (1,) * (MAX_RANK + 1), bytes(4))
+    with pytest.raises(LocalProtocolError):
+        Gossip(bytes(wire.MAX_GOSSIP + 1))
+    with pytest.raises(LocalProtocolError):
+        encode("not a message")  # type: ignore[arg-type]
+
+
+def _raw(mtype: int, meta, body: bytes = b"") -> bytes:
+    packed = msgpack.packb(meta)
+    return struct.pack("<BI", mtype, len(packed)) + packed + body
+
+
+def _reason(data: bytes, **kw) -> str:
+    with pytest.raises(Dropped) as e:
+        decode(data, **kw)
+    return e.value.reason
+
+
+def test_decoder_rejections() -> None:
+    good = encode_bytes(Activation("r", 1, 2, 3, 0, 4, "n", Sampling(), True, Tensor("float16", (2,), bytes(4))))
+    assert _reason(good[:3]) == "truncated"
+    assert _reason(good[:10]) == "truncated"
+    assert _reason(struct.pack("<BI", 3, wire.MAX_META + 1)) == "oversize"
+    assert _reason(_raw(99, [])) == "unknown_type"
+    assert _reason(struct.pack("<BI", 4, 3) + b"\xc1\xc1\xc1") == "malformed"  # not msgpack
+    assert _reason(_raw(4, {"a": 1})) == "malformed"  # maps are not allowed
+    assert _reason(_raw(4, ["r", 1, 2, 3, 0, 4])) == "malformed"  # a field short
+    assert _reason(_raw(4, ["r", "1", 2, 3, 0, 4, None])) == "malformed"  # wrong type
+    assert _reason(_raw(4, ["r", 1, 2, 3, 0, 4, None], b"x")) == "malformed"  # stray body
+    assert _reason(_raw(6, ["r", "c", "x" * (wire.MAX_TEXT + 1)])) == "malformed"  # too long
+    assert _reason(_raw(4, list(range(wire.MAX_ARRAY + 1)))) == "malformed"  # array too long
+    assert _reason(_raw(2, [], bytes(wire.MAX_GOSSIP + 1))) == "malformed"
+    meta = ["r", 1, 2, 3, 0, 4, "n", [0.0, 1.0, 0, None, 5], True]
+    assert _reason(_raw(3, meta + ["float64", [1]], bytes(8))) == "malformed"  # dtype allowlist
+    assert _reason(_raw(3, meta + ["int32", [1] * (MAX_RANK + 1)], bytes(4))) == "malformed"  # rank
+    assert _reason(_raw(3, meta + ["int32", [MAX_DIM + 1]], bytes(4))) == "malformed"  # dim
+    assert _reason(_raw(3, meta + ["int32", [2]], bytes(4))) == "malformed"  # size mismatch
+    assert _reason(_raw(3, meta[:7] + [[99.0, 1.0, 0, None, 5], True, "int32", [1]], bytes(4))) == "malformed"
+    assert decode(_raw(3, meta + ["int32", [1]], bytes(4))).tensor.shape == (1,)
+
+
+def test_epoch_filter() -> None:
+    t = Tensor("int32", (1,), bytes(4))
+    act = encode_bytes(Activation("r", 1, 2, 7, 0, 4, "n", Sampling(), True, t))
+    tok = encode_bytes(Token("r", 1, 7, 5, 0, 4))
+    gossip = encode_bytes(Gossip(b"g"))
+    assert decode(act, epoch=7).epoch == 7 and decode(tok, epoch=7).epoch == 7
+    assert _reason(act, epoch=8) == "stale_epoch"
+    assert _reason(tok, epoch=6) == "stale_epoch"
+    assert decode(gossip, epoch=8) == Gossip(b"g")
+    assert decode(act, epoch=None).epoch == 7
+
+
+# ------------------------------------------------------------------------ sealing
+@pytest.mark.parametrize("encrypt", [True, False])
+def test_seal_and_open(encrypt: bool) -> None:
+    a = Sealer(KEY, "node-a", 11, encrypt=encrypt)
+    b = Sealer(KEY, "node-b", 22)
+    plain = b"secret activations " * 20
+    unit = bytes(a.seal(wire.CHANNEL_UDP, 5, plain))
+    assert len(unit) == len(plain) + a.overhead
+    assert (plain in unit) is not encrypt
+    sender, got, owned = b.open(wire.CHANNEL_UDP, 11, 5, unit)
+    assert (sender, bytes(got), owned) == ("node-a", plain, encrypt)
+    for tamper in (0, 3, len(unit) // 2, len(unit) - 1):
+        bad = bytearray(unit)
+        bad[tamper] ^= 0x40
+        with pytest.raises(Dropped) as e:
+            b.open(wire.CHANNEL_UDP, 11, 5, bytes(bad))
+        assert e.value.reason in ("bad_mac", "malformed")
+    for channel, session, pn in ((wire.CHANNEL_TCP, 11, 5), (wire.CHANNEL_UDP, 12, 5), (wire.CHANNEL_UDP, 11, 6)):
+        with pytest.raises(Dropped, match="bad_mac"):
+            b.open(channel, session, pn, unit)  # the nonce and key bind channel, session and number
+    with pytest.raises(Dropped, match="bad_mac"):
+        Sealer(bytes(32), "x", 1).open(wire.CHANNEL_UDP, 11, 5, unit)
+    with pytest.raises(Dropped, match="truncated"):
+        b.open(wire.CHANNEL_UDP, 11, 5, unit[:10])
+
+
+def test_sealer_misuse_and_cluster_id() -> None:
+    with pytest.raises(LocalProtocolError):
+        Sealer(b"short", "n", 1)
+    with pytest.raises(LocalProtocolError):
+        Sealer(KEY, "", 1)
+    assert Sealer(KEY, "n", 1).cluster_id == wire.cluster_id(KEY) != wire.cluster_id(bytes(32))
+    assert len(wire.cluster_id(KEY)) == 16 and KEY.hex() not in wire.cluster_id(KEY)
+    assert wire.new_session(2000, 0) > wire.new_session(1999, 0xFFFF)
+
+
+def test_replay_window() -> None:
+    w = ReplayWindow(size=64)
+    for pn in (5, 3, 70, 69, 7):
+        assert w.fresh(pn)
+        w.mark(pn)
+        assert not w.fresh(pn)
+    assert not w.fresh(6)  # more than 64 behind the newest (70)
+    assert w.fresh(68)
+    w.mark(10**18)  # a huge jump doesn't allocate a huge bitmap
+    assert w.bits == 1 and not w.fresh(70)
+
+
+def test_replay_guard_sessions() -> None:
+    g = ReplayGuard(session_timeout=30.0)
+    assert g.accept(1, "a", 100, 1, now=0.0)
+    assert not g.accept(1, "a", 100, 1, now=0.0)
+    assert g.accept(2, "a", 100, 1, now=0.0)  # channels have their own windows
+    assert not g.fresh(1, 100, 1) and g.fresh(1, 100, 2)
+    assert g.accept(1, "a", 200, 1, now=1.0)  # restarted: a newer session
+    assert not g.accept(1, "a", 100, 2, now=2.0)  # the old session is a replay now
+    assert g.accept(1, "a", 50, 1, now=40.0)  # silent for longer than the timeout: clock moved back
+    assert g.accept(1, "b", 100, 1, now=40.0)  # other nodes are independent
+
+
+# ------------------------------------------------------------------------ TCP frames
+def _decoder(key: bytes = KEY, **kw) -> tuple[StreamDecoder, dict]:
+    c = new_counters()
+    return StreamDecoder(Sealer(key, "rx", 1), ReplayGuard(), c, **kw), c
+
+
+def _frames(n: int, size: int = 100) -> list[bytes]:
+    s = Sealer(KEY, "tx", 42)
+    return [bytes(seal_tcp_frame(s, i + 1, encode_bytes(Gossip(bytes([i % 256]) * size)))) for i in range(n)]
+
+
+def test_stream_decoder_reassembles_any_split() -> None:
+    frames = _frames(5, 300)
+    stream = b"".join(frames)
+    for step in (1, 7, 64, 301, len(stream)):
+        d, c = _decoder()
+        got = []
+        for i in range(0, len(stream), step):
+            got += d.receive_data(stream[i:i + step])
+        assert [decode(f.data).payload for f in got] == [bytes([i]) * 300 for i in range(5)]
+        assert all(f.sender == "tx" for f in got) and sum(c.values()) == 0
+
+
+def test_stream_decoder_buffered_protocol_api_and_buffer_reuse() -> None:
+    d, c = _decoder()
+    big = bytes(seal_tcp_frame(Sealer(KEY, "tx", 42), 1, encode_bytes(Gossip(os.urandom(500_000)))))
+    got, pos = [], 0
+    while pos < len(big):
+        buf = d.get_buffer(-1)
+        n = min(len(buf), len(big) - pos, 65536)
+        buf[:n] = big[pos:pos + n]
+        pos += n
+        got += d.buffer_updated(n)
+    assert len(got) == 1 and len(decode(got[0].data).payload) == 500_000
+    first = d._buf
+    got = d.receive_data(big[:])
+    got = got or d.receive_data(b"")
+    assert d._buf is first  # the same buffer serves the next large frame
+
+
+def test_stream_decoder_rejections() -> None:
+    frames = _frames(3)
+    d, c = _decoder()
+    assert len(d.receive_data(frames[0] + frames[0] + frames[1])) == 2
+    assert c["replay"] == 1
+    tampered = bytearray(frames[2])
+    tampered[-1] ^= 1
+    assert d.receive_data(bytes(tampered)) == [] and c["bad_mac"] == 1
+    assert d.failed is None  # a bad frame is skipped, the stream stays in sync
+    d, c = _decoder(key=bytes(32))
+    assert d.receive_data(frames[0]) == [] and c["wrong_cluster"] == 1 and d.failed == "wrong_cluster"
+    d, c = _decoder(max_frame=1000)
+    huge = TCP_HEADER.pack(2**31, wire.TCP_MAGIC, wire.WIRE_VERSION, Sealer(KEY, "x", 1).cluster_tag, 1, 1)
+    tracemalloc.start()
+    d.receive_data(huge + bytes(5000))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert d.failed == "oversize" and c["oversize"] == 1 and peak < 200_000
+    d, c = _decoder()
+    assert d.receive_data(b"GET / HTTP/1.1\r\n\r\n" + bytes(20)) == [] and d.failed == "malformed"
+    d, c = _decoder()
+    bad_version = bytearray(frames[0])
+    bad_version[5] = 99
+    assert d.receive_data(bytes(bad_version)) == [] and d.failed == "bad_version"
+    d, c = _decoder()
+    short = TCP_HEADER.pack(TCP_HEADER.size - 4, wire.TCP_MAGIC, wire.WIRE_VERSION,
+                            Sealer(KEY, "x", 1).cluster_tag, 1, 1)
+    assert d.receive_data(short) == [] and d.failed == "truncated"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_fuzz_stream_decoder(data) -> None:
+    frames = _frames(3, 50)
+    d, c = _decoder(max_frame=4096)
+    stream = bytearray(b"".join(data.draw(st.lists(st.sampled_from(frames), max_size=4))))
+    for _ in range(data.draw(st.integers(0, 5))):
+        if stream and data.draw(st.booleans()):
+            stream[data.draw(st.integers(0, len(stream) - 1))] = data.draw(st.integers(0, 255))
+        else:
+            stream[data.draw(st.integers(0, len(stream))):0] = data.draw(st.binary(max_size=40))
+    chunk = data.draw(st.integers(1, 200))
+    for i in range(0, len(stream), chunk):
+        for f in d.receive_data(bytes(stream[i:i + chunk])):
+            try:
+                decode(f.data)
+            except Dropped:
+                pass
+    assert len(d._buf) <= 4096 + TCP_HEADER.size + 64 * 1024
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_message_decoder(blob: bytes) -> None:
+    for data in (blob, bytes([3]) + blob, struct.pack("<BI", 3, len(blob)) + blob):
+        try:
+            decode(data, epoch=1)
+        except Dropped as e:
+            assert e.reason in wire.DROP_REASONS
+
+
+def test_core_imports_stay_pure() -> None:
+    import ringd.core.reliable
+    import ringd.core.wire
+
+    for mod in (ringd.core.wire, ringd.core.reliable):
+        src = open(mod.__file__).read()
+        for banned in ("import asyncio", "import socket", "import mlx", "import time",
+                       "ringd.net", "ringd.compute"):
+            assert banned not in src, (mod.__name__, banned)
