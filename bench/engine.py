@@ -5,7 +5,8 @@
 Both run the same model directory, the same prompt token ids, greedy, for the same number
 of tokens (EOS ignored). "ringd" is the engine as the daemon loads it (on the CPU device
 the large projections are split by rows over one MLX stream per core); "ringd-1" is the
-same engine with that split turned off, i.e. the same kernels mlx-lm runs. Prefill tokens/s = prompt tokens / time to the first token;
+same engine with that split turned off, i.e. the same kernels mlx-lm runs.
+Prefill tokens/s = prompt tokens / time to the first token;
 decode tokens/s = (tokens - 1) / time from the first token to the last. Rounds alternate
 (mlx-lm, ours, mlx-lm, ours, ...) and the best round of each is reported, which damps
 noise from other processes on the machine. Prints ratios ours / mlx-lm (goal: >= 1.0).
@@ -38,7 +39,8 @@ def timed(stream: Iterable[int], prompt_tokens: int) -> tuple[float, float, list
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=None, help="model directory (default: the default model)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="model directory (default: the default model)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
@@ -90,7 +92,8 @@ def main() -> None:
 
     print()
     print(f"model {model_dir.name}: {info.num_layers} layers, {info.total_bytes / 2**20:.0f} MiB; "
-          f"{mx.default_device()} on {platform.machine()}; prompt {n} tokens, {args.tokens} generated")
+          f"{mx.default_device()} on {platform.machine()}; "
+          f"prompt {n} tokens, {args.tokens} generated")
     print(f"ringd: projections split over {engine.cpu_split} CPU streams; "
           "ringd-1: the same engine without the split")
     tp, td = best["mlx-lm"]

@@ -28,7 +28,8 @@ _CORPUS = [
     "A ring of machines passes activations from one node to the next.",
     "Each node holds a contiguous block of transformer layers.",
     "Tokens are sampled on the last node and sent back to the first.",
-    "Caf\u00e9, na\u00efve, r\u00e9sum\u00e9, \u00fcber, \u65e5\u672c\u8a9e, \U0001F600 and \u00a9 are text too.",
+    "Caf\u00e9, na\u00efve, r\u00e9sum\u00e9, \u00fcber, \u65e5\u672c\u8a9e, "
+    "\U0001F600 and \u00a9 are text too.",
     "def add(a, b):\n    return a + b\n",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 3.14159",
 ] * 4

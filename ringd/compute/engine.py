@@ -94,8 +94,8 @@ class _RowSplit(nn.Module):
         for stream, p in zip(self._streams, self.parts):
             with mx.stream(stream):
                 if self.quant is not None:
-                    y = mx.quantized_matmul(x, p["weight"], scales=p["scales"], biases=p.get("biases"),
-                                            transpose=True, **self.quant)
+                    y = mx.quantized_matmul(x, p["weight"], scales=p["scales"],
+                                            biases=p.get("biases"), transpose=True, **self.quant)
                 else:
                     y = x @ p["weight"].T
                 if "bias" in p:
@@ -113,7 +113,8 @@ def _split_projections(shard: "_Shard", parts: int) -> None:
             for name, child in list(parent.children().items()):
                 if (isinstance(child, (nn.Linear, nn.QuantizedLinear))
                         and child.weight.shape[0] >= _MIN_SPLIT_ROWS):
-                    setattr(parent, name, _RowSplit(child, min(parts, child.weight.shape[0] // 128)))
+                    n = min(parts, child.weight.shape[0] // 128)
+                    setattr(parent, name, _RowSplit(child, n))
 
 
 class _Shard(nn.Module):
@@ -225,7 +226,8 @@ class ShardEngine:
             if type(proto) is KVCache:
                 cache_specs.append((KVCache, {}))
             elif type(proto) is RotatingKVCache:
-                cache_specs.append((RotatingKVCache, {"max_size": proto.max_size, "keep": proto.keep}))
+                cache_specs.append((RotatingKVCache,
+                                    {"max_size": proto.max_size, "keep": proto.keep}))
             else:
                 raise ModelError(f"{info.path}: layer {i} needs a {type(proto).__name__}, "
                                  "which ringd does not run")
@@ -319,10 +321,12 @@ class ShardEngine:
         m = self._shard.model
         if self.is_first:
             if x.ndim != 1 or x.size == 0 or not mx.issubdtype(x.dtype, mx.integer):
-                raise LocalProtocolError(f"first shard needs token ids [T], got {x.shape} {x.dtype}")
+                raise LocalProtocolError(
+                    f"first shard needs token ids [T], got {x.shape} {x.dtype}")
             h = m.embed_tokens(x[None])
         else:
-            if x.ndim != 3 or x.shape[0] != 1 or x.shape[1] == 0 or x.shape[2] != self.info.hidden_size:
+            hidden = self.info.hidden_size
+            if x.ndim != 3 or x.shape[0] != 1 or x.shape[1] == 0 or x.shape[2] != hidden:
                 raise LocalProtocolError(
                     f"shard [{self.start}, {self.end}) needs hidden states [1, T, "
                     f"{self.info.hidden_size}], got {x.shape}")

@@ -93,7 +93,8 @@ def _read_json(path: Path, what: str) -> Any:
                               "(ringctl model import FILE.gguf, or ringctl model pull)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"cannot read {path}: {e}",
-                         hint="the file is damaged; re-import or re-copy the model directory") from None
+                         hint="the file is damaged; "
+                              "re-import or re-copy the model directory") from None
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
@@ -211,7 +212,8 @@ def inspect_model(path: Path) -> ModelInfo:
     if not tied and "lm_head.weight" not in tensors:
         raise ModelError(f"{path}: config.json says the head is not tied to the embedding, "
                          "but the weight files hold no lm_head.weight",
-                         hint="the weights are incomplete; re-import or re-copy the model directory")
+                         hint="the weights are incomplete; "
+                              "re-import or re-copy the model directory")
     # Precomputed rotary frequencies in old checkpoints are not weights (mlx-lm drops them).
     tensors = {k: v for k, v in tensors.items() if "rotary_emb.inv_freq" not in k}
     layer_bytes = [0] * num_layers
@@ -232,7 +234,8 @@ def inspect_model(path: Path) -> ModelInfo:
     if missing or embed == 0:
         what = f"layers {missing[:5]}" if missing else "the token embedding"
         raise ModelError(f"{path}: the weight files hold no tensors for {what}",
-                         hint="the weights are incomplete; re-import or re-copy the model directory")
+                         hint="the weights are incomplete; "
+                              "re-import or re-copy the model directory")
     if tied:
         head = embed
         # mlx-lm drops a stored lm_head of a tied model; so does the shard engine.

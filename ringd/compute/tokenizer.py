@@ -58,7 +58,8 @@ class Tokenizer:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
 
-    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, str]],
+                    add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template."""
         import jinja2
 
@@ -70,7 +71,8 @@ class Tokenizer:
                                                 add_generation_prompt=add_generation_prompt)
         except (jinja2.TemplateError, ValueError, TypeError, KeyError) as e:
             raise UsageError(f"the chat template of {self.path.name} rejected the messages: {e}",
-                             hint="messages need 'role' and 'content'; roles alternate user/assistant") from None
+                             hint="messages need 'role' and 'content'; "
+                                  "roles alternate user/assistant") from None
         return self.encode(text, add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:

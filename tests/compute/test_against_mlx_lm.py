@@ -44,7 +44,8 @@ def test_tiny_chunked_prefill_generation_equals_mlx_lm(tiny_model_dir: Path) -> 
     prompt = tokenizer.encode(" ".join(TINY_PROMPTS * 3))
     assert len(prompt) > 40
     want = mlx_lm_greedy(model, tokenizer, prompt, 12)
-    got = list(generate_local(tiny_model_dir, prompt, SamplingParams(max_tokens=12), prefill_chunk=7))
+    got = list(generate_local(tiny_model_dir, prompt, SamplingParams(max_tokens=12),
+                              prefill_chunk=7))
     assert got == want
 
 

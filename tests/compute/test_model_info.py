@@ -29,9 +29,11 @@ def test_sizes_come_from_the_headers(tiny_model_dir: Path) -> None:
     assert info.embed_bytes == info.vocab_size * 128 * 4
     assert info.head_bytes == info.embed_bytes and not info.tie_word_embeddings
     assert info.norm_bytes == 128 * 4
-    assert info.total_bytes == sum(info.layer_bytes) + info.embed_bytes + info.head_bytes + info.norm_bytes
-    assert info.total_bytes == sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors")) \
-        - sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in tiny_model_dir.glob("*.safetensors"))
+    assert info.total_bytes == (sum(info.layer_bytes) + info.embed_bytes + info.head_bytes
+                                + info.norm_bytes)
+    files = list(tiny_model_dir.glob("*.safetensors"))
+    headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in files)
+    assert info.total_bytes == sum(f.stat().st_size for f in files) - headers
     assert info.kv_bytes_per_token_per_layer == 2 * 2 * 32 * 4  # float32 activations
     assert info.eos_token_ids == (2,) and info.bos_token_id == 0
     parts = [info.shard_bytes(0, 2), info.shard_bytes(2, 5), info.shard_bytes(5, 6)]
@@ -43,7 +45,8 @@ def test_sizes_come_from_the_headers(tiny_model_dir: Path) -> None:
 def test_model_info_does_not_import_mlx(tiny_model_dir: Path) -> None:
     code = ("import sys; from ringd.compute.model_info import inspect_model; "
             f"inspect_model(__import__('pathlib').Path({str(tiny_model_dir)!r})); "
-            "assert not any(m == 'mlx' or m.startswith('mlx.') for m in sys.modules), 'mlx imported'")
+            "assert not any(m == 'mlx' or m.startswith('mlx.') for m in sys.modules), "
+            "'mlx imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 

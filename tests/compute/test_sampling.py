@@ -36,7 +36,8 @@ def test_same_seed_same_tokens_other_seed_other_tokens() -> None:
 
 
 def test_interleaved_requests_do_not_disturb_each_other() -> None:
-    p1, p2 = SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.2, top_p=0.9, seed=2)
+    p1 = SamplingParams(temperature=0.8, seed=1)
+    p2 = SamplingParams(temperature=1.2, top_p=0.9, seed=2)
     alone1, alone2 = draws(p1), draws(p2)
     s1, s2 = Sampler(p1), Sampler(p2)
     mixed1, mixed2 = [], []

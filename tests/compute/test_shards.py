@@ -30,7 +30,8 @@ def _tolerance(logits: mx.array) -> float:
 
 
 @pytest.mark.parametrize("cuts", SPLITS, ids=lambda c: "-".join(map(str, c)))
-def test_shards_equal_whole_model_prefill_and_20_decode_steps(model_dir: Path, cuts: list[int]) -> None:
+def test_shards_equal_whole_model_prefill_and_20_decode_steps(model_dir: Path,
+                                                              cuts: list[int]) -> None:
     whole = [ShardEngine.load(model_dir, 0, 6)]
     parts = load_split(model_dir, cuts)
     for e in whole + parts:

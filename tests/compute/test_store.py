@@ -73,7 +73,8 @@ def test_imported_default_model_layout(default_model_dir: Path) -> None:
     assert tok.encode("<|im_start|>user")[0] == 1  # control tokens are single special tokens
     assert tok.encode("<|im_end|>") == [2]
     for text in TEXTS:
-        assert tok.decode(tok.encode(text)) == text.replace("<|im_start|>", "").replace("<|im_end|>", "")
+        plain = text.replace("<|im_start|>", "").replace("<|im_end|>", "")
+        assert tok.decode(tok.encode(text)) == plain
 
 
 def test_default_model_second_call_is_instant(default_model_dir: Path) -> None:
@@ -150,8 +151,9 @@ def test_rope_freqs_tensor_becomes_llama3_scaling(tiny_model_dir: Path, tmp_path
                          extra_tensors={"rope_freqs.weight": mx.array(factors, dtype=mx.float32)})
     out = store.import_gguf(f, tmp_path / "store")
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["rope_scaling"] == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert cfg["rope_scaling"] == {
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
     bad = write_llama_gguf(tiny_model_dir, tmp_path / "l3bad.gguf",
                            extra_tensors={"rope_freqs.weight": mx.full((16,), 3.0)})
     with pytest.raises(ModelError, match="rope_freqs"):
@@ -168,7 +170,8 @@ def test_resolve_missing_model_lists_the_store(tiny_gguf: Path, tmp_path: Path) 
     assert store.list_models(tmp_path / "absent") == []
 
 
-def test_cli_import_bad_file_is_a_message_not_a_traceback(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_cli_import_bad_file_is_a_message_not_a_traceback(tiny_model_dir: Path,
+                                                           tmp_path: Path) -> None:
     bad = write_llama_gguf(tiny_model_dir, tmp_path / "gpt2.gguf", architecture="gpt2")
     r = CliRunner().invoke(ringctl, ["model", "import", str(bad), "--store", str(tmp_path / "s")])
     assert r.exit_code != 0

@@ -11,7 +11,8 @@ from ringd.compute.tokenizer import Tokenizer
 from ringd.errors import ModelError, UsageError
 
 GiB = 1024**3
-TEXT = "Caf\u00e9 au lait \U0001F680\U0001F30D \u65e5\u672c\u8a9e, na\u00efve r\u00e9sum\u00e9 \u00a9 2025!"
+TEXT = ("Caf\u00e9 au lait \U0001F680\U0001F30D \u65e5\u672c\u8a9e, "
+        "na\u00efve r\u00e9sum\u00e9 \u00a9 2025!")
 
 
 @pytest.fixture(params=["tiny", "smollm2"])

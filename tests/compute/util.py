@@ -57,7 +57,8 @@ def load_split(model_dir: Path, cuts: list[int], **kw: Any) -> list[ShardEngine]
 # --------------------------------------------------------------------------- GGUF files
 def _permute(w: mx.array, n_head: int) -> mx.array:
     """llama.cpp's Q/K row order for interleaved rotary embedding."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    rows = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, rows, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 _GGUF_BLOCK = {
@@ -115,8 +116,8 @@ def write_llama_gguf(model_dir: Path, out: Path, *, architecture: str = "llama",
         "tokenizer.ggml.pre": "default",
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.token_type": mx.array([3 if i in specials else 1 for i in range(len(tokens))],
-                                              dtype=mx.int32),
+        "tokenizer.ggml.token_type": mx.array(
+            [3 if i in specials else 1 for i in range(len(tokens))], dtype=mx.int32),
         "tokenizer.ggml.bos_token_id": u32(cfg["bos_token_id"]),
         "tokenizer.ggml.eos_token_id": u32(cfg["eos_token_id"]),
         "tokenizer.chat_template": tcfg["chat_template"],
@@ -145,7 +146,8 @@ def build_random_model(out: Path, config: dict[str, Any], seed: int = 3) -> Path
 
     from ringd.compute.store import save_weights
 
-    arch = importlib.import_module(f"mlx_lm.models.{config['model_type'].replace('mistral', 'llama')}")
+    module = {"mistral": "llama"}.get(config["model_type"], config["model_type"])
+    arch = importlib.import_module(f"mlx_lm.models.{module}")
     mx.random.seed(seed)
     model = arch.Model(arch.ModelArgs.from_dict(config))
     out.mkdir(parents=True)
