@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,6 @@ class Tokenizer:
         if not (model_dir / "tokenizer.json").is_file():
             raise ModelError(f"{model_dir / 'tokenizer.json'} is missing",
                              hint="re-import or re-copy the model directory")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from transformers import AutoTokenizer
 
         try:
