@@ -17,10 +17,15 @@ Serves single-node use and is the reference the ring backend mirrors:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
+import dis
 import logging
 import queue
+import signal
+import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +48,11 @@ T = TypeVar("T")
 class MlxThread(concurrent.futures.Executor):
     """One daemon thread that runs submitted calls in order: the process's MLX thread.
 
-    MLX state is per thread (streams; compiled-function caches that hold Python objects).
-    A pool worker ends at interpreter exit, and its thread-local destructors then need the
-    GIL while Python finalizes: std::terminate, exit status 134. This thread never ends; the
-    process exit reaps it.
+    MLX state is per thread (streams; compiled-function caches holding Python objects).
+    When such a thread ends, or only wakes, while Python finalizes, those thread-local
+    destructors need the GIL and the process dies in std::terminate (exit status 134) -- as
+    a pool worker does at interpreter exit. So this thread never ends (process exit reaps
+    it), never takes a signal, and at exit it is left parked in its queue wait.
     """
 
     def __init__(self, name: str = "ringd-mlx") -> None:
@@ -54,6 +60,7 @@ class MlxThread(concurrent.futures.Executor):
                                             dict[str, Any]]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
+        atexit.register(self._park)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -61,6 +68,7 @@ class MlxThread(concurrent.futures.Executor):
         return future
 
     def _work(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # and MLX's threads made here
         while True:
             future, fn, args, kwargs = self._jobs.get()
             if not future.set_running_or_notify_cancel():
@@ -72,6 +80,35 @@ class MlxThread(concurrent.futures.Executor):
             else:
                 future.set_result(result)
             del future, fn, args, kwargs
+
+    def _park(self, timeout: float = 5.0) -> None:
+        """At interpreter exit: wait until the thread sits in its queue wait, not holding the GIL."""
+        try:
+            self.submit(lambda: None).result(timeout)
+        except concurrent.futures.TimeoutError:
+            log.warning("the MLX thread is still busy at exit")
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            frame = sys._current_frames().get(self._thread.ident or -1)
+            if frame is None or (frame.f_code is _WORK_CODE and frame.f_lasti == _WAIT_OFFSET):
+                return  # we hold the GIL, so the thread is blocked inside the wait
+            time.sleep(0.001)
+
+
+def _call_offset(func: Callable[..., Any], name: str) -> int:
+    """Bytecode offset of the call of method ``name`` in ``func``."""
+    seen = False
+    for ins in dis.get_instructions(func):
+        if ins.argval == name:
+            seen = True
+        elif seen and ins.opname == "CALL":
+            return ins.offset
+    raise AssertionError(f"no call of {name} in {func.__qualname__}")
+
+
+_WORK_CODE = MlxThread._work.__code__
+_WAIT_OFFSET = _call_offset(MlxThread._work, "get")
 
 
 _mlx_thread: MlxThread | None = None
@@ -252,7 +289,10 @@ class LocalBackend:
     def _release(self, rid: str, loop: asyncio.AbstractEventLoop) -> None:
         """Free the KV cache on the MLX thread (after any step still queued), then forget the request."""
         def done(_: concurrent.futures.Future[None]) -> None:
-            loop.call_soon_threadsafe(self._forget, rid)
+            try:
+                loop.call_soon_threadsafe(self._forget, rid)
+            except RuntimeError:  # the loop is closed: nobody waits for this request any more
+                pass
 
         self._executor.submit(self._free, rid).add_done_callback(done)
 

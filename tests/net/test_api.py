@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -304,3 +305,30 @@ async def test_not_ready_until_loaded_and_back_to_back_requests_fit_one_slot(tin
         await client.close()
         await server.close()
         await backend.close()
+
+
+EXIT_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from ringd.compute.local_backend import LocalBackend
+from ringd.config import Settings
+from ringd.core.requests import GenerationRequest, SamplingParams
+
+async def main():
+    backend = LocalBackend(Path(sys.argv[1]), Settings(state_dir=Path(sys.argv[2])))
+    await backend.start()
+    async for ev in backend.generate(GenerationRequest(prompt="hello", params=SamplingParams(max_tokens=3))):
+        pass
+    await backend.close()
+
+asyncio.run(main())  # and exit at once: the MLX thread has just signalled the loop
+"""
+
+
+async def test_a_process_that_served_requests_exits_cleanly(tiny_model_dir, tmp_path) -> None:
+    """MLX's thread-local compile caches must not be torn down while Python finalizes (exit 134)."""
+    procs = [await asyncio.create_subprocess_exec(sys.executable, "-c", EXIT_SCRIPT, str(tiny_model_dir),
+                                                  str(tmp_path / f"s{i}"), stderr=asyncio.subprocess.PIPE)
+             for i in range(2)]
+    results = [(await p.wait(), (await p.stderr.read()).decode()) for p in procs]
+    assert [rc for rc, _ in results] == [0, 0], results
