@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+
 from ringd.compute.engine import Sampler, ShardEngine
 from ringd.compute.tensors import from_wire, to_wire
 from ringd.core.requests import SamplingParams
@@ -29,7 +31,28 @@ class StageCompute:
 
     @classmethod
     def load(cls, model_dir: Path, start: int, end: int) -> "StageCompute":
-        return cls(ShardEngine.load(model_dir, start, end))
+        stage = cls(ShardEngine.load(model_dir, start, end))
+        stage.warm_up()
+        return stage
+
+    def warm_up(self) -> None:
+        """Run a short prefill and one decode step on a throwaway cache.
+
+        MLX builds its kernels on first use (seconds on a CPU); doing it here moves that
+        cost into loading, so the first user's time to first token is not inflated.
+        """
+        eng = self.engine
+        rid = "\0warm-up"
+        eng.new_request(rid)
+        try:
+            for t in (8, 1):
+                if eng.is_first:
+                    x = mx.zeros((t,), dtype=mx.int32)
+                else:
+                    x = mx.zeros((1, t, eng.info.hidden_size), dtype=eng.activation_dtype)
+                eng.forward(rid, x)
+        finally:
+            eng.free_request(rid)
 
     @property
     def loaded_bytes(self) -> int:
