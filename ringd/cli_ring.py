@@ -49,16 +49,23 @@ def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def client_from(ctx: click.Context, host: str | None, port: int | None, *,
-                stream_slack: float = 60.0) -> Client:
+def client_from(
+    ctx: click.Context, host: str | None, port: int | None, *, stream_slack: float = 60.0
+) -> Client:
     from ringd.cli import settings_from  # ringd.cli imports this module to register the commands
 
     s = settings_from(ctx, http_host=host, http_port=port)
-    return Client(s.http_host, s.http_port, api_key=s.api_key, stream_timeout=s.request_timeout + stream_slack)
+    return Client(
+        s.http_host, s.http_port, api_key=s.api_key, stream_timeout=s.request_timeout + stream_slack
+    )
 
 
-host_option = click.option("--host", default=None, help="Address of the daemon's HTTP API (default: http_host).")
-port_option = click.option("--port", type=int, default=None, help="Port of the daemon's HTTP API (default: http_port).")
+host_option = click.option(
+    "--host", default=None, help="Address of the daemon's HTTP API (default: http_host)."
+)
+port_option = click.option(
+    "--port", type=int, default=None, help="Port of the daemon's HTTP API (default: http_port)."
+)
 
 
 # ----------------------------------------------------------------------------- status
@@ -69,7 +76,7 @@ port_option = click.option("--port", type=int, default=None, help="Port of the d
 @click.pass_context
 @handled
 def status(ctx: click.Context, as_json: bool, host: str | None, port: int | None) -> None:
-    """Show the ring: nodes, memory, layers, plan, and whether it is ready (exit 0) or why not (exit 1)."""
+    """Show the ring: nodes, memory, layers, plan; ready (exit 0) or exactly why not (exit 1)."""
     st = client_from(ctx, host, port).status()
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
@@ -99,8 +106,12 @@ def layer_bar(layers: Any, num_layers: Any, width: int = BAR_WIDTH) -> str:
 
 
 def _range(layers: Any) -> tuple[int, int] | tuple[None, None]:
-    if (isinstance(layers, (list, tuple)) and len(layers) == 2
-            and all(isinstance(x, int) and not isinstance(x, bool) for x in layers) and layers[1] > layers[0]):
+    if (
+        isinstance(layers, (list, tuple))
+        and len(layers) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+        and layers[1] > layers[0]
+    ):
         return layers[0], layers[1]
     return None, None
 
@@ -130,37 +141,47 @@ def render_status(st: dict[str, Any]) -> str:
     else:
         lines.append(f"ring: NOT READY: {st.get('reason') or 'no reason given'}")
     if model:
-        lines.append(f"model: {_s(model.get('name'))}, {_s(model.get('num_layers'))} layers, "
-                     f"{_size(model.get('total_bytes'))}")
+        lines.append(
+            f"model: {_s(model.get('name'))}, {_s(model.get('num_layers'))} layers, "
+            f"{_size(model.get('total_bytes'))}"
+        )
     else:
         lines.append("model: none")
     if plan:
         h = plan.get("hash")
-        lines.append(f"plan: epoch {_s(plan.get('epoch'))}" + (f", hash {str(h)[:16]}" if h else ""))
+        lines.append(
+            f"plan: epoch {_s(plan.get('epoch'))}" + (f", hash {str(h)[:16]}" if h else "")
+        )
     else:
         lines.append("plan: none committed")
     if st.get("fingerprint"):
         lines.append(f"ring fingerprint: {st['fingerprint']}")
-    lines.append(f"this node: {_s(node.get('name'))} ({_s(node.get('id'))}) at {_s(node.get('addr'))}, "
-                 f"phase {_s(node.get('phase'))}")
+    lines.append(
+        f"this node: {_s(node.get('name'))} ({_s(node.get('id'))}) at {_s(node.get('addr'))}, "
+        f"phase {_s(node.get('phase'))}"
+    )
 
     num_layers = model.get("num_layers") if model else None
     if members:
         rows = [["", "NODE", "ADDRESS", "STATE", "PHASE", "USABLE", "TOTAL", "LAYERS", "", "RTT"]]
         for m in members:
             rtt = m.get("rtt_ms")
-            rows.append([
-                "*" if m.get("id") is not None and m.get("id") == node.get("id") else "",
-                _s(m.get("name") or m.get("id")),
-                _s(m.get("addr")),
-                _s(m.get("state")),
-                _s(m.get("phase")),
-                _size(m.get("usable_memory")),
-                _size(m.get("total_memory")),
-                layer_bar(m.get("layers"), num_layers) or "-",
-                _layers_text(m.get("layers")),
-                f"{rtt:.2f} ms" if isinstance(rtt, (int, float)) and not isinstance(rtt, bool) else "-",
-            ])
+            rows.append(
+                [
+                    "*" if m.get("id") is not None and m.get("id") == node.get("id") else "",
+                    _s(m.get("name") or m.get("id")),
+                    _s(m.get("addr")),
+                    _s(m.get("state")),
+                    _s(m.get("phase")),
+                    _size(m.get("usable_memory")),
+                    _size(m.get("total_memory")),
+                    layer_bar(m.get("layers"), num_layers) or "-",
+                    _layers_text(m.get("layers")),
+                    f"{rtt:.2f} ms"
+                    if isinstance(rtt, (int, float)) and not isinstance(rtt, bool)
+                    else "-",
+                ]
+            )
         lines.append("")
         lines.extend(_table(rows))
     for ex in (plan or {}).get("excluded") or []:
@@ -194,15 +215,38 @@ def _fmt_stat(v: Any) -> str:
 # ----------------------------------------------------------------------------- prompt
 @click.command()
 @click.argument("text", required=False)
-@click.option("--file", "file", type=str, default=None, help="Read the prompt from a file ('-': standard input).")
+@click.option(
+    "--file",
+    "file",
+    type=str,
+    default=None,
+    help="Read the prompt from a file ('-': standard input).",
+)
 @click.option("--system", default=None, help="System prompt (chat template).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Most tokens to generate.")
-@click.option("--temperature", type=click.FloatRange(0.0, 10.0), default=0.0, show_default=True,
-              help="Sampling temperature; 0 is greedy.")
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
-              help="Nucleus sampling mass.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Top-k cut; 0 is off.")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Most tokens to generate.",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0.0, 10.0),
+    default=0.0,
+    show_default=True,
+    help="Sampling temperature; 0 is greedy.",
+)
+@click.option(
+    "--top-p",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Nucleus sampling mass.",
+)
+@click.option(
+    "--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Top-k cut; 0 is off."
+)
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, help="Seed for sampling.")
 @click.option("--stop", multiple=True, help="Stop sequence (repeatable); not printed.")
 @click.option("--model", default=None, help="Model name (default: the one the ring serves).")
@@ -212,20 +256,44 @@ def _fmt_stat(v: Any) -> str:
 @port_option
 @click.pass_context
 @handled
-def prompt(ctx: click.Context, text: str | None, file: str | None, system: str | None, max_tokens: int,
-           temperature: float, top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...],
-           model: str | None, raw: bool, as_json: bool, host: str | None, port: int | None) -> None:
+def prompt(
+    ctx: click.Context,
+    text: str | None,
+    file: str | None,
+    system: str | None,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop: tuple[str, ...],
+    model: str | None,
+    raw: bool,
+    as_json: bool,
+    host: str | None,
+    port: int | None,
+) -> None:
     """Send a prompt to the ring and stream the answer. Ctrl-C cancels it on the whole ring."""
-    body: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-                            "top_k": top_k, "seed": seed, "stop": list(stop), "model": model}
+    body: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "seed": seed,
+        "stop": list(stop),
+        "model": model,
+    }
     user = read_prompt(text, file)
     if raw:
         if system is not None:
-            raise UsageError("--system needs the chat template", hint="drop --raw, or put the text in the prompt")
+            raise UsageError(
+                "--system needs the chat template", hint="drop --raw, or put the text in the prompt"
+            )
         body["prompt"] = user
     else:
-        body["messages"] = ([{"role": "system", "content": system}] if system is not None else []) + [
-            {"role": "user", "content": user}]
+        body["messages"] = (
+            [{"role": "system", "content": system}] if system is not None else []
+        ) + [{"role": "user", "content": user}]
     client = client_from(ctx, host, port)
     events = client.stream_generate(body)
     ended_with_newline = True
@@ -266,7 +334,9 @@ def read_prompt(text: str | None, file: str | None) -> str:
     elif text is not None:
         out, where = text, "the argument"
     else:
-        raise UsageError("no prompt given", hint='ringctl prompt "your question", --file PATH, or pipe it in')
+        raise UsageError(
+            "no prompt given", hint='ringctl prompt "your question", --file PATH, or pipe it in'
+        )
     if not out.strip():
         raise UsageError(f"the prompt from {where} is empty")
     return out
@@ -278,6 +348,8 @@ def _finish_line(ev: dict[str, Any]) -> str:
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
     ttft, tps = num("time_to_first_token"), num("tokens_per_second")
-    return (f"{_s(ev.get('completion_tokens'))} tokens ({_s(ev.get('reason'))}), "
-            f"time to first token {'-' if ttft is None else f'{ttft:.2f} s'}, "
-            f"{'-' if tps is None else f'{tps:.1f}'} tokens/s")
+    return (
+        f"{_s(ev.get('completion_tokens'))} tokens ({_s(ev.get('reason'))}), "
+        f"time to first token {'-' if ttft is None else f'{ttft:.2f} s'}, "
+        f"{'-' if tps is None else f'{tps:.1f}'} tokens/s"
+    )

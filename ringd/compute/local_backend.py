@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+
 class MlxThread(concurrent.futures.Executor):
     """One daemon thread that runs submitted calls in order: the process's MLX thread.
 
@@ -56,19 +57,26 @@ class MlxThread(concurrent.futures.Executor):
     """
 
     def __init__(self, name: str = "ringd-mlx") -> None:
-        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...],
-                                            dict[str, Any]]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[
+            tuple[
+                concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]
+            ]
+        ] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
         atexit.register(self._park)
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+    def submit(
+        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._jobs.put((future, fn, args, kwargs))
         return future
 
     def _work(self) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # and MLX's threads made here
+        signal.pthread_sigmask(
+            signal.SIG_BLOCK, signal.valid_signals()
+        )  # and MLX's threads made here
         while True:
             future, fn, args, kwargs = self._jobs.get()
             if not future.set_running_or_notify_cancel():
@@ -82,7 +90,7 @@ class MlxThread(concurrent.futures.Executor):
             del future, fn, args, kwargs
 
     def _park(self, timeout: float = 5.0) -> None:
-        """At interpreter exit: wait until the thread sits in its queue wait, not holding the GIL."""
+        """At interpreter exit: wait until the thread sits in its queue wait, without the GIL."""
         try:
             self.submit(lambda: None).result(timeout)
         except concurrent.futures.TimeoutError:
@@ -135,8 +143,13 @@ class _Run:
 class LocalBackend:
     """The whole model on this node, behind the Backend protocol."""
 
-    def __init__(self, model_dir: Path, settings: Settings, *,
-                 executor: concurrent.futures.Executor | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        settings: Settings,
+        *,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.settings = settings
         self.info: ModelInfo = inspect_model(self.model_dir)
@@ -154,8 +167,11 @@ class LocalBackend:
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         """Load the model and tokenizer on the MLX thread."""
+
         def load() -> tuple[ShardEngine, Tokenizer]:
-            return ShardEngine.load(self.model_dir, 0, self.info.num_layers), Tokenizer.load(self.model_dir)
+            return ShardEngine.load(self.model_dir, 0, self.info.num_layers), Tokenizer.load(
+                self.model_dir
+            )
 
         self._engine, self._tokenizer = await self._run(load)
         self._phase = "serving"
@@ -188,43 +204,80 @@ class LocalBackend:
         total = self.info.total_bytes
         s = self.settings
         return {
-            "node": {"id": "local", "name": s.node_name, "addr": None, "http_port": s.http_port,
-                     "phase": self._phase},
+            "node": {
+                "id": "local",
+                "name": s.node_name,
+                "addr": None,
+                "http_port": s.http_port,
+                "phase": self._phase,
+            },
             "ready": ready,
-            "reason": None if ready else {"loading": "the model is loading",
-                                          "leaving": "this node is shutting down"}[self._phase],
+            "reason": None
+            if ready
+            else {"loading": "the model is loading", "leaving": "this node is shutting down"}[
+                self._phase
+            ],
             "model": {"name": self.info.name, "num_layers": n, "total_bytes": total},
-            "plan": {"epoch": 0, "hash": None,
-                     "assignments": [{"node_id": "local", "start": 0, "end": n, "bytes": total}],
-                     "excluded": []},
-            "members": [{"id": "local", "name": s.node_name, "addr": None, "state": "ready" if ready else self._phase,
-                         "phase": self._phase, "usable_memory": s.memory_budget, "total_memory": None,
-                         "layers": [0, n], "rtt_ms": None, "software_version": None}],
+            "plan": {
+                "epoch": 0,
+                "hash": None,
+                "assignments": [{"node_id": "local", "start": 0, "end": n, "bytes": total}],
+                "excluded": [],
+            },
+            "members": [
+                {
+                    "id": "local",
+                    "name": s.node_name,
+                    "addr": None,
+                    "state": "ready" if ready else self._phase,
+                    "phase": self._phase,
+                    "usable_memory": s.memory_budget,
+                    "total_memory": None,
+                    "layers": [0, n],
+                    "rtt_ms": None,
+                    "software_version": None,
+                }
+            ],
             "fingerprint": None,
             "ceiling": None,
-            "stats": {"active_requests": len(self._active), "requests_served": self._outcomes["served"],
-                      "requests_cancelled": self._outcomes["cancelled"],
-                      "requests_failed": self._outcomes["failed"], "tokens_generated": self._tokens},
+            "stats": {
+                "active_requests": len(self._active),
+                "requests_served": self._outcomes["served"],
+                "requests_cancelled": self._outcomes["cancelled"],
+                "requests_failed": self._outcomes["failed"],
+                "tokens_generated": self._tokens,
+            },
         }
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
         return self._generate(request)
 
     # ---------------------------------------------------------------- the request
-    async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def _generate(
+        self, request: GenerationRequest
+    ) -> AsyncIterator[TokenEvent | FinishEvent]:
         if self._phase != "serving":
-            raise RequestError("not_ready" if self._phase == "loading" else "leaving",
-                               "the model is still loading" if self._phase == "loading"
-                               else "this node is shutting down",
-                               hint="retry in a moment; `ringctl status` shows progress")
+            raise RequestError(
+                "not_ready" if self._phase == "loading" else "leaving",
+                "the model is still loading"
+                if self._phase == "loading"
+                else "this node is shutting down",
+                hint="retry in a moment; `ringctl status` shows progress",
+            )
         if request.model not in (None, self.info.name):
-            raise RequestError("model_not_served", f"model {request.model!r} is not served here "
-                               f"(served: {self.info.name})", hint="leave out model, or name the served one")
+            raise RequestError(
+                "model_not_served",
+                f"model {request.model!r} is not served here (served: {self.info.name})",
+                hint="leave out model, or name the served one",
+            )
         s = self.settings
         if len(self._admitted) >= s.max_concurrent:
-            raise RequestError("busy", f"{len(self._admitted)} requests are already running on this node "
-                               f"(max_concurrent = {s.max_concurrent})",
-                               hint="retry later, or raise max_concurrent")
+            raise RequestError(
+                "busy",
+                f"{len(self._admitted)} requests are already running on this node "
+                f"(max_concurrent = {s.max_concurrent})",
+                hint="retry later, or raise max_concurrent",
+            )
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         deadline = t0 + s.request_timeout
@@ -239,9 +292,12 @@ class LocalBackend:
             ids = await self._run(self._open, request, run)
             room = s.max_context - len(ids)
             if room < 1:
-                raise RequestError("context_length", f"the prompt has {len(ids)} tokens; this node's context "
-                                   f"holds {s.max_context} (max_context)",
-                                   hint="shorten the prompt, or raise max_context")
+                raise RequestError(
+                    "context_length",
+                    f"the prompt has {len(ids)} tokens; this node's context "
+                    f"holds {s.max_context} (max_context)",
+                    hint="shorten the prompt, or raise max_context",
+                )
             limit = min(params.max_tokens, room)
             eos = set(self.info.eos_token_ids)
             for start, end in chunks(len(ids), s.prefill_chunk):
@@ -268,9 +324,13 @@ class LocalBackend:
             self._tokens += n
             outcome = "served"
             yield FinishEvent(
-                reason=reason, prompt_tokens=len(ids), completion_tokens=n,
+                reason=reason,
+                prompt_tokens=len(ids),
+                completion_tokens=n,
                 time_to_first_token=t_first - t0,
-                tokens_per_second=(n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else 0.0,
+                tokens_per_second=(n - 1) / (t_last - t_first)
+                if n > 1 and t_last > t_first
+                else 0.0,
             )
         except (GeneratorExit, asyncio.CancelledError):
             if outcome != "served":
@@ -287,7 +347,8 @@ class LocalBackend:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _release(self, rid: str, loop: asyncio.AbstractEventLoop) -> None:
-        """Free the KV cache on the MLX thread (after any step still queued), then forget the request."""
+        """Free the KV cache on the MLX thread (after any step still queued), then forget it."""
+
         def done(_: concurrent.futures.Future[None]) -> None:
             try:
                 loop.call_soon_threadsafe(self._forget, rid)
@@ -331,14 +392,16 @@ class LocalBackend:
         mx.async_eval(run.pending)
 
     def _step(self, run: _Run, more: bool, eos: set[int]) -> tuple[int, str]:
-        """The pending token and its new text; with ``more``, the next step starts first (overlapped).
+        """The pending token and its new text; with ``more`` the next step starts first, overlapped.
 
         The last token's text (EOS, or no ``more``) includes what the decoder held back.
         """
         assert self._engine is not None and run.sampler is not None
         y = run.pending
         if more:
-            run.pending = run.sampler.sample_lazy(self._engine.forward(run.rid, y.reshape(1), lazy=True))
+            run.pending = run.sampler.sample_lazy(
+                self._engine.forward(run.rid, y.reshape(1), lazy=True)
+            )
             mx.async_eval(run.pending)
         tok = int(y.item())
         if tok in eos:
@@ -349,5 +412,8 @@ class LocalBackend:
 
 def _check_deadline(loop: asyncio.AbstractEventLoop, deadline: float, timeout: float) -> None:
     if loop.time() > deadline:
-        raise RequestError("timeout", f"the request ran longer than request_timeout ({timeout:g} s)",
-                           hint="ask for fewer tokens, or raise request_timeout")
+        raise RequestError(
+            "timeout",
+            f"the request ran longer than request_timeout ({timeout:g} s)",
+            hint="ask for fewer tokens, or raise request_timeout",
+        )

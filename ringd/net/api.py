@@ -10,10 +10,16 @@ Routes (every one needs ``Authorization: Bearer KEY`` when an API key is set):
 - ``POST /ringd/shutdown`` -- asks the daemon to stop (only when ``on_shutdown`` is given).
 - ``GET /healthz``.
 
+Requests: ``model`` may be left out (the served one is used); ``temperature`` defaults to 1 on
+the OpenAI routes (as OpenAI's does) and to 0 (greedy) on ``/ringd/generate``; ``max_tokens``
+(or ``max_completion_tokens``) defaults to ``default_max_tokens``; ``top_k`` is an extension;
+``n`` must be 1. A body that is not a JSON object, or a field of the wrong type or range, is a
+400 naming the field; a body over ``max_body`` bytes is a 413.
+
 A generation's first event is awaited before the response starts, so errors found before the
-first token (busy, not ready, context too long) get their own HTTP status. When the client goes
-away mid-request the handler is cancelled and the backend's iterator closed, which frees the
-request on the ring.
+first token (busy, not ready, context too long) get their own HTTP status; later ones end the
+stream with an error event. When the client goes away mid-request the handler is cancelled and
+the backend's iterator closed, which frees the request on the ring.
 """
 
 from __future__ import annotations
@@ -84,8 +90,15 @@ def is_loopback(host: str) -> bool:
 class ApiError(Exception):
     """A request the API refuses: HTTP status plus an OpenAI-style error body."""
 
-    def __init__(self, code: str, message: str, *, param: str | None = None,
-                 hint: str | None = None, status: int | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        hint: str | None = None,
+        status: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -99,8 +112,14 @@ class ApiError(Exception):
 
     def openai_body(self) -> dict[str, Any]:
         message = f"{self.message} (hint: {self.hint})" if self.hint else self.message
-        return {"error": {"message": message, "type": _error_type(self.status),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": message,
+                "type": _error_type(self.status),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def event(self) -> dict[str, Any]:
         return {"type": "error", "code": self.code, "message": self.message, "hint": self.hint}
@@ -109,7 +128,9 @@ class ApiError(Exception):
 def _guess_param(message: str) -> str | None:
     """``"top_p must be ..."`` -> ``"top_p"``: SamplingParams messages start with the field."""
     first = message.split(" ", 1)[0].rstrip(":")
-    return first if first in {"temperature", "top_p", "top_k", "seed", "max_tokens", "stop"} else None
+    return (
+        first if first in {"temperature", "top_p", "top_k", "seed", "max_tokens", "stop"} else None
+    )
 
 
 # ------------------------------------------------------------------------- body parsing
@@ -118,7 +139,7 @@ def _type_name(v: Any) -> str:
 
 
 def _get(body: dict[str, Any], name: str, kind: str, default: Any = None) -> Any:
-    """Field ``name`` of ``body`` as ``kind`` (int, number, bool, str, list, dict); null means absent."""
+    """Field ``name`` of ``body`` as ``kind`` (int, number, bool, str, list, dict); null: absent."""
     v = body.get(name)
     if v is None:
         return default
@@ -131,8 +152,14 @@ def _get(body: dict[str, Any], name: str, kind: str, default: Any = None) -> Any
         "dict": isinstance(v, dict),
     }[kind]
     if not ok:
-        want = {"int": "an integer", "number": "a number", "bool": "true or false", "str": "a string",
-                "list": "an array", "dict": "an object"}[kind]
+        want = {
+            "int": "an integer",
+            "number": "a number",
+            "bool": "true or false",
+            "str": "a string",
+            "list": "an array",
+            "dict": "an object",
+        }[kind]
         raise ApiError("bad_request", f"{name} must be {want}, got {_type_name(v)}", param=name)
     return float(v) if kind == "number" else v
 
@@ -154,7 +181,9 @@ def _refuse(body: dict[str, Any], name: str, allowed: Callable[[Any], bool], why
         raise ApiError("bad_request", f"{name}: {why}", param=name)
 
 
-def sampling_from(body: dict[str, Any], default_max_tokens: int, default_temperature: float) -> SamplingParams:
+def sampling_from(
+    body: dict[str, Any], default_max_tokens: int, default_temperature: float
+) -> SamplingParams:
     """SamplingParams from OpenAI-style fields (``top_k`` is an extension)."""
     _refuse(body, "n", lambda v: v == 1, "only n=1 is supported; send several requests instead")
     max_tokens = _get(body, "max_completion_tokens", "int")
@@ -175,21 +204,31 @@ def sampling_from(body: dict[str, Any], default_max_tokens: int, default_tempera
 
 
 def _content(i: int, v: Any) -> str:
-    """A chat message's content: a string, or an array of ``{"type": "text", "text": ...}`` parts."""
+    """A message's content: a string, or an array of ``{"type": "text", "text": ...}`` parts."""
     if isinstance(v, str):
         return v
     if isinstance(v, list):
         parts = []
         for part in v:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise ApiError("bad_request", f"messages[{i}].content: only text parts are supported",
-                               param=f"messages[{i}].content")
+            if not (
+                isinstance(part, dict)
+                and part.get("type") == "text"
+                and isinstance(part.get("text"), str)
+            ):
+                raise ApiError(
+                    "bad_request",
+                    f"messages[{i}].content: only text parts are supported",
+                    param=f"messages[{i}].content",
+                )
             parts.append(part["text"])
         return "".join(parts)
     if v is None:
         return ""
-    raise ApiError("bad_request", f"messages[{i}].content must be a string or an array of text parts, "
-                   f"got {_type_name(v)}", param=f"messages[{i}].content")
+    raise ApiError(
+        "bad_request",
+        f"messages[{i}].content must be a string or an array of text parts, got {_type_name(v)}",
+        param=f"messages[{i}].content",
+    )
 
 
 def messages_from(body: dict[str, Any]) -> tuple[dict[str, str], ...]:
@@ -199,12 +238,22 @@ def messages_from(body: dict[str, Any]) -> tuple[dict[str, str], ...]:
     out = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
-            raise ApiError("bad_request", f"messages[{i}] must be an object", param=f"messages[{i}]")
+            raise ApiError(
+                "bad_request", f"messages[{i}] must be an object", param=f"messages[{i}]"
+            )
         role = m.get("role")
         if role not in CHAT_ROLES:
-            raise ApiError("bad_request", f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, "
-                           f"got {role!r}", param=f"messages[{i}].role")
-        out.append({"role": "system" if role == "developer" else role, "content": _content(i, m.get("content"))})
+            raise ApiError(
+                "bad_request",
+                f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
+                param=f"messages[{i}].role",
+            )
+        out.append(
+            {
+                "role": "system" if role == "developer" else role,
+                "content": _content(i, m.get("content")),
+            }
+        )
     return tuple(out)
 
 
@@ -213,7 +262,9 @@ def prompt_from(body: dict[str, Any]) -> str:
     if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
         v = v[0]
     if not isinstance(v, str):
-        raise ApiError("bad_request", "prompt must be a string (one prompt per request)", param="prompt")
+        raise ApiError(
+            "bad_request", "prompt must be a string (one prompt per request)", param="prompt"
+        )
     return v
 
 
@@ -221,8 +272,11 @@ def chat_request(body: dict[str, Any], default_max_tokens: int) -> GenerationReq
     _refuse(body, "logprobs", lambda v: v is False, "log probabilities are not supported")
     _refuse(body, "tools", lambda v: v == [], "tools are not supported")
     model = _get(body, "model", "str")
-    return GenerationRequest(params=sampling_from(body, default_max_tokens, 1.0), messages=messages_from(body),
-                             model=model)
+    return GenerationRequest(
+        params=sampling_from(body, default_max_tokens, 1.0),
+        messages=messages_from(body),
+        model=model,
+    )
 
 
 def completion_request(body: dict[str, Any], default_max_tokens: int) -> GenerationRequest:
@@ -231,8 +285,9 @@ def completion_request(body: dict[str, Any], default_max_tokens: int) -> Generat
     _refuse(body, "best_of", lambda v: v == 1, "only best_of=1 is supported")
     _refuse(body, "suffix", lambda v: v == "", "suffix is not supported")
     model = _get(body, "model", "str")
-    return GenerationRequest(params=sampling_from(body, default_max_tokens, 1.0), prompt=prompt_from(body),
-                             model=model)
+    return GenerationRequest(
+        params=sampling_from(body, default_max_tokens, 1.0), prompt=prompt_from(body), model=model
+    )
 
 
 def control_request(body: dict[str, Any], default_max_tokens: int) -> GenerationRequest:
@@ -251,14 +306,20 @@ def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
     opts = _get(body, "stream_options", "dict", {})
     include_usage = opts.get("include_usage", False)
     if not isinstance(include_usage, bool):
-        raise ApiError("bad_request", "stream_options.include_usage must be true or false",
-                       param="stream_options.include_usage")
+        raise ApiError(
+            "bad_request",
+            "stream_options.include_usage must be true or false",
+            param="stream_options.include_usage",
+        )
     return stream, include_usage
 
 
 def _usage(f: FinishEvent) -> dict[str, int]:
-    return {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
-            "total_tokens": f.prompt_tokens + f.completion_tokens}
+    return {
+        "prompt_tokens": f.prompt_tokens,
+        "completion_tokens": f.completion_tokens,
+        "total_tokens": f.prompt_tokens + f.completion_tokens,
+    }
 
 
 def _sse(obj: Any) -> bytes:
@@ -275,13 +336,22 @@ async def _aclose(it: Any) -> None:
 class ApiServer:
     """aiohttp server for the OpenAI-compatible API and ringctl's control API."""
 
-    def __init__(self, backend: Backend, *, host: str = "127.0.0.1", port: int = 7412,
-                 api_key: str | None = None, on_shutdown: Callable[[], None] | None = None,
-                 max_body: int = DEFAULT_MAX_BODY, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-                 shutdown_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 7412,
+        api_key: str | None = None,
+        on_shutdown: Callable[[], None] | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
+        default_max_tokens: int = DEFAULT_MAX_TOKENS,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
         if not is_loopback(host) and not api_key:
             raise UsageError(
-                f"the HTTP API would listen on {host}:{port}, beyond this machine, without an API key",
+                f"the HTTP API would listen on {host}:{port}, beyond this machine, "
+                "without an API key",
                 hint="set api_key in the config (or RINGD_API_KEY), or keep http_host = 127.0.0.1",
             )
         self.backend = backend
@@ -298,28 +368,35 @@ class ApiServer:
     async def start(self) -> int:
         """Listen; returns the actual port (useful with ``port=0``)."""
         app = web.Application(middlewares=[self._middleware], client_max_size=self._max_body)
-        app.add_routes([
-            web.get("/v1/models", self._models),
-            web.post("/v1/chat/completions", self._chat),
-            web.post("/v1/completions", self._completions),
-            web.get("/ringd/status", self._status),
-            web.post("/ringd/generate", self._generate),
-            web.post("/ringd/shutdown", self._shutdown),
-            web.get("/healthz", self._health),
-        ])
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=self._shutdown_timeout,
-                               access_log=logging.getLogger(__name__ + ".access"))
+        app.add_routes(
+            [
+                web.get("/v1/models", self._models),
+                web.post("/v1/chat/completions", self._chat),
+                web.post("/v1/completions", self._completions),
+                web.get("/ringd/status", self._status),
+                web.post("/ringd/generate", self._generate),
+                web.post("/ringd/shutdown", self._shutdown),
+                web.get("/healthz", self._health),
+            ]
+        )
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            shutdown_timeout=self._shutdown_timeout,
+            access_log=logging.getLogger(__name__ + ".access"),
+        )
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
         try:
             await site.start()
         except OSError as e:
             await runner.cleanup()
-            raise UsageError(f"cannot listen on {self.host}:{self.port} for the HTTP API: {e.strerror or e}",
-                             hint="is another ringd running? pick another http_port") from None
+            raise UsageError(
+                f"cannot listen on {self.host}:{self.port} for the HTTP API: {e.strerror or e}",
+                hint="is another ringd running? pick another http_port",
+            ) from None
         self._runner = runner
-        sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-        self.port = sockets[0].getsockname()[1]
+        self.port = runner.addresses[0][1]
         log.info("HTTP API on http://%s:%d", self.host, self.port)
         return self.port
 
@@ -331,7 +408,9 @@ class ApiServer:
 
     # ------------------------------------------------------------------- plumbing
     @web.middleware
-    async def _middleware(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+    async def _middleware(
+        self, request: web.Request, handler: Callable[..., Any]
+    ) -> web.StreamResponse:
         try:
             if self._api_key is not None:
                 self._check_key(request)
@@ -339,22 +418,30 @@ class ApiServer:
         except ApiError as e:
             return self._error_response(request, e)
         except web.HTTPRequestEntityTooLarge:
-            return self._error_response(request, ApiError(
-                "request_too_large", f"request body larger than {self._max_body} bytes"))
+            return self._error_response(
+                request,
+                ApiError("request_too_large", f"request body larger than {self._max_body} bytes"),
+            )
         except web.HTTPException as e:
             if e.status < 400:
                 raise
             code = {404: "not_found", 405: "method_not_allowed"}.get(e.status, "bad_request")
-            return self._error_response(request, ApiError(code, f"{request.method} {request.path}: {e.reason}",
-                                                          status=e.status))
+            return self._error_response(
+                request,
+                ApiError(code, f"{request.method} {request.path}: {e.reason}", status=e.status),
+            )
 
     def _check_key(self, request: web.Request) -> None:
         auth = request.headers.get("Authorization", "")
         scheme, _, key = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self._api_key.encode()):  # type: ignore[union-attr]
-            raise ApiError("invalid_api_key",
-                           "missing API key" if not auth else "wrong API key",
-                           hint="send the node's api_key as 'Authorization: Bearer KEY'")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            key.strip().encode(), self._api_key.encode()
+        ):  # type: ignore[union-attr]
+            raise ApiError(
+                "invalid_api_key",
+                "missing API key" if not auth else "wrong API key",
+                hint="send the node's api_key as 'Authorization: Bearer KEY'",
+            )
 
     @staticmethod
     def _error_response(request: web.Request, e: ApiError) -> web.Response:
@@ -370,25 +457,39 @@ class ApiServer:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ApiError("bad_request", f"request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
-            raise ApiError("bad_request", f"request body must be a JSON object, got {_type_name(body)}")
+            raise ApiError(
+                "bad_request", f"request body must be a JSON object, got {_type_name(body)}"
+            )
         return body
 
     def _resolve_model(self, request: GenerationRequest) -> GenerationRequest:
         served = self.backend.served_models()
         if request.model is None or request.model == "":
             if not served:
-                raise ApiError("not_ready", "no model is being served yet",
-                               hint="run `ringctl status` to see why the ring is not ready")
-            return GenerationRequest(params=request.params, messages=request.messages,
-                                     prompt=request.prompt, model=served[0])
+                raise ApiError(
+                    "not_ready",
+                    "no model is being served yet",
+                    hint="run `ringctl status` to see why the ring is not ready",
+                )
+            return GenerationRequest(
+                params=request.params,
+                messages=request.messages,
+                prompt=request.prompt,
+                model=served[0],
+            )
         if request.model not in served:
             listed = ", ".join(served) if served else "none yet"
-            raise ApiError("model_not_served", f"model {request.model!r} is not served here (served: {listed})",
-                           param="model", hint="leave out model, or name a served one")
+            raise ApiError(
+                "model_not_served",
+                f"model {request.model!r} is not served here (served: {listed})",
+                param="model",
+                hint="leave out model, or name a served one",
+            )
         return request
 
-    async def _open(self, request: GenerationRequest) -> tuple[AsyncIterator[TokenEvent | FinishEvent],
-                                                                   TokenEvent | FinishEvent]:
+    async def _open(
+        self, request: GenerationRequest
+    ) -> tuple[AsyncIterator[TokenEvent | FinishEvent], TokenEvent | FinishEvent]:
         """Start a generation and wait for its first event (so early errors keep their status)."""
         it = self.backend.generate(request)
         try:
@@ -410,11 +511,14 @@ class ApiServer:
         if isinstance(e, StopAsyncIteration):
             return ApiError("internal", "the generation ended without a finish event")
         log.error("generation failed", exc_info=e)
-        return ApiError("internal", f"internal error: {type(e).__name__}: {e}", hint="see the ringd log")
+        return ApiError(
+            "internal", f"internal error: {type(e).__name__}: {e}", hint="see the ringd log"
+        )
 
     @staticmethod
-    async def _events(it: AsyncIterator[TokenEvent | FinishEvent],
-                      first: TokenEvent | FinishEvent) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def _events(
+        it: AsyncIterator[TokenEvent | FinishEvent], first: TokenEvent | FinishEvent
+    ) -> AsyncIterator[TokenEvent | FinishEvent]:
         """The first event, then the rest; stops after the finish event."""
         yield first
         if isinstance(first, FinishEvent):
@@ -440,9 +544,15 @@ class ApiServer:
 
     async def _models(self, request: web.Request) -> web.Response:
         created = int(time.time())
-        return web.json_response({"object": "list", "data": [
-            {"id": m, "object": "model", "created": created, "owned_by": "ringd"}
-            for m in self.backend.served_models()]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "created": created, "owned_by": "ringd"}
+                    for m in self.backend.served_models()
+                ],
+            }
+        )
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._json_body(request)
@@ -456,30 +566,61 @@ class ApiServer:
         gen = self._resolve_model(completion_request(body, self._default_max_tokens))
         return await self._openai(request, gen, stream, include_usage, chat=False)
 
-    async def _openai(self, request: web.Request, gen: GenerationRequest, stream: bool,
-                      include_usage: bool, *, chat: bool) -> web.StreamResponse:
+    async def _openai(
+        self,
+        request: web.Request,
+        gen: GenerationRequest,
+        stream: bool,
+        include_usage: bool,
+        *,
+        chat: bool,
+    ) -> web.StreamResponse:
         it, first = await self._open(gen)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": gen.model}
+        base = {
+            "id": rid,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": gen.model,
+        }
         try:
             if not stream:
                 return await self._openai_whole(it, first, base, chat)
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            resp = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            )
             await resp.prepare(request)
             if chat:
-                await resp.write(_sse({**base, "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}))
+                await resp.write(
+                    _sse(
+                        {
+                            **base,
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None,
+                                }
+                            ],
+                        }
+                    )
+                )
             try:
                 async for ev in self._events(it, first):
                     if isinstance(ev, TokenEvent):
                         if ev.text:
-                            choice = ({"index": 0, "delta": {"content": ev.text}, "finish_reason": None} if chat
-                                      else {"index": 0, "text": ev.text, "finish_reason": None})
+                            choice = (
+                                {"index": 0, "delta": {"content": ev.text}, "finish_reason": None}
+                                if chat
+                                else {"index": 0, "text": ev.text, "finish_reason": None}
+                            )
                             await resp.write(_sse({**base, "choices": [choice]}))
                         continue
-                    choice = ({"index": 0, "delta": {}, "finish_reason": ev.reason} if chat
-                              else {"index": 0, "text": "", "finish_reason": ev.reason})
+                    choice = (
+                        {"index": 0, "delta": {}, "finish_reason": ev.reason}
+                        if chat
+                        else {"index": 0, "text": "", "finish_reason": ev.reason}
+                    )
                     await resp.write(_sse({**base, "choices": [choice]}))
                     if include_usage:
                         await resp.write(_sse({**base, "choices": [], "usage": _usage(ev)}))
@@ -492,8 +633,13 @@ class ApiServer:
         finally:
             await _aclose(it)
 
-    async def _openai_whole(self, it: AsyncIterator[TokenEvent | FinishEvent], first: TokenEvent | FinishEvent,
-                            base: dict[str, Any], chat: bool) -> web.Response:
+    async def _openai_whole(
+        self,
+        it: AsyncIterator[TokenEvent | FinishEvent],
+        first: TokenEvent | FinishEvent,
+        base: dict[str, Any],
+        chat: bool,
+    ) -> web.Response:
         parts: list[str] = []
         finish: FinishEvent | None = None
         try:
@@ -507,30 +653,48 @@ class ApiServer:
         assert finish is not None
         text = "".join(parts)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": finish.reason, "logprobs": None}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish.reason,
+                "logprobs": None,
+            }
             obj = "chat.completion"
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish.reason, "logprobs": None}
             obj = "text_completion"
-        return web.json_response({**base, "object": obj, "choices": [choice], "usage": _usage(finish)})
+        return web.json_response(
+            {**base, "object": obj, "choices": [choice], "usage": _usage(finish)}
+        )
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await self._json_body(request)
         gen = self._resolve_model(control_request(body, self._default_max_tokens))
         it, first = await self._open(gen)
         try:
-            resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
+            resp = web.StreamResponse(
+                headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"}
+            )
             await resp.prepare(request)
             try:
                 async for ev in self._events(it, first):
                     if isinstance(ev, TokenEvent):
-                        line = {"type": "token", "index": ev.index, "token_id": ev.token_id, "text": ev.text}
+                        line = {
+                            "type": "token",
+                            "index": ev.index,
+                            "token_id": ev.token_id,
+                            "text": ev.text,
+                        }
                     else:
-                        line = {"type": "finish", "reason": ev.reason, "prompt_tokens": ev.prompt_tokens,
-                                "completion_tokens": ev.completion_tokens,
-                                "time_to_first_token": ev.time_to_first_token,
-                                "tokens_per_second": ev.tokens_per_second, "model": gen.model}
+                        line = {
+                            "type": "finish",
+                            "reason": ev.reason,
+                            "prompt_tokens": ev.prompt_tokens,
+                            "completion_tokens": ev.completion_tokens,
+                            "time_to_first_token": ev.time_to_first_token,
+                            "tokens_per_second": ev.tokens_per_second,
+                            "model": gen.model,
+                        }
                     await resp.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
             except ConnectionError:
                 raise
