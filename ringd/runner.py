@@ -15,7 +15,9 @@ MLX thread through :class:`ringd.compute.stage.StageCompute`; messages leave thr
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
+import dataclasses
 import logging
 import struct
 import time
@@ -23,12 +25,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
-from ringd.compute.stage import StageCompute
+from ringd.compute.stage import Fault, StageCompute
 from ringd.compute.tokenizer import Tokenizer
 from ringd.config import Settings
 from ringd.core import wire
 from ringd.core.pipeline import (RequestTable, Route, StopMatcher, check_activation, check_complete,
                                  chunks)
+from ringd.core.proof import name_nodes
 from ringd.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from ringd.errors import RequestError
 
@@ -73,6 +76,7 @@ class RingRunner:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ringd-mlx")
         self.route: Route | None = None  # set while serving
         self.compute: StageCompute | None = None
+        self.names: dict[str, str] = {}  # node id -> name, for error messages
         self.leaving = False
         self.table = RequestTable(capacity=4 * settings.max_concurrent + 8,
                                   idle_timeout=settings.request_timeout)
@@ -86,11 +90,16 @@ class RingRunner:
         self.counters = {"requests_served": 0, "requests_failed": 0, "tokens_generated": 0,
                          "steps_computed": 0, "coverage_errors": 0}
         self._compute_seconds = 0.0
+        #: Decode rate of the last request from this entry with at least RATE_MIN_TOKENS tokens.
+        self.last_rate: dict[str, float] | None = None
 
     # ---------------------------------------------------------------- serving control
-    def serve(self, route: Route, compute: StageCompute) -> None:
-        """Start serving ``route`` with this node's loaded shard."""
+    def serve(self, route: Route, compute: StageCompute, names: dict[str, str] | None = None) -> None:
+        """Start serving ``route`` with this node's loaded shard; ``names``: node id -> name."""
+        if compute.fault is Fault.STALE_EPOCH:
+            route = Route(max(0, route.epoch - 1), route.stages, route.num_layers)  # test hook
         self.route, self.compute = route, compute
+        self.names = dict(names or {})
         log.info("serving plan epoch %d as layers %s", route.epoch,
                  (lambda s: f"[{s.start}, {s.end})")(route.stage_of(self.node_id)))
 
@@ -123,12 +132,14 @@ class RingRunner:
 
     def status(self) -> dict[str, Any]:
         return {"active_entries": len(self._entries), "active_stage_requests": len(self.table.requests),
-                **self.counters, "compute_seconds": round(self._compute_seconds, 3)}
+                **self.counters, "compute_seconds": round(self._compute_seconds, 3),
+                "last_rate": self.last_rate}
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
         return self._generate(request)
 
-    async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+    def _admit(self, model: str | None) -> Route:
+        """The route a new request from this entry runs on; RequestError when it cannot start."""
         s = self.settings
         if self.leaving:
             raise RequestError("leaving", "this node is shutting down", hint="send the request to another node")
@@ -136,12 +147,34 @@ class RingRunner:
         if route is None:
             raise RequestError("not_ready", f"the ring is not ready: {self.not_ready_reason()}",
                                hint="`ringctl status` shows what the ring is waiting for")
-        if request.model not in (None, self.model_name):
-            raise RequestError("model_not_served", f"model {request.model!r} is not served by this ring "
+        if model not in (None, self.model_name):
+            raise RequestError("model_not_served", f"model {model!r} is not served by this ring "
                                f"(served: {self.model_name})", hint="leave out model, or name the served one")
         if len(self._entries) >= s.max_concurrent:
             raise RequestError("busy", f"{len(self._entries)} requests are already running from this node "
                                f"(max_concurrent = {s.max_concurrent})", hint="retry later, or raise max_concurrent")
+        return route
+
+    def _send_prompt(self, route: Route, rid: str, ids: list[int], sampling: wire.Sampling) -> None:
+        for a, b in chunks(len(ids), self.settings.prefill_chunk):
+            self.send(route.first.node_id, wire.Activation(
+                rid, 0, a, route.epoch, 0, 0, self.node_id, sampling, b == len(ids), tokens_tensor(ids[a:b])))
+
+    async def _next_token(self, entry: _Entry, deadline: float) -> wire.Token:
+        loop = asyncio.get_running_loop()
+        try:
+            item = await asyncio.wait_for(entry.queue.get(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise RequestError("timeout", f"the request ran longer than request_timeout "
+                               f"({self.settings.request_timeout:g} s)",
+                               hint="raise request_timeout, or ask for fewer tokens") from None
+        if isinstance(item, RequestError):
+            raise item
+        return item
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        s = self.settings
+        route = self._admit(request.model)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         rid = uuid.uuid4().hex
@@ -158,21 +191,13 @@ class RingRunner:
             params = request.params
             entry.prompt_tokens, entry.limit = len(ids), min(params.max_tokens, room)
             sampling = wire.Sampling(params.temperature, params.top_p, params.top_k, params.seed, entry.limit)
-            for a, b in chunks(len(ids), s.prefill_chunk):
-                self.send(route.first.node_id, wire.Activation(
-                    rid, 0, a, route.epoch, 0, 0, self.node_id, sampling, b == len(ids), tokens_tensor(ids[a:b])))
+            self._send_prompt(route, rid, ids, sampling)
             decoder = self.tokenizer.new_decoder()
             stopper = StopMatcher(params.stop)
             n, reason, t_first, t_last = 0, "length", 0.0, 0.0
             deadline = t0 + s.request_timeout
             while True:
-                try:
-                    item = await asyncio.wait_for(entry.queue.get(), max(0.0, deadline - loop.time()))
-                except asyncio.TimeoutError:
-                    raise RequestError("timeout", f"the request ran longer than request_timeout "
-                                       f"({s.request_timeout:g} s)", hint="raise request_timeout, or ask for fewer tokens") from None
-                if isinstance(item, RequestError):
-                    raise item
+                item = await self._next_token(entry, deadline)
                 t_last = loop.time()
                 if n == 0:
                     t_first = t_last
@@ -193,9 +218,11 @@ class RingRunner:
             finished = True
             self.counters["requests_served"] += 1
             self.counters["tokens_generated"] += n
+            rate = (n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else 0.0
+            if n >= RATE_MIN_TOKENS:
+                self.last_rate = {"tokens_per_second": rate, "tokens": n}
             yield FinishEvent(reason=reason, prompt_tokens=entry.prompt_tokens, completion_tokens=n,
-                              time_to_first_token=t_first - t0,
-                              tokens_per_second=(n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else 0.0,
+                              time_to_first_token=t_first - t0, tokens_per_second=rate,
                               extra={"request_id": rid, "epoch": route.epoch})
         finally:
             if not finished:
@@ -213,6 +240,46 @@ class RingRunner:
         if not ids:
             raise RequestError("bad_request", "the prompt is empty", hint="send some text")
         return list(ids)
+
+    async def trace(self, prompt: str, steps: int) -> dict[str, Any]:
+        """Run ``prompt`` (raw text) greedily for up to ``steps`` tokens with the last stage's
+        logits attached to every token, for ``ringctl verify``.
+
+        Returns the prompt's token ids, the tokens, their float32 logits (base64 of the raw
+        little-endian bytes), and the route the request took (node ids, names, layers).
+        """
+        route = self._admit(None)
+        ids = await asyncio.to_thread(self._encode, GenerationRequest(prompt=prompt))
+        if len(ids) + steps > self.settings.max_context:
+            raise RequestError("context_length", f"{len(ids)} prompt tokens + {steps} steps exceed "
+                               f"max_context ({self.settings.max_context})", hint="ask for fewer steps")
+        loop = asyncio.get_running_loop()
+        rid = uuid.uuid4().hex
+        entry = _Entry(rid, route, len(ids), steps)
+        self._entries[rid] = entry
+        self.idle.clear()
+        tokens: list[wire.Token] = []
+        try:
+            self._send_prompt(route, rid, ids, wire.Sampling(max_tokens=steps, want_logits=True))
+            deadline = loop.time() + self.settings.request_timeout
+            while not tokens or not tokens[-1].finished:
+                tokens.append(await self._next_token(entry, deadline))
+        finally:
+            del self._entries[rid]
+            if not self._entries:
+                self.idle.set()
+            self._end_everywhere(route, rid, "done")
+        missing = [t.step for t in tokens if t.logits is None]
+        if missing:
+            raise RequestError("internal", f"the last stage sent no logits for steps {missing}",
+                               hint="every node must run the same ringd version")
+        return {
+            "model": self.model_name, "epoch": route.epoch, "prompt_ids": ids,
+            "tokens": [t.token_id for t in tokens],
+            "logits": [base64.b64encode(t.logits.data).decode() for t in tokens if t.logits is not None],
+            "stages": [{"node_id": st.node_id, "name": self.names.get(st.node_id, st.node_id),
+                        "start": st.start, "end": st.end} for st in route.stages],
+        }
 
     def _end_everywhere(self, route: Route, rid: str, reason: str) -> None:
         for node in route.node_ids:
@@ -234,9 +301,12 @@ class RingRunner:
         """A stage cannot go on with ``rid``: free it here, tell the entry."""
         if err.code == "coverage":
             self.counters["coverage_errors"] += 1
-        log.warning("request %s failed here: %s", rid[:8], err.message)
+        message = name_nodes(err.message, self.names)
+        if err.hint:
+            message += f" (hint: {err.hint})"
+        log.warning("request %s failed here: %s", rid[:8], message)
         self._free(rid)
-        self.send(entry_node, wire.Error(rid, err.code, err.message[: wire.MAX_TEXT]))
+        self.send(entry_node, wire.Error(rid, err.code, message[: wire.MAX_TEXT]))
 
     def _free(self, rid: str) -> None:
         known = self.table.end(rid, time.monotonic())
@@ -276,6 +346,11 @@ class RingRunner:
         try:
             stage = check_activation(route, self.node_id, epoch=msg.epoch, layer_lo=msg.layer_lo,
                                      layer_hi=msg.layer_hi, sender=sender)
+            ran_lo, ran_hi = compute.layers  # the span this step really passes through here
+            if ran_lo != stage.start:
+                raise RequestError("coverage", f"node {self.node_id} holds layers [{ran_lo}, {ran_hi}) but "
+                                   f"plan epoch {route.epoch} routes layers [{stage.start}, {stage.end}) to it",
+                                   hint="the node loaded the wrong layers; no token was produced")
             length = msg.tensor.shape[0] if stage.start == 0 else msg.tensor.shape[1] if len(msg.tensor.shape) == 3 else -1
             if length < 1:
                 raise RequestError("internal", f"activation for {msg.request_id[:8]} has shape {msg.tensor.shape}")
@@ -289,7 +364,7 @@ class RingRunner:
         is_last = route.next_stage(self.node_id) is None
         if is_last:
             try:
-                check_complete(route, layer_lo=0, layer_hi=stage.end, sender=sender, self_id=self.node_id)
+                check_complete(route, layer_lo=0, layer_hi=ran_hi, sender=sender, self_id=self.node_id)
             except RequestError as e:
                 self._fail(msg.request_id, msg.entry, e)
                 return
@@ -297,9 +372,9 @@ class RingRunner:
                                 msg.sampling.seed, msg.sampling.max_tokens)
         started = time.perf_counter()
         fut = self.executor.submit(compute.step, msg.request_id, msg.tensor, new=created, final=msg.final,
-                                   params=params)
+                                   params=params, logits=msg.sampling.want_logits)
         loop = asyncio.get_running_loop()
-        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._after_step, f, msg, route, stage.end,
+        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._after_step, f, msg, route, ran_hi,
                                                                   started))
 
     def _after_step(self, fut: concurrent.futures.Future, msg: wire.Activation, route: Route, end: int,
@@ -322,23 +397,35 @@ class RingRunner:
             return
         if out is None:
             return  # a prefill chunk before the last: the cache is filled, nothing to sample
+        out, logits = out if isinstance(out, tuple) else (out, None)
         flow = self._flows[rid]
         flow.produced += 1
         reason = "stop" if out in self.eos else "length" if flow.produced >= msg.sampling.max_tokens else None
-        token = wire.Token(rid, msg.step, msg.epoch, int(out), 0, route.num_layers, reason)
+        token = wire.Token(rid, msg.step, msg.epoch, int(out), 0, end, reason, logits)
         self.send(msg.entry, token)
         if reason is None and route.first.node_id != msg.entry:
-            self.send(route.first.node_id, token)  # the entry, if it is the first stage, goes on by itself
+            # the entry, if it is the first stage, goes on by itself
+            self.send(route.first.node_id, dataclasses.replace(token, logits=None))
 
     def _on_token(self, msg: wire.Token, sender: str) -> None:
         entry = self._entries.get(msg.request_id)
         route = self.route
-        if entry is not None and msg.epoch == entry.route.epoch:
-            if (msg.layer_lo, msg.layer_hi) != (0, entry.route.num_layers):
+        if entry is not None:
+            who = name_nodes(f"node {sender}", self.names)
+            if msg.epoch != entry.route.epoch:
+                self.counters["coverage_errors"] += 1
                 entry.queue.put_nowait(RequestError(
-                    "coverage", f"node {sender} sent a token for layers [{msg.layer_lo}, {msg.layer_hi}) "
+                    "coverage", f"{who} sent a token of plan epoch {msg.epoch} for a request on epoch "
+                    f"{entry.route.epoch}; no token is shown", hint="a node is routing with another plan"))
+            elif (msg.layer_lo, msg.layer_hi) != (0, entry.route.num_layers):
+                self.counters["coverage_errors"] += 1
+                entry.queue.put_nowait(RequestError(
+                    "coverage", f"{who} sent a token for layers [{msg.layer_lo}, {msg.layer_hi}) "
                     f"of {entry.route.num_layers}; no token is shown"))
             else:
+                if msg.logits is not None:  # keep them past the receive buffer's reuse
+                    g = msg.logits
+                    msg = dataclasses.replace(msg, logits=wire.Tensor(g.dtype, g.shape, bytes(g.data)))
                 entry.queue.put_nowait(msg)
         if msg.finished or route is None or route.first.node_id != self.node_id:
             return
@@ -361,7 +448,7 @@ class RingRunner:
         entry = self._entries.get(msg.request_id)
         if entry is not None:
             code = msg.code if msg.code in _CODES else "internal"
-            entry.queue.put_nowait(RequestError(code, f"node {sender}: {msg.message}"))
+            entry.queue.put_nowait(RequestError(code, name_nodes(f"node {sender}: {msg.message}", self.names)))
 
     def expire(self, now: float) -> None:
         """Free stage requests idle beyond request_timeout (their entry is gone)."""
@@ -371,6 +458,7 @@ class RingRunner:
 
 
 MAX_EARLY = 64
+RATE_MIN_TOKENS = 16  # shorter requests give too noisy a decode rate to judge against the ceiling
 
 _CODES = frozenset({"busy", "not_ready", "cancelled", "timeout", "peer_lost", "leaving", "bad_request",
                     "context_length", "model_not_served", "coverage", "internal"})
