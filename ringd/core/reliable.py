@@ -52,8 +52,8 @@ ACK = struct.Struct("<BIB")  # type, ack delay (us), range count
 ACK_RANGE = struct.Struct("<QQ")  # largest, smallest (newest range first)
 DATA = struct.Struct("<BBQQIII")  # type, stream, seq, base, frame length, offset, length
 ONESHOT = struct.Struct("<BI")  # type, length
-MAX_ACK_RANGES = 16
-KEEP_RANGES = 32
+MAX_ACK_RANGES = 64
+KEEP_RANGES = 128
 STREAM_WINDOW = 1024  # frames a stream may run ahead of the next one to deliver
 
 K_PACKET_THRESHOLD = 3
@@ -269,6 +269,9 @@ class Endpoint:
         self.counters = counters if counters is not None else new_counters()
         self._seg_payload = cfg.datagram_size - SEGMENT.size
         self._max_segs = max(1, min(MAX_SEGMENTS, MAX_BURST // cfg.datagram_size))
+        # an ACK chunk always fits in one segment next to the unit's overhead
+        room = self._seg_payload - sealer.overhead - ACK.size
+        self._ack_ranges = max(1, min(MAX_ACK_RANGES, room // ACK_RANGE.size))
         self._peers: OrderedDict[Addr, _Peer] = OrderedDict()
         self._dirty: dict[Addr, _Peer] = {}
         self._assemblies: OrderedDict[tuple[Addr, int, int], _Assembly] = OrderedDict()
@@ -283,7 +286,8 @@ class Endpoint:
     @property
     def max_oneshot(self) -> int:
         """Largest unreliable message (it must fit in one packet)."""
-        return self._max_segs * self._seg_payload - self._sealer.overhead - ONESHOT.size - 300
+        return (self._max_segs * self._seg_payload - self._sealer.overhead - ONESHOT.size
+                - ACK.size - self._ack_ranges * ACK_RANGE.size)
 
     def send_frame(self, addr: Addr, data: Buffer, now: float, *, stream: int = 0,
                    reliable: bool = True) -> bool:
@@ -334,7 +338,8 @@ class Endpoint:
         out: list[Transmit] = []
         for addr, peer in list(self._dirty.items()):
             self._build(peer, now, out)
-            if not (peer.ack_pending or peer.oneshots or (peer.has_data() and self._window_open(peer, 0))):
+            if not (peer.ack_pending or peer.oneshots or (peer.has_data() and self._window_open(peer, 0)
+                                                            and self._stream_open(peer))):
                 del self._dirty[addr]
         return out
 
@@ -420,6 +425,13 @@ class Endpoint:
                 return True
         return False
 
+    def _stream_open(self, peer: _Peer) -> bool:
+        """False when the only data left is new frames too far ahead of their stream's oldest."""
+        if peer.retx or not peer.new:
+            return True
+        f = peer.new[0][0]
+        return f.done or f.seq < peer.out_streams[f.stream].base + STREAM_WINDOW
+
     def _window_open(self, peer: _Peer, extra: int) -> bool:
         return peer.probes > 0 or peer.in_flight + extra < self.config.max_in_flight
 
@@ -447,6 +459,9 @@ class Endpoint:
                 if f.done:
                     q.popleft()
                     continue
+                if q is peer.new and f.seq >= peer.out_streams[f.stream].base + STREAM_WINDOW:
+                    break  # the receiver would refuse it: wait for the stream's oldest frame
+
                 if q is peer.retx:
                     missing = f.acked.missing(off, off + ln)
                     q.popleft()
@@ -495,7 +510,7 @@ class Endpoint:
         return Transmit(addr, iov, self.config.datagram_size)
 
     def _ack_chunk(self, peer: _Peer, now: float) -> bytes:
-        ranges = peer.recv_ranges[:MAX_ACK_RANGES]
+        ranges = peer.recv_ranges[:self._ack_ranges]
         delay = min(int((now - peer.largest_recv_time) * 1e6), 0xFFFFFFFF) if now > peer.largest_recv_time else 0
         return ACK.pack(CH_ACK, delay, len(ranges)) + b"".join(ACK_RANGE.pack(hi, lo) for hi, lo in ranges)
 
@@ -697,7 +712,7 @@ class Endpoint:
         deliver those that are whole, drop the rest."""
         for seq in sorted(q for q in s.partial if q < base):
             peer.reassembly -= len(s.partial.pop(seq).buf)
-            self.counters["expired"] += 1
+            self.counters["abandoned"] += 1
         for seq in sorted(q for q in s.ready if q < base):
             data = s.ready.pop(seq)
             peer.reassembly -= len(data)

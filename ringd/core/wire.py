@@ -60,7 +60,7 @@ TCP_MAX_FRAME = 64 << 20  # default cap of one TCP frame (configurable per decod
 #: Counted drop reasons, so ``stats()`` always shows every key.
 DROP_REASONS = (
     "bad_mac", "replay", "wrong_cluster", "bad_version", "stale_epoch", "truncated",
-    "oversize", "unknown_type", "malformed", "overflow", "expired",
+    "oversize", "unknown_type", "malformed", "overflow", "expired", "abandoned",
 )
 
 DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "uint32": 4}
@@ -168,12 +168,15 @@ class Sampling:
     top_k: int = 0
     seed: int | None = None
     max_tokens: int = 256
+    #: The last shard attaches its float32 logits to every Token (``ringctl verify``).
+    want_logits: bool = False
 
     def __post_init__(self) -> None:
         t, p, k, seed, m = self.temperature, self.top_p, self.top_k, self.seed, self.max_tokens
         if (type(t) in _NUM and 0.0 <= t <= 10.0 and type(p) in _NUM and 0.0 < p <= 1.0
                 and type(k) is int and 0 <= k <= I31 and type(m) is int and 1 <= m <= I31
-                and (seed is None or (type(seed) is int and 0 <= seed <= U63))):
+                and (seed is None or (type(seed) is int and 0 <= seed <= U63))
+                and type(self.want_logits) is bool):
             return
         _check(self, _SAMPLING_CHECKS)
         try:
@@ -192,7 +195,8 @@ class Sampling:
 
 _NUM = (float, int)
 _SAMPLING_CHECKS = (("temperature", _num(0.0, 10.0)), ("top_p", _num(0.0, 1.0)), ("top_k", _i31),
-                    ("seed", lambda v: v is None or _u63(v)), ("max_tokens", _int(1, I31)))
+                    ("seed", lambda v: v is None or _u63(v)), ("max_tokens", _int(1, I31)),
+                    ("want_logits", lambda v: type(v) is bool))
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +264,11 @@ _ACTIVATION_CHECKS = (
 
 @dataclass(frozen=True, slots=True)
 class Token:
-    """A sampled token. ``finish_reason`` (``stop``/``length``) is set on the last one."""
+    """A sampled token. ``finish_reason`` (``stop``/``length``) is set on the last one.
+
+    ``logits``: the float32 logits ``[vocab]`` the token was sampled from, only when the
+    request asked for them (``Sampling.want_logits``); they travel as the message body.
+    """
 
     request_id: str
     step: int
@@ -269,16 +277,18 @@ class Token:
     layer_lo: int
     layer_hi: int
     finish_reason: str | None = None
+    logits: Tensor | None = None
 
     def __post_init__(self) -> None:
-        r, f = self.request_id, self.finish_reason
+        r, f, g = self.request_id, self.finish_reason, self.logits
         if not (type(r) is str and 0 < len(r) <= MAX_ID
                 and type(self.step) is int and 0 <= self.step <= U63
                 and type(self.epoch) is int and 0 <= self.epoch <= U63
                 and type(self.token_id) is int and 0 <= self.token_id <= I31
                 and type(self.layer_lo) is int and 0 <= self.layer_lo <= I31
                 and type(self.layer_hi) is int and 0 <= self.layer_hi <= I31
-                and (f is None or (type(f) is str and 0 < len(f) <= 32))):
+                and (f is None or (type(f) is str and 0 < len(f) <= 32))
+                and (g is None or _is_logits(g))):
             _check(self, _TOKEN_CHECKS)
 
     @property
@@ -288,7 +298,12 @@ class Token:
 
 _TOKEN_CHECKS = (("request_id", _rid), ("step", _u63), ("epoch", _u63), ("token_id", _i31),
                  ("layer_lo", _i31), ("layer_hi", _i31),
-                 ("finish_reason", lambda v: v is None or _str(32)(v)))
+                 ("finish_reason", lambda v: v is None or _str(32)(v)),
+                 ("logits", lambda v: v is None or _is_logits(v)))
+
+
+def _is_logits(v: Any) -> bool:
+    return type(v) is Tensor and v.dtype == "float32" and len(v.shape) == 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,9 +341,15 @@ def encode(msg: Message) -> tuple[bytes, Buffer]:
         t, s = msg.tensor, msg.sampling  # type: ignore[union-attr]
         meta: tuple = (msg.request_id, msg.step, msg.position, msg.epoch,  # type: ignore[union-attr]
                        msg.layer_lo, msg.layer_hi, msg.entry,  # type: ignore[union-attr]
-                       (s.temperature, s.top_p, s.top_k, s.seed, s.max_tokens), msg.final,  # type: ignore[union-attr]
-                       t.dtype, t.shape)
+                       (s.temperature, s.top_p, s.top_k, s.seed, s.max_tokens, s.want_logits),
+                       msg.final, t.dtype, t.shape)  # type: ignore[union-attr]
         body = t.data
+    elif cls is Token:
+        g = msg.logits  # type: ignore[union-attr]
+        meta = tuple(getattr(msg, f) for f in _FIELDS[Token][:-1])
+        if g is not None:
+            meta += (g.dtype, g.shape)
+            body = g.data
     elif cls is Gossip:
         meta = ()
         body = msg.payload  # type: ignore[union-attr]
@@ -379,7 +400,7 @@ def decode(data: Buffer, *, epoch: int | None = None) -> Message:
         if type(meta) is not tuple:
             raise LocalProtocolError("metadata is not an array")
         if cls is Activation:
-            if len(meta) != 11 or type(meta[7]) is not tuple or len(meta[7]) != 5:
+            if len(meta) != 11 or type(meta[7]) is not tuple or len(meta[7]) != 6:
                 raise LocalProtocolError("Activation needs 11 fields")
             if epoch is not None and meta[3] != epoch:
                 raise Dropped("stale_epoch", f"epoch {meta[3]!r}, current {epoch}")
@@ -388,10 +409,15 @@ def decode(data: Buffer, *, epoch: int | None = None) -> Message:
             if meta or len(body) > MAX_GOSSIP:
                 raise LocalProtocolError("Gossip carries only its payload")
             return Gossip(bytes(body))
+        if cls is Token:
+            # 7 fields and no body, or 9 (logits dtype and shape) with the logits as the body
+            if len(meta) not in (7, 9) or (len(meta) == 7 and len(body)):
+                raise LocalProtocolError("Token needs 7 fields and no body, or 9 and its logits")
+            if epoch is not None and meta[2] != epoch:
+                raise Dropped("stale_epoch", f"epoch {meta[2]!r}, current {epoch}")
+            return Token(*meta[:7], Tensor(meta[7], meta[8], body) if len(meta) == 9 else None)
         if len(meta) != len(_FIELDS[cls]) or len(body):
             raise LocalProtocolError(f"{cls.__name__} needs {len(_FIELDS[cls])} fields and no body")
-        if cls is Token and epoch is not None and meta[2] != epoch:
-            raise Dropped("stale_epoch", f"epoch {meta[2]!r}, current {epoch}")
         return cls(*meta)
     except LocalProtocolError as e:
         raise Dropped("malformed", e.message) from None

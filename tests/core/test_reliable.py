@@ -174,7 +174,7 @@ def test_packet_threshold_declares_loss_without_a_timer() -> None:
     net.drop_next.append(lambda s, d, seg: s == A and struct.unpack_from("<Q", seg, 16)[0] == 0
                          and not first.append(1) and len(first) == 1)
     for i in range(5):
-        a.send_frame(B, bytes([i]) * 10, 0.0, stream=i % 2 if False else 0)
+        a.send_frame(B, bytes([i]) * 10, 0.0)
         net.flush()  # one packet each
     net.run_until(lambda: a.totals["packets_lost"] == 1)
     assert net.now < pto()  # found by the packet threshold, long before a probe timeout
@@ -225,9 +225,23 @@ def test_every_frame_exactly_once_in_order_under_loss_dup_reorder(seed: int, gso
     assert got == sent
     net.run(net.now + 5)
     assert len(net.frames(B)) == total  # nothing delivered twice, even after retransmissions settle
-    assert a.totals["packets_lost"] > 0 and b.counters["replay"] + b.counters["expired"] >= 0
+    assert a.totals["packets_lost"] > 0 and b.counters["abandoned"] == 0  # no frame was skipped
     assert not a._peers[B].sent and a._peers[B].queued == 0
     assert not [e for e in net.events[A] if isinstance(e, PeerUnreachable)]
+
+
+def test_sender_keeps_within_the_receivers_stream_window() -> None:
+    a, b = endpoint("a"), endpoint("b")
+    net = Net({A: a, B: b})
+    first = []
+    net.drop_next.append(lambda s, d, seg: s == A and not first and not first.append(1))
+    n = reliable.STREAM_WINDOW * 3
+    for i in range(n):
+        a.send_frame(B, i.to_bytes(4, "little"), 0.0)
+    net.run_until(lambda: len(net.frames(B)) == n)
+    assert [int.from_bytes(f.data, "little") for f in net.frames(B)] == list(range(n))
+    assert b.counters["overflow"] == 0  # nothing was sent that the receiver had to refuse
+    assert a.totals["packets_lost"] <= 2
 
 
 def test_segments_per_packet_shrink_on_loss_and_grow_back() -> None:

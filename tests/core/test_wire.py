@@ -38,13 +38,17 @@ def tensors(draw, max_elems: int = 4096) -> Tensor:
 
 
 samplings = st.builds(Sampling, temperature=st.floats(0, 10), top_p=st.floats(0.001, 1),
-                      top_k=st.integers(0, 1000), seed=st.none() | u63, max_tokens=st.integers(1, 1 << 20))
+                      top_k=st.integers(0, 1000), seed=st.none() | u63, max_tokens=st.integers(1, 1 << 20),
+                      want_logits=st.booleans())
+logits = st.integers(0, 64).flatmap(
+    lambda n: st.binary(min_size=4 * n, max_size=4 * n).map(lambda b: Tensor("float32", (n,), b)))
 messages = st.one_of(
     st.builds(Handshake, ids, st.text(min_size=1, max_size=64), st.integers(0, 1 << 16),
               st.text(min_size=1, max_size=64), st.integers(0, 65535)),
     st.builds(Gossip, st.binary(max_size=3000)),
     st.builds(Activation, ids, u63, u63, u63, i31, i31, ids, samplings, st.booleans(), tensors()),
-    st.builds(Token, ids, u63, u63, i31, i31, i31, st.none() | st.sampled_from(["stop", "length"])),
+    st.builds(Token, ids, u63, u63, i31, i31, i31, st.none() | st.sampled_from(["stop", "length"]),
+              st.none() | logits),
     st.builds(Cancel, ids, st.text(max_size=200)),
     st.builds(Error, ids, st.text(min_size=1, max_size=64), st.text(max_size=500)),
 )
@@ -88,6 +92,12 @@ def test_bad_messages_raise_when_built() -> None:
         Activation("r", -1, 0, 0, 0, 1, "n", Sampling(), True, t)
     with pytest.raises(LocalProtocolError):
         Token("r", 0, 0, 2**31, 0, 1)
+    with pytest.raises(LocalProtocolError):  # logits are float32 [vocab] only
+        Token("r", 0, 0, 1, 0, 1, None, Tensor("float16", (2,), bytes(4)))
+    with pytest.raises(LocalProtocolError):
+        Token("r", 0, 0, 1, 0, 1, None, Tensor("float32", (1, 2), bytes(8)))
+    with pytest.raises(LocalProtocolError):
+        Sampling(want_logits=1)  # type: ignore[arg-type]
     with pytest.raises(LocalProtocolError):
         Tensor("float64", (1,), bytes(8))
     with pytest.raises(LocalProtocolError):
@@ -125,13 +135,23 @@ def test_decoder_rejections() -> None:
     assert _reason(_raw(6, ["r", "c", "x" * (wire.MAX_TEXT + 1)])) == "malformed"  # too long
     assert _reason(_raw(4, list(range(wire.MAX_ARRAY + 1)))) == "malformed"  # array too long
     assert _reason(_raw(2, [], bytes(wire.MAX_GOSSIP + 1))) == "malformed"
-    meta = ["r", 1, 2, 3, 0, 4, "n", [0.0, 1.0, 0, None, 5], True]
+    meta = ["r", 1, 2, 3, 0, 4, "n", [0.0, 1.0, 0, None, 5, False], True]
     assert _reason(_raw(3, meta + ["float64", [1]], bytes(8))) == "malformed"  # dtype allowlist
     assert _reason(_raw(3, meta + ["int32", [1] * (MAX_RANK + 1)], bytes(4))) == "malformed"  # rank
     assert _reason(_raw(3, meta + ["int32", [MAX_DIM + 1]], bytes(4))) == "malformed"  # dim
     assert _reason(_raw(3, meta + ["int32", [2]], bytes(4))) == "malformed"  # size mismatch
-    assert _reason(_raw(3, meta[:7] + [[99.0, 1.0, 0, None, 5], True, "int32", [1]], bytes(4))) == "malformed"
+    assert _reason(_raw(3, meta[:7] + [[99.0, 1.0, 0, None, 5, False], True, "int32", [1]], bytes(4))) == "malformed"
+    assert _reason(_raw(3, meta[:7] + [[0.0, 1.0, 0, None, 5], True, "int32", [1]], bytes(4))) == "malformed"
+    assert _reason(_raw(3, meta[:7] + [[0.0, 1.0, 0, None, 5, 1], True, "int32", [1]], bytes(4))) == "malformed"
     assert decode(_raw(3, meta + ["int32", [1]], bytes(4))).tensor.shape == (1,)
+    # Token logits: float32 [vocab] as the body, sized by the shape before anything is kept
+    tok = ["r", 1, 2, 3, 0, 4, None]
+    assert decode(_raw(4, tok + ["float32", [2]], bytes(8))).logits == Tensor("float32", (2,), bytes(8))
+    assert _reason(_raw(4, tok + ["float32", [3]], bytes(8))) == "malformed"  # size mismatch
+    assert _reason(_raw(4, tok + ["int32", [2]], bytes(8))) == "malformed"  # dtype
+    assert _reason(_raw(4, tok + ["float32", [1, 2]], bytes(8))) == "malformed"  # rank
+    assert _reason(_raw(4, tok + ["float32"], bytes(4))) == "malformed"  # 8 fields
+    assert _reason(_raw(4, tok + ["float32", [MAX_DIM + 1]], bytes(4))) == "malformed"
 
 
 def test_epoch_filter() -> None:

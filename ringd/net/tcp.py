@@ -1,0 +1,308 @@
+"""TCP adapter: one persistent connection per peer, length-prefixed sealed frames. Loop thread only.
+
+Every connection starts with a :class:`ringd.core.wire.Handshake` each way (it names the
+sender's node id and peer port, so either side can reuse the connection). When both sides
+connect at once, the connection opened by the smaller node id wins; the other is closed by
+its opener once its buffered frames are written. Reads go straight into the decoder's
+reused buffer (``BufferedProtocol``); writes use ``TCP_NODELAY`` and respect
+``pause_writing``/``drain``; reading pauses on request. Lost connections are re-opened on
+demand with exponential backoff. Frames written into a connection that then breaks are
+lost (the layers above time out); frames queued while connecting are kept (bounded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import deque
+from typing import Callable
+
+from ringd import PROTOCOL_VERSION, __version__
+from ringd.core import wire
+from ringd.core.wire import Handshake, ReplayGuard, Sealer, StreamDecoder
+
+log = logging.getLogger(__name__)
+
+Addr = tuple[str, int]
+WRITE_HIGH = 1 << 20
+WRITE_LOW = 256 << 10
+MAX_PENDING = 64 << 20  # bytes queued per peer while (re)connecting
+
+
+class _Conn(asyncio.BufferedProtocol):
+    def __init__(self, channel: "TcpChannel", *, initiator: str | None, addr: Addr | None) -> None:
+        self.ch = channel
+        self.initiator = initiator  # node id of the opener (ours when outbound)
+        self.addr = addr  # the peer's peer-port address, known after its handshake if inbound
+        self.peer: str | None = None
+        self.transport: asyncio.Transport | None = None
+        self.decoder = StreamDecoder(channel.sealer, channel.guard, channel.counters,
+                                     max_frame=channel.max_frame, clock=channel.loop.time)
+        self.retiring = False
+        self.closed = asyncio.get_running_loop().create_future()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._sendbuf: bytearray | None = None
+
+    # ----------------------------------------------------------- protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)  # type: ignore[union-attr]
+        if self.ch.reading_paused:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        self.ch.conns_all.add(self)
+        hs = Handshake(self.ch.node_id, self.ch.sealer.cluster_id, PROTOCOL_VERSION, __version__, self.ch.port)
+        self.write(wire.encode_bytes(hs))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        for frame in self.decoder.buffer_updated(nbytes):
+            if self.peer is None:
+                if not self._handshake(frame):
+                    return
+            elif frame.sender != self.peer:
+                self.ch.counters["malformed"] += 1
+            else:
+                self.ch.deliver(frame.sender, self.addr, frame.data)  # type: ignore[arg-type]
+        if self.decoder.failed:
+            log.debug("closing TCP connection from %s: %s", self.addr, self.decoder.failed)
+            self.abort()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ch.conns_all.discard(self)
+        self.ch.forget(self)
+        self._writable.set()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # ----------------------------------------------------------- helpers
+    def _handshake(self, frame: wire.StreamFrame) -> bool:
+        try:
+            hs = wire.decode(frame.data)
+        except wire.Dropped as e:
+            self.ch.counters[e.reason] += 1
+            hs = None
+        if not isinstance(hs, Handshake) or hs.node_id != frame.sender:
+            self.ch.counters["malformed"] += 1
+            self.abort()
+            return False
+        if hs.protocol_version != PROTOCOL_VERSION:
+            self.ch.counters["bad_version"] += 1
+            log.warning("peer %s (%s) speaks protocol %d, this node %d: not talking to it",
+                        hs.node_id, hs.software_version, hs.protocol_version, PROTOCOL_VERSION)
+            self.abort()
+            return False
+        self.peer = hs.node_id
+        if self.initiator is None:  # inbound: the peer opened it
+            self.initiator = hs.node_id
+            host = self.transport.get_extra_info("peername")[0]  # type: ignore[union-attr]
+            self.addr = (host, hs.port)
+        self.ch.register(self)
+        return True
+
+    def write(self, plaintext: bytes | memoryview) -> None:
+        """Seal and write one frame, reusing the send buffer when the last one was flushed."""
+        t = self.transport
+        if t is None or t.is_closing():
+            self.ch.counters["overflow"] += 1
+            return
+        seq = self.ch.next_seq()
+        n = wire.TCP_HEADER.size + self.ch.sealer.overhead + memoryview(plaintext).nbytes
+        buf = self._sendbuf
+        if buf is None or len(buf) < n or t.get_write_buffer_size():
+            buf = bytearray(n)
+        frame = wire.seal_tcp_frame(self.ch.sealer, seq, plaintext, out=buf)
+        t.write(frame)
+        self._sendbuf = buf
+        self.ch.totals["frames_sent"] += 1
+        self.ch.totals["bytes_sent"] += n
+
+    async def drain(self) -> None:
+        await self._writable.wait()
+
+    def retire(self) -> None:
+        """Stop sending on it; close it (after buffered writes) if we opened it."""
+        self.retiring = True
+        if self.initiator == self.ch.node_id and self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class TcpChannel:
+    """All TCP connections of one node."""
+
+    def __init__(self, sealer: Sealer, guard: ReplayGuard, counters: dict[str, int], *,
+                 port: int, on_frame: Callable[[str, Addr, memoryview], None],
+                 max_frame: int = wire.TCP_MAX_FRAME, connect_timeout: float = 3.0,
+                 connect_attempts: int = 6) -> None:
+        self.sealer = sealer
+        self.guard = guard
+        self.counters = counters
+        self.node_id = sealer.node_id
+        self.port = port
+        self.max_frame = max_frame
+        self.loop = asyncio.get_running_loop()
+        self._on_frame = on_frame
+        self._connect_timeout = connect_timeout
+        self._attempts = connect_attempts
+        self._seq = 0
+        self.conns: dict[Addr, _Conn] = {}  # the connection used to send to a peer port
+        self.conns_all: set[_Conn] = set()
+        self._pending: dict[Addr, deque[bytes]] = {}
+        self._pending_bytes: dict[Addr, int] = {}
+        self._connecting: dict[Addr, asyncio.Task[None]] = {}
+        self._server: asyncio.base_events.Server | None = None
+        self.reading_paused = False
+        self.totals = dict.fromkeys(("frames_sent", "frames_received", "bytes_sent",
+                                     "connects", "connect_failures", "dropped_unreachable"), 0)
+
+    async def start(self, sock: socket.socket) -> None:
+        self._server = await self.loop.create_server(
+            lambda: _Conn(self, initiator=None, addr=None), sock=sock, backlog=128)
+
+    async def close(self) -> None:
+        for task in list(self._connecting.values()):
+            task.cancel()
+        if self._connecting:
+            await asyncio.gather(*self._connecting.values(), return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+        for c in list(self.conns_all):
+            c.abort()
+        waits = [c.closed for c in list(self.conns_all)]
+        if waits:
+            await asyncio.wait(waits, timeout=1.0)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    # ---------------------------------------------------------------- sending
+    def send_frame(self, addr: Addr, plaintext: bytes | memoryview) -> None:
+        conn = self.conns.get(addr)
+        if conn is not None and not conn.retiring and conn.transport and not conn.transport.is_closing():
+            conn.write(plaintext)
+            return
+        q = self._pending.setdefault(addr, deque())
+        size = self._pending_bytes.get(addr, 0) + len(plaintext)
+        if size > MAX_PENDING:
+            self.counters["overflow"] += 1
+            return
+        q.append(bytes(plaintext))
+        self._pending_bytes[addr] = size
+        if addr not in self._connecting:
+            self._connecting[addr] = self.loop.create_task(self._connect(addr), name=f"ringd-tcp-connect-{addr}")
+
+    async def drain(self, addr: Addr) -> None:
+        """Wait until the connection to ``addr`` has room (no-op if there is none)."""
+        conn = self.conns.get(addr)
+        if conn is not None:
+            await conn.drain()
+
+    async def _connect(self, addr: Addr) -> None:
+        delay = 0.05
+        try:
+            for attempt in range(self._attempts):
+                try:
+                    _, conn = await asyncio.wait_for(self.loop.create_connection(
+                        lambda: _Conn(self, initiator=self.node_id, addr=addr), addr[0], addr[1]),
+                        self._connect_timeout)
+                except (OSError, asyncio.TimeoutError) as e:
+                    self.totals["connect_failures"] += 1
+                    log.debug("TCP connect to %s failed (attempt %d): %s", addr, attempt + 1, e)
+                    await asyncio.sleep(delay)  # backoff between attempts, not a synchronisation
+                    delay = min(delay * 2, 2.0)
+                    continue
+                self.totals["connects"] += 1
+                self.register(conn)
+                return
+            dropped = len(self._pending.pop(addr, ()))
+            self._pending_bytes.pop(addr, None)
+            self.totals["dropped_unreachable"] += dropped
+            log.warning("cannot reach peer %s:%d over TCP after %d attempts; dropped %d frames",
+                        addr[0], addr[1], self._attempts, dropped)
+        finally:
+            self._connecting.pop(addr, None)
+
+    def _flush_pending(self, addr: Addr, conn: _Conn) -> None:
+        q = self._pending.pop(addr, None)
+        self._pending_bytes.pop(addr, None)
+        while q:
+            conn.write(q.popleft())
+
+    # ---------------------------------------------------------------- connections
+    def register(self, conn: _Conn) -> None:
+        """Make ``conn`` the one used to send to its peer port, resolving duplicates.
+
+        Of two live connections, the one opened by the smaller node id is kept (both sides
+        decide the same); of two opened by the same node, the newer.
+        """
+        addr = conn.addr
+        assert addr is not None
+        keep = conn
+        current = self.conns.get(addr)
+        if (current is not None and current is not conn and not current.retiring
+                and current.transport is not None and not current.transport.is_closing()):
+            if current.initiator != conn.initiator and (current.initiator or "") < (conn.initiator or ""):
+                keep = current
+            (conn if keep is current else current).retire()
+        self.conns[addr] = keep
+        if addr in self._pending and not keep.retiring:
+            self._flush_pending(addr, keep)
+
+    def forget(self, conn: _Conn) -> None:
+        if conn.addr is not None and self.conns.get(conn.addr) is conn:
+            del self.conns[conn.addr]
+            # another open connection to the same peer takes over
+            for other in self.conns_all:
+                if other.addr == conn.addr and other.peer and not other.retiring:
+                    self.conns[conn.addr] = other
+                    break
+
+    def deliver(self, sender: str, addr: Addr, data: memoryview) -> None:
+        self.totals["frames_received"] += 1
+        try:
+            self._on_frame(sender, addr, data)
+        except Exception:
+            log.exception("TCP frame handler failed")
+
+    # ---------------------------------------------------------------- flow control
+    def pause_reading(self) -> None:
+        self.reading_paused = True
+        for c in self.conns_all:
+            if c.transport is not None and not c.transport.is_closing():
+                c.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.reading_paused = False
+        for c in self.conns_all:
+            if c.transport is not None and not c.transport.is_closing():
+                c.transport.resume_reading()
+
+    def stats(self) -> dict[str, object]:
+        return {**self.totals, "connections": len(self.conns_all),
+                "peers": sorted(f"{a[0]}:{a[1]}" for a in self.conns),
+                "pending_frames": sum(len(q) for q in self._pending.values())}

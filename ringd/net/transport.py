@@ -1,0 +1,210 @@
+"""The data plane: UDP (small frames) and TCP (large frames, fallback) on one port number.
+
+``Transport(settings, node_id=..., key=..., on_message=...)``; ``await start()``;
+``send(addr, message)`` from the loop thread; decoded messages arrive through
+``on_message(sender_node_id, addr, message)`` on the loop thread. ``addr`` is always the
+peer's ``(ip, peer port)``, whichever channel carried the message.
+
+Channel choice per frame: reliable frames up to ``settings.tcp_threshold`` bytes go over UDP
+unless the peer has been moved to TCP (after ``pto_limit`` unanswered probes; UDP is tried
+again after ``udp_retry`` seconds); bigger frames always go over TCP. Unreliable sends
+(membership probes) use single UDP packets. Ordering holds per (peer, stream) within a
+channel; a request's messages share a stream derived from its id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import time
+import zlib
+from typing import Any, Callable
+
+from ringd.config import Settings
+from ringd.core import wire
+from ringd.core.reliable import Endpoint, Event, FrameReceived, PeerUnreachable, ReliableConfig
+from ringd.core.wire import Message, ReplayGuard, Sealer
+from ringd.errors import ConfigError, LocalProtocolError
+from ringd.net.loop import loop_name
+from ringd.net.tcp import TcpChannel
+from ringd.net.udp import UdpChannel
+
+log = logging.getLogger(__name__)
+
+Addr = tuple[str, int]
+OnMessage = Callable[[str, Addr, Message], None]
+
+
+def stream_of(msg: Message) -> int:
+    """Stream a message travels on: 0 for membership, one of 1..255 per request id."""
+    rid = getattr(msg, "request_id", None)
+    return 0 if rid is None else 1 + zlib.crc32(rid.encode()) % 255
+
+
+class Transport:
+    """Both channels of one node, bound to ``settings.bind_host:settings.port``."""
+
+    def __init__(self, settings: Settings, *, node_id: str, key: bytes, on_message: OnMessage,
+                 on_channel_change: Callable[[Addr, str], None] | None = None,
+                 reliable: ReliableConfig | None = None, max_tcp_frame: int = wire.TCP_MAX_FRAME,
+                 udp_retry: float = 30.0, udp_offload: bool = True) -> None:
+        self.settings = settings
+        self.node_id = node_id
+        self._on_message = on_message
+        self._on_channel_change = on_channel_change
+        session = wire.new_session(time.time_ns() // 1_000_000, int.from_bytes(os.urandom(2), "little"))
+        self.sealer = Sealer(key, node_id, session, encrypt=settings.encrypt)
+        self.counters = wire.new_counters()
+        self.guard = ReplayGuard()
+        self._reliable_cfg = reliable or ReliableConfig(datagram_size=settings.datagram_size)
+        self._max_tcp_frame = max_tcp_frame
+        self._udp_retry = udp_retry
+        self._udp_offload = udp_offload
+        self._epoch: int | None = None
+        self._tcp_until: dict[Addr, float] = {}  # peers moved to TCP, until when
+        self.udp: UdpChannel | None = None
+        self.tcp: TcpChannel | None = None
+        self.local_addr: Addr | None = None
+        self.delivered = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> Addr:
+        """Bind UDP and TCP to the same port (``port = 0``: a free one). Returns the address."""
+        self._loop = asyncio.get_running_loop()
+        udp_sock, tcp_sock = _bind_pair(self.settings.bind_host, self.settings.port)
+        self.local_addr = udp_sock.getsockname()[:2]
+        endpoint = Endpoint(self.sealer, self.guard, config=self._reliable_cfg, counters=self.counters)
+        self.udp = UdpChannel(udp_sock, endpoint, self._on_udp_event, offload=self._udp_offload)
+        self.tcp = TcpChannel(self.sealer, self.guard, self.counters, port=self.local_addr[1],
+                              on_frame=self._on_frame, max_frame=self._max_tcp_frame)
+        await self.tcp.start(tcp_sock)
+        self.udp.start()
+        log.info("peer transport on %s:%d (UDP+TCP, %s, datagrams %d B, GSO %s, encryption %s)",
+                 self.local_addr[0], self.local_addr[1], loop_name(),
+                 self._reliable_cfg.datagram_size, "on" if self.udp.gso else "off",
+                 "on" if self.sealer.encrypt else "off")
+        return self.local_addr
+
+    async def close(self) -> None:
+        if self.udp is not None:
+            self.udp.close()
+        if self.tcp is not None:
+            await self.tcp.close()
+
+    # ---------------------------------------------------------------- API
+    def set_epoch(self, epoch: int | None) -> None:
+        """Drop Activation and Token messages of any other plan epoch (None: accept all)."""
+        self._epoch = epoch
+
+    def send(self, addr: Addr, msg: Message, *, reliable: bool = True) -> None:
+        """Queue ``msg`` for ``addr`` (``(ip, port)``). Never blocks; loop thread only.
+
+        ``reliable=False``: one UDP packet, no retransmission (membership probes); messages
+        too big for one packet go reliably.
+        """
+        if self.udp is None or self.tcp is None:
+            raise LocalProtocolError("Transport.send before start()")
+        head, body = wire.encode(msg)
+        size = len(head) + memoryview(body).nbytes
+        stream = stream_of(msg)
+        if not reliable and size <= self.udp.endpoint.max_oneshot:
+            self.udp.send_frame(addr, head + bytes(body), reliable=False)
+        elif size <= min(self.settings.tcp_threshold, self._reliable_cfg.max_frame) and self._udp_ok(addr):
+            self.udp.send_frame(addr, head + bytes(body) if body else head, stream=stream)
+        else:
+            self.tcp.send_frame(addr, head + bytes(body) if body else head)
+
+    async def drain(self, addr: Addr) -> None:
+        """Wait until the TCP connection to ``addr`` can take more (for prefill senders)."""
+        if self.tcp is not None:
+            await self.tcp.drain(addr)
+
+    def pause_reading(self) -> None:
+        """Stop reading peers' frames (the daemon's queues are full)."""
+        if self.udp and self.tcp:
+            self.udp.pause_reading()
+            self.tcp.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.udp and self.tcp:
+            self.udp.resume_reading()
+            self.tcp.resume_reading()
+
+    def stats(self) -> dict[str, Any]:
+        udp: dict[str, Any] = {}
+        if self.udp is not None:
+            udp = {**self.udp.endpoint.totals, **self.udp.totals, "gso": self.udp.gso,
+                   "gro": self.udp.gro, "peers": self.udp.endpoint.peer_stats()}
+        now = self._loop.time() if self._loop else 0.0
+        return {
+            "address": f"{self.local_addr[0]}:{self.local_addr[1]}" if self.local_addr else None,
+            "encrypt": self.sealer.encrypt, "cluster_id": self.sealer.cluster_id,
+            "epoch": self._epoch, "delivered": self.delivered, "drops": dict(self.counters),
+            "udp": udp, "tcp": self.tcp.stats() if self.tcp else {},
+            "on_tcp": sorted(f"{a[0]}:{a[1]}" for a, t in self._tcp_until.items() if t > now),
+        }
+
+    # ---------------------------------------------------------------- internals
+    def _udp_ok(self, addr: Addr) -> bool:
+        until = self._tcp_until.get(addr)
+        if until is None:
+            return True
+        if self._loop is not None and self._loop.time() < until:
+            return False
+        del self._tcp_until[addr]
+        log.info("peer %s:%d: trying UDP again", *addr)
+        if self._on_channel_change:
+            self._on_channel_change(addr, "udp")
+        return True
+
+    def _on_udp_event(self, ev: Event) -> None:
+        if isinstance(ev, FrameReceived):
+            self._on_frame(ev.sender, ev.addr, ev.data)
+        elif isinstance(ev, PeerUnreachable):
+            assert self._loop is not None and self.tcp is not None
+            self._tcp_until[ev.addr] = self._loop.time() + self._udp_retry
+            log.warning("peer %s:%d does not answer over UDP; using TCP for it (%d frames resent)",
+                        ev.addr[0], ev.addr[1], len(ev.frames))
+            for frame in ev.frames:
+                self.tcp.send_frame(ev.addr, frame)
+            if self._on_channel_change:
+                self._on_channel_change(ev.addr, "tcp")
+
+    def _on_frame(self, sender: str, addr: Addr, data: wire.Buffer) -> None:
+        try:
+            msg = wire.decode(data, epoch=self._epoch)
+        except wire.Dropped as e:
+            self.counters[e.reason] += 1
+            return
+        self.delivered += 1
+        self._on_message(sender, addr, msg)
+
+
+def _bind_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket bound to the same port (non-blocking)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(20 if port == 0 else 1):
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            udp.bind((host, port))
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            tcp.bind((host, udp.getsockname()[1]))
+            tcp.listen(128)
+        except OSError as e:
+            udp.close()
+            tcp.close()
+            if port == 0 and e.errno == errno.EADDRINUSE:
+                continue
+            raise ConfigError(f"cannot bind the peer port {host}:{port} (UDP and TCP): {e.strerror or e}",
+                              hint="another ringd may be running; choose another port with --port "
+                                   "or RINGD_PORT, or check bind_host") from None
+        udp.setblocking(False)
+        tcp.setblocking(False)
+        return udp, tcp
+    raise ConfigError(f"no free port on {host} where both UDP and TCP can bind",
+                      hint="set an explicit port with --port")

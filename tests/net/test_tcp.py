@@ -1,0 +1,187 @@
+"""The TCP adapter over real loopback connections."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from ringd import PROTOCOL_VERSION
+from ringd.core import wire
+from ringd.core.wire import (Activation, Gossip, Handshake, ReplayGuard, Sampling, Sealer, Tensor, decode,
+                             encode_bytes, new_session)
+from ringd.net.tcp import TcpChannel
+from tests.net.test_udp import Inbox, on_both_loops
+
+KEY = bytes(range(32))
+
+
+async def node(name: str, *, key: bytes = KEY, port: int = 0, **kw) -> tuple[TcpChannel, Inbox, tuple[str, int]]:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    sock.setblocking(False)
+    addr = sock.getsockname()
+    inbox = Inbox()
+    ch = TcpChannel(Sealer(key, name, new_session(1000, len(name))), ReplayGuard(), wire.new_counters(),
+                    port=addr[1], on_frame=lambda s, a, d: inbox.put((s, a, bytes(d))), **kw)
+    await ch.start(sock)
+    return ch, inbox, addr
+
+
+def gossip(data: bytes) -> bytes:
+    return encode_bytes(Gossip(data))
+
+
+def activation(data: bytes) -> bytes:
+    return encode_bytes(Activation("r", 1, 0, 1, 0, 2, "a", Sampling(), True, Tensor("int32", (len(data) // 4,), data)))
+
+
+@on_both_loops
+async def test_frames_flow_both_ways_on_one_connection() -> None:
+    a, ina, aa = await node("a")
+    b, inb, ba = await node("b")
+    try:
+        big = os.urandom(4 << 20)
+        a.send_frame(ba, gossip(b"hello"))
+        a.send_frame(ba, activation(big))
+        await inb.wait(lambda xs: len(xs) == 2)
+        assert decode(inb.items[0][2]).payload == b"hello"
+        assert bytes(decode(inb.items[1][2]).tensor.data) == big
+        assert all(s == "a" and addr == aa for s, addr, _ in inb.items)  # a's peer port, not its ephemeral one
+        b.send_frame(aa, gossip(b"reply"))  # reuses the connection a opened
+        await ina.wait(lambda xs: len(xs) == 1)
+        assert ina.items[0][:2] == ("b", ba)
+        assert a.totals["connects"] == 1 and b.totals["connects"] == 0
+        assert len(a.conns_all) == len(b.conns_all) == 1
+    finally:
+        await a.close()
+        await b.close()
+
+
+@on_both_loops
+async def test_simultaneous_connects_keep_one_connection() -> None:
+    a, ina, aa = await node("a")
+    b, inb, ba = await node("b")
+    try:
+        a.send_frame(ba, gossip(b"from a"))
+        b.send_frame(aa, gossip(b"from b"))
+        dials = [a._connecting[ba], b._connecting[aa]]
+        await inb.wait(lambda xs: len(xs) == 1)
+        await ina.wait(lambda xs: len(xs) == 1)
+        await asyncio.wait_for(asyncio.gather(*dials), 5)
+        # both dialled; the connection opened by the smaller node id ("a") wins on both sides
+        assert a.totals["connects"] == b.totals["connects"] == 1
+        assert a.conns[ba].initiator == "a" and b.conns[aa].initiator == "a"
+        # b's dial, seen from both ends, is closed by b (it may be gone already)
+        losers = [c for c in a.conns_all | b.conns_all if c not in (a.conns[ba], b.conns[aa])]
+        await asyncio.wait_for(asyncio.gather(*(c.closed for c in losers)), 5)
+        assert len(a.conns_all) == len(b.conns_all) == 1
+        assert {c.transport.get_extra_info("sockname") for c in a.conns_all} == \
+               {c.transport.get_extra_info("peername") for c in b.conns_all}
+        for i in range(20):
+            a.send_frame(ba, gossip(b"a%d" % i))
+            b.send_frame(aa, gossip(b"b%d" % i))
+        await inb.wait(lambda xs: len(xs) == 21)
+        await ina.wait(lambda xs: len(xs) == 21)
+        assert [decode(d).payload for _, _, d in inb.items[1:]] == [b"a%d" % i for i in range(20)]
+    finally:
+        await a.close()
+        await b.close()
+
+
+@on_both_loops
+async def test_reconnects_after_the_peer_restarts() -> None:
+    a, _, aa = await node("a")
+    b, inb, ba = await node("b")
+    try:
+        a.send_frame(ba, gossip(b"1"))
+        await inb.wait(lambda xs: len(xs) == 1)
+        closed = [c.closed for c in a.conns_all]
+        await b.close()
+        await asyncio.wait_for(asyncio.gather(*closed), 5)
+        b, inb, _ = await node("b", port=ba[1])
+        a.send_frame(ba, gossip(b"2"))
+        await inb.wait(lambda xs: len(xs) == 1)
+        assert decode(inb.items[0][2]).payload == b"2" and a.totals["connects"] == 2
+    finally:
+        await a.close()
+        await b.close()
+
+
+@on_both_loops
+async def test_unreachable_peer_drops_queued_frames_after_backoff() -> None:
+    a, _, _ = await node("a", connect_attempts=2, connect_timeout=1.0)
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    dead = free.getsockname()
+    free.close()  # nobody listens there now
+    try:
+        a.send_frame(dead, gossip(b"x"))
+        a.send_frame(dead, gossip(b"y"))
+        await asyncio.wait_for(a._connecting[dead], 5)
+        assert a.totals["connect_failures"] == 2 and a.totals["dropped_unreachable"] == 2
+    finally:
+        await a.close()
+
+
+@on_both_loops
+async def test_backpressure_drain_and_pause_reading() -> None:
+    a, _, aa = await node("a")
+    b, inb, ba = await node("b")
+    try:
+        a.send_frame(ba, gossip(b"hi"))
+        await inb.wait(lambda xs: len(xs) == 1)
+        b.pause_reading()
+        chunk = activation(os.urandom(1 << 20))
+        conn = a.conns[ba]
+        sent = 0
+        while conn._writable.is_set():  # fill the socket buffers until the transport pushes back
+            a.send_frame(ba, chunk)
+            sent += 1
+            assert sent < 200
+        drain = asyncio.ensure_future(a.drain(ba))
+        done, _ = await asyncio.wait([drain], timeout=0.2)
+        assert not done  # the receiver is not reading: the sender must wait
+        b.resume_reading()
+        await asyncio.wait_for(drain, 10)
+        await inb.wait(lambda xs: len(xs) == 1 + sent)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _raw_conn(addr) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(*addr)
+
+
+@on_both_loops
+async def test_bad_peers_are_counted_and_disconnected() -> None:
+    b, inb, ba = await node("b")
+    try:
+        # another cluster's key
+        x, _, _ = await node("x", key=bytes(32))
+        x.send_frame(ba, gossip(b"intrude"))
+        dial = x._connecting[ba]
+        # an oversize length, then garbage, then a frame that is not a handshake first
+        sealer = Sealer(KEY, "y", new_session(1, 1))
+        huge = wire.TCP_HEADER.pack(1 << 30, wire.TCP_MAGIC, wire.WIRE_VERSION, sealer.cluster_tag, 1, 1)
+        first_not_handshake = bytes(wire.seal_tcp_frame(sealer, 1, gossip(b"no hello")))
+        old = bytes(wire.seal_tcp_frame(Sealer(KEY, "z", new_session(2, 2)), 1, encode_bytes(
+            Handshake("z", sealer.cluster_id, PROTOCOL_VERSION + 1, "9.9", 1))))
+        for payload in (huge, b"GET / HTTP/1.1\r\n\r\n" + bytes(40), first_not_handshake, old):
+            r, w = await _raw_conn(ba)
+            w.write(payload)
+            assert await asyncio.wait_for(r.read(), 5) is not None  # the node hangs up
+            w.close()
+        c = b.counters
+        assert c["oversize"] == 1 and c["malformed"] == 2 and c["bad_version"] == 1
+        await asyncio.wait_for(dial, 5)
+        await asyncio.wait_for(asyncio.gather(*(cn.closed for cn in x.conns_all)), 5)  # b hung up
+        assert c["wrong_cluster"] == 1 and not inb.items
+        await x.close()
+    finally:
+        await b.close()

@@ -1,0 +1,197 @@
+"""The Transport: both channels on one port, channel choice, epoch filter, fallback, lossy links."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+import pytest
+
+from ringd.config import Settings
+from ringd.core import wire
+from ringd.core.reliable import ReliableConfig
+from ringd.core.wire import Activation, Gossip, Sampling, Tensor, Token
+from ringd.errors import ConfigError
+from ringd.net.transport import Transport, stream_of
+from tests.net.lossy_proxy import LossyProxy
+from tests.net.test_udp import Inbox, on_both_loops
+
+KEY = bytes(range(32))
+SETTINGS = Settings(bind_host="127.0.0.1", port=0, mdns=False)
+
+
+async def transport(name: str, *, key: bytes = KEY, settings: Settings = SETTINGS, **kw) -> tuple[Transport, Inbox]:
+    inbox = Inbox()
+    t = Transport(settings, node_id=name, key=key, on_message=lambda s, a, m: inbox.put((s, a, m)), **kw)
+    await t.start()
+    return t, inbox
+
+
+def act(n: int, epoch: int = 1, step: int = 0) -> Activation:
+    return Activation("req-1", step, 0, epoch, 0, 4, "a", Sampling(), True,
+                      Tensor("float16", (1, n // 2), os.urandom(n)))
+
+
+@on_both_loops
+async def test_binds_udp_and_tcp_on_one_port() -> None:
+    t, _ = await transport("a")
+    try:
+        host, port = t.local_addr
+        assert host == "127.0.0.1" and port > 0
+        assert t.udp.sock.getsockname()[1] == port
+        assert t.tcp._server.sockets[0].getsockname()[1] == port
+        busy = Transport(Settings(bind_host="127.0.0.1", port=port), node_id="b", key=KEY,
+                         on_message=lambda *a: None)
+        with pytest.raises(ConfigError, match="cannot bind the peer port"):
+            await busy.start()
+    finally:
+        await t.close()
+
+
+@on_both_loops
+async def test_small_frames_use_udp_large_ones_tcp() -> None:
+    a, _ = await transport("a")
+    b, inbox = await transport("b", settings=Settings(bind_host="127.0.0.1", port=0, tcp_threshold=64 * 1024))
+    try:
+        small, large = act(32 * 1024), act(1 << 20, step=1)
+        a.send(b.local_addr, small)
+        b_udp, b_tcp = b.udp.endpoint.totals["frames_received"], b.tcp.totals["frames_received"]
+        await inbox.wait(lambda xs: len(xs) == 1)
+        a.send(b.local_addr, large)
+        await inbox.wait(lambda xs: len(xs) == 2)
+        assert [m for _, _, m in inbox.items] == [small, large]
+        assert all(s == "a" and addr == a.local_addr for s, addr, _ in inbox.items)  # same address either way
+        assert b.udp.endpoint.totals["frames_received"] == b_udp + 1
+        assert b.tcp.totals["frames_received"] == b_tcp + 1
+        # b's threshold is lower: its 100 KiB reply goes over TCP, a's over UDP
+        reply = act(100 * 1024, step=2)
+        b.send(a.local_addr, reply)
+        a.send(b.local_addr, reply)
+        await inbox.wait(lambda xs: len(xs) == 3)
+        assert b.stats()["tcp"]["frames_sent"] >= 1 and a.stats()["udp"]["frames_sent"] == 2
+        unreliable = Gossip(b"probe")
+        a.send(b.local_addr, unreliable, reliable=False)
+        await inbox.wait(lambda xs: len(xs) == 4)
+        assert inbox.items[-1][2] == unreliable and a.udp.endpoint.totals["oneshots_sent"] == 1
+    finally:
+        await a.close()
+        await b.close()
+
+
+@on_both_loops
+async def test_epoch_filter_drops_other_epochs() -> None:
+    a, _ = await transport("a")
+    b, inbox = await transport("b")
+    try:
+        b.set_epoch(5)
+        a.send(b.local_addr, act(1024, epoch=4))
+        a.send(b.local_addr, Token("req-1", 0, 6, 7, 0, 4))
+        a.send(b.local_addr, Gossip(b"membership is not filtered"))
+        a.send(b.local_addr, act(1024, epoch=5))
+        await inbox.wait(lambda xs: len(xs) == 2)
+        assert [type(m) for _, _, m in inbox.items] == [Gossip, Activation]
+        assert inbox.items[1][2].epoch == 5
+        assert b.stats()["drops"]["stale_epoch"] == 2 and b.stats()["epoch"] == 5
+    finally:
+        await a.close()
+        await b.close()
+
+
+@on_both_loops
+async def test_peer_silent_on_udp_is_moved_to_tcp() -> None:
+    changes: list[tuple] = []
+    fast = ReliableConfig(initial_rtt=0.005, pto_limit=3)
+    a, _ = await transport("a", reliable=fast, on_channel_change=lambda addr, ch: changes.append((addr, ch)),
+                           udp_retry=0.3)
+    b, inbox = await transport("b")
+    try:
+        b.udp.pause_reading()  # UDP to b is black-holed; TCP still works
+        msgs = [act(1024, step=i) for i in range(3)]
+        for m in msgs:
+            a.send(b.local_addr, m)
+        await inbox.wait(lambda xs: len(xs) == 3, timeout=10)
+        assert [m for _, _, m in inbox.items] == msgs  # resent over TCP, in order
+        assert changes == [(b.local_addr, "tcp")]
+        assert a.stats()["on_tcp"] == [f"{b.local_addr[0]}:{b.local_addr[1]}"]
+        a.send(b.local_addr, act(1024, step=3))  # still TCP while the retry time runs
+        await inbox.wait(lambda xs: len(xs) == 4)
+        assert a.udp.endpoint.totals["frames_sent"] == 3
+        while True:  # what b did not read was lost on the way
+            try:
+                b.udp.sock.recv(65536)
+            except BlockingIOError:
+                break
+        b.udp.resume_reading()
+        start = time.monotonic()
+        while time.monotonic() - start < 0.3:  # wait out udp_retry: a deadline, not a synchronisation
+            await asyncio.sleep(0.05)
+        a.send(b.local_addr, act(1024, step=4))
+        await inbox.wait(lambda xs: len(xs) == 5)
+        assert changes[-1] == (b.local_addr, "udp") and a.udp.endpoint.totals["frames_sent"] == 4
+    finally:
+        await a.close()
+        await b.close()
+
+
+@on_both_loops
+async def test_ten_thousand_frames_through_a_lossy_link_arrive_once_in_order() -> None:
+    b, inbox = await transport("b")
+    proxy = LossyProxy(b.local_addr, seed=7, loss=0.05, dup=0.03, reorder=0.1, max_delay=0.003)
+    front = await proxy.start()
+    a, _ = await transport("a")
+    try:
+        n = 10_000
+        t0 = time.monotonic()
+        for i in range(n):
+            size = 3000 if i % 10 == 0 else 64  # some frames span three datagrams
+            a.send(front, Gossip(i.to_bytes(4, "little") * (size // 4)))
+            if i % 20 == 0:
+                await asyncio.sleep(0)  # let the loop run: frames leave in many small packets
+        await inbox.wait(lambda xs: len(xs) == n, timeout=60)
+        got = [int.from_bytes(m.payload[:4], "little") for _, _, m in inbox.items]
+        assert got == list(range(n))
+        assert all(s == "a" and addr == proxy.back_addr for s, addr, _ in inbox.items)
+        assert proxy.forward.dropped > 100 and proxy.forward.duplicated > 50 and proxy.forward.delayed > 100
+        assert a.udp.endpoint.totals["packets_lost"] > 0
+        assert b.stats()["drops"]["replay"] > 0  # duplicates were recognised
+        assert time.monotonic() - t0 < 30
+    finally:
+        proxy.close()
+        await a.close()
+        await b.close()
+
+
+@on_both_loops
+async def test_bad_input_is_counted_never_delivered() -> None:
+    b, inbox = await transport("b")
+    a, _ = await transport("a")
+    other, _ = await transport("x", key=bytes(32))
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        other.send(b.local_addr, Gossip(b"wrong key"))
+        raw.sendto(b"\xd7\x01", b.local_addr)  # truncated
+        a.udp.send_frame(b.local_addr, b"\x63\0\0\0\0")  # sealed, but an unknown message type
+        a.udp.send_frame(b.local_addr, b"\x02\0\0")  # sealed, truncated message
+        r, w = await asyncio.open_connection(*b.local_addr)
+        w.write(wire.TCP_HEADER.pack(1 << 30, wire.TCP_MAGIC, wire.WIRE_VERSION,
+                                     a.sealer.cluster_tag, 1, 1))  # oversize length
+        await asyncio.wait_for(r.read(), 5)  # b sends its handshake, then hangs up (reads to EOF)
+        w.close()
+        a.send(b.local_addr, Gossip(b"the only good one"))  # sent last on the same path
+        await inbox.wait(lambda xs: len(xs) == 1)
+        assert inbox.items[0][2] == Gossip(b"the only good one")
+        d = b.stats()["drops"]
+        assert d["truncated"] == 2 and d["unknown_type"] == 1 and d["oversize"] == 1
+        assert d["wrong_cluster"] >= 1
+    finally:
+        raw.close()
+        for t in (a, b, other):
+            await t.close()
+
+
+def test_streams_follow_requests() -> None:
+    assert stream_of(Gossip(b"")) == 0
+    s = stream_of(Token("req-1", 0, 0, 0, 0, 1))
+    assert 1 <= s <= 255 and stream_of(act(16)) == s
