@@ -496,17 +496,18 @@ class Endpoint:
                     peer.probes -= 1
 
     def _segment(self, addr: Addr, pn: int, unit: Buffer) -> Transmit:
-        sp = self._seg_payload
-        if len(unit) <= sp:
-            return Transmit(addr, [SEGMENT.pack(SEGMENT_MAGIC, WIRE_VERSION, 0, 1, self._sealer.cluster_tag,
-                                                self._sealer.session, pn), unit], self.config.datagram_size)
-        count = -(-len(unit) // sp)
-        mv = memoryview(unit)
-        tag, session = self._sealer.cluster_tag, self._sealer.session
-        iov: list[Buffer] = []
-        for i in range(count):
-            iov += (SEGMENT.pack(SEGMENT_MAGIC, WIRE_VERSION, i, count, tag, session, pn),
-                    mv[i * sp:(i + 1) * sp])
+        sp, size, n = self._seg_payload, SEGMENT.size, len(unit)
+        count = -(-n // sp)
+        head = SEGMENT.pack(SEGMENT_MAGIC, WIRE_VERSION, 0, count, self._sealer.cluster_tag,
+                            self._sealer.session, pn)
+        if count == 1:
+            return Transmit(addr, [head, unit], self.config.datagram_size)
+        heads = bytearray(head * count)
+        heads[2::size] = bytes(range(count))  # segment indexes
+        hv, uv = memoryview(heads), memoryview(unit)
+        iov: list[Buffer] = [b""] * (2 * count)
+        iov[0::2] = [hv[i:i + size] for i in range(0, count * size, size)]
+        iov[1::2] = [uv[i:i + sp] for i in range(0, n, sp)]
         return Transmit(addr, iov, self.config.datagram_size)
 
     def _ack_chunk(self, peer: _Peer, now: float) -> bytes:
@@ -784,23 +785,25 @@ class Endpoint:
                         newly.append(p)
         if not newly:
             return
-        largest = max(p.pn for p in newly)
-        if largest > peer.largest_acked:
-            peer.largest_acked = largest
-            if largest == ranges[0][0]:
-                self._update_rtt(peer, now - next(p.time for p in newly if p.pn == largest), ack_delay)
+        top_sent = newly[0]
         for p in newly:
+            if p.pn > top_sent.pn:
+                top_sent = p
             peer.in_flight -= p.size
             for f, off, ln in p.ranges:
                 if f.done:
                     continue
-                f.acked.add(off, off + ln)
-                if f.acked.total == len(f.data):
+                n = len(f.data)
+                if ln == n or (f.acked.add(off, off + ln) or f.acked.total == n):
                     f.done = True
                     peer.out_streams[f.stream].unacked.pop(f.seq, None)
-                    peer.queued -= len(f.data)
+                    peer.queued -= n
             if p.segments >= peer.seg_limit < peer.max_segs:
                 peer.seg_limit += 1
+        if top_sent.pn > peer.largest_acked:
+            peer.largest_acked = top_sent.pn
+            if top_sent.pn == ranges[0][0]:
+                self._update_rtt(peer, now - top_sent.time, ack_delay)
         peer.pto_count = 0
         self._detect_lost(peer, now)
         if peer.has_data() or peer.oneshots:

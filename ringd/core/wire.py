@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from enum import IntEnum
@@ -32,6 +33,7 @@ from typing import Any, Callable, Union
 
 import msgpack
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ringd.core.requests import SamplingParams
@@ -441,10 +443,9 @@ def new_session(time_ms: int, random16: int) -> int:
     return ((time_ms & ((1 << 48) - 1)) << 16) | (random16 & 0xFFFF)
 
 
-def _derive(key: bytes, session: int, channel: int) -> AESGCM:
-    k = hashlib.blake2b(session.to_bytes(8, "little") + bytes([channel, WIRE_VERSION]),
-                        key=key, digest_size=32, person=b"ringd-frame-key").digest()
-    return AESGCM(k)
+def _derive(key: bytes, session: int, channel: int) -> bytes:
+    return hashlib.blake2b(session.to_bytes(8, "little") + bytes([channel, WIRE_VERSION]),
+                           key=key, digest_size=32, person=b"ringd-frame-key").digest()
 
 
 def _nonce(pn: int) -> bytes:
@@ -468,7 +469,8 @@ class Sealer:
         self.cluster_id = cluster_id(key)
         self.cluster_tag = bytes.fromhex(self.cluster_id)[:4]
         self.prefix = bytes([FLAG_ENCRYPTED if encrypt else 0, len(nid)]) + nid
-        self._own = {ch: _derive(key, session, ch) for ch in (CHANNEL_UDP, CHANNEL_TCP)}
+        self._own_keys = {ch: _derive(key, session, ch) for ch in (CHANNEL_UDP, CHANNEL_TCP)}
+        self._own = {ch: AESGCM(k) for ch, k in self._own_keys.items()}
         self._peer_keys: OrderedDict[tuple[int, int], AESGCM] = OrderedDict()
         self._max_peer_keys = max_peer_keys
 
@@ -499,12 +501,39 @@ class Sealer:
             mv[h + p + n:] = aead.encrypt(_nonce(pn), b"", mv[h:h + p + n])
         return out if len(out) == total else mv
 
-    def open(self, channel: int, session: int, pn: int, unit: Buffer) -> tuple[str, memoryview, bool]:
+    def seal_parts(self, channel: int, pn: int, parts: tuple[Buffer, ...], *, head: bytes,
+                   out: bytearray) -> memoryview:
+        """:meth:`seal` of the concatenated ``parts`` without joining them first: the
+        ciphertext is streamed into ``out`` (a reused buffer). For large frames, where one
+        more 4 MiB copy and fresh pages cost more than creating a cipher context."""
+        p = len(self.prefix)
+        total = len(head) + p + sum(memoryview(x).nbytes for x in parts) + TAG_SIZE
+        mv = memoryview(out)[:total]
+        mv[:len(head)] = head
+        pos = len(head) + p
+        mv[len(head):pos] = self.prefix
+        ctx = Cipher(algorithms.AES(self._own_keys[channel]), modes.GCM(_nonce(pn))).encryptor()
+        ctx.authenticate_additional_data(self.prefix)
+        for part in parts:
+            n = memoryview(part).nbytes
+            if self.encrypt:
+                ctx.update_into(part, mv[pos:pos + n + 15] if pos + n + 15 <= total else mv[pos:])
+            else:
+                mv[pos:pos + n] = memoryview(part).cast("B")
+                ctx.authenticate_additional_data(part)
+            pos += n
+        ctx.finalize()
+        mv[pos:] = ctx.tag
+        return mv
+
+    def open(self, channel: int, session: int, pn: int, unit: Buffer,
+             out: bytearray | None = None) -> tuple[str, memoryview, bool]:
         """Check the tag; return ``(sender node id, plaintext, owned)``.
 
         ``owned`` is False when the plaintext is a view into ``unit`` (clear units): copy it
-        before ``unit``'s buffer is reused. Raises :class:`Dropped` (``truncated``,
-        ``malformed``, ``bad_mac``).
+        before ``unit``'s buffer is reused. With ``out`` (large enough) the plaintext is
+        written there and owned. Raises :class:`Dropped` (``truncated``, ``malformed``,
+        ``bad_mac``).
         """
         mv = memoryview(unit)
         if len(mv) < 2 + TAG_SIZE:
@@ -516,11 +545,19 @@ class Sealer:
         aead = self._peer_key(channel, session)
         try:
             if flags & FLAG_ENCRYPTED:
-                plain = memoryview(aead.decrypt(_nonce(pn), mv[start:], mv[:start]))
+                if out is None:
+                    plain = memoryview(aead.decrypt(_nonce(pn), mv[start:], mv[:start]))
+                else:
+                    plain = memoryview(out)[:len(mv) - start - TAG_SIZE]
+                    aead.decrypt_into(_nonce(pn), mv[start:], mv[:start], plain)
                 owned = True
             else:
                 aead.decrypt(_nonce(pn), mv[-TAG_SIZE:], mv[:-TAG_SIZE])
                 plain, owned = mv[start:-TAG_SIZE], False
+                if out is not None:
+                    view = memoryview(out)[:len(plain)]
+                    view[:] = plain
+                    plain, owned = view, True
         except InvalidTag:
             raise Dropped("bad_mac") from None
         try:
@@ -533,7 +570,7 @@ class Sealer:
         k = (channel, session)
         aead = self._peer_keys.get(k)
         if aead is None:
-            aead = self._own[channel] if session == self.session else _derive(self.key, session, channel)
+            aead = self._own[channel] if session == self.session else AESGCM(_derive(self.key, session, channel))
             self._peer_keys[k] = aead
             if len(self._peer_keys) > self._max_peer_keys:
                 self._peer_keys.popitem(last=False)
@@ -622,6 +659,38 @@ class ReplayGuard:
         return True
 
 
+# ======================================================================== buffers
+class BufferPool:
+    """Reusable buffers for large frames (4 MiB prefill activations).
+
+    Fresh multi-megabyte allocations are returned to the OS when freed and fault their
+    pages in again on the next frame; reusing a few buffers avoids that. A buffer is handed
+    out again only when nothing else references it (CPython reference counts: a message
+    whose tensor still views it keeps it out of the pool).
+    """
+
+    def __init__(self, *, max_buffers: int = 4, min_size: int = 256 * 1024) -> None:
+        self.min_size = min_size
+        self._bufs: list[bytearray] = []
+        self._max = max_buffers
+
+    def get(self, n: int) -> bytearray:
+        """A buffer of at least ``n`` bytes that nobody else holds."""
+        for b in self._bufs:
+            # references: the list, ``b`` and getrefcount's argument
+            if sys.getrefcount(b) == 3 and len(b) >= n:
+                return b
+        for i in range(len(self._bufs)):
+            b = self._bufs[i]
+            if sys.getrefcount(b) == 3:  # free but too small: replace it
+                self._bufs[i] = b = bytearray(n)
+                return b
+        b = bytearray(n)
+        if len(self._bufs) < self._max:
+            self._bufs.append(b)
+        return b
+
+
 # ======================================================================== TCP frames
 #: ``length (u32, of what follows) | magic | version | 2 reserved | cluster tag (4) |
 #: session (u64) | seq (u64)`` then the sealed unit.
@@ -635,6 +704,14 @@ def seal_tcp_frame(sealer: Sealer, seq: int, plaintext: Buffer, *,
     length = TCP_HEADER.size - 4 + sealer.overhead + memoryview(plaintext).nbytes
     head = TCP_HEADER.pack(length, TCP_MAGIC, WIRE_VERSION, sealer.cluster_tag, sealer.session, seq)
     return sealer.seal(CHANNEL_TCP, seq, plaintext, head=head, out=out)
+
+
+def seal_tcp_frame_parts(sealer: Sealer, seq: int, parts: tuple[Buffer, ...], *,
+                         out: bytearray) -> memoryview:
+    """:func:`seal_tcp_frame` of the concatenated ``parts``, streamed into ``out``."""
+    length = TCP_HEADER.size - 4 + sealer.overhead + sum(memoryview(x).nbytes for x in parts)
+    head = TCP_HEADER.pack(length, TCP_MAGIC, WIRE_VERSION, sealer.cluster_tag, sealer.session, seq)
+    return sealer.seal_parts(CHANNEL_TCP, seq, parts, head=head, out=out)
 
 
 @dataclass(frozen=True)
@@ -658,12 +735,14 @@ class StreamDecoder:
     """
 
     def __init__(self, sealer: Sealer, guard: ReplayGuard, counters: dict[str, int], *,
-                 max_frame: int = TCP_MAX_FRAME, clock: Callable[[], float] = lambda: 0.0) -> None:
+                 max_frame: int = TCP_MAX_FRAME, clock: Callable[[], float] = lambda: 0.0,
+                 pool: BufferPool | None = None) -> None:
         self._sealer = sealer
         self._guard = guard
         self._counters = counters
         self._max = max_frame
         self._clock = clock
+        self._pool = pool
         self._buf = bytearray(64 * 1024)
         self._start = 0  # first unread byte
         self._end = 0  # end of data
@@ -725,7 +804,8 @@ class StreamDecoder:
             try:
                 if not self._guard.fresh(CHANNEL_TCP, session, seq):
                     raise Dropped("replay")
-                sender, plain, owned = self._sealer.open(CHANNEL_TCP, session, seq, unit)
+                dest = self._pool.get(len(unit)) if self._pool and len(unit) >= self._pool.min_size else None
+                sender, plain, owned = self._sealer.open(CHANNEL_TCP, session, seq, unit, dest)
                 if not self._guard.accept(CHANNEL_TCP, sender, session, seq, self._clock()):
                     raise Dropped("replay")
             except Dropped as e:

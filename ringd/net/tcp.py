@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections import deque
 from typing import Callable
 
 from ringd import PROTOCOL_VERSION, __version__
 from ringd.core import wire
-from ringd.core.wire import Handshake, ReplayGuard, Sealer, StreamDecoder
+from ringd.core.wire import Buffer, BufferPool, Handshake, ReplayGuard, Sealer, StreamDecoder
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ Addr = tuple[str, int]
 WRITE_HIGH = 1 << 20
 WRITE_LOW = 256 << 10
 MAX_PENDING = 64 << 20  # bytes queued per peer while (re)connecting
+LARGE_FRAME = 256 << 10  # from this size frames are sealed part by part into the reused buffer
+WARN_EVERY = 60.0  # seconds between repeated warnings about one peer
 
 
 class _Conn(asyncio.BufferedProtocol):
@@ -38,7 +41,8 @@ class _Conn(asyncio.BufferedProtocol):
         self.peer: str | None = None
         self.transport: asyncio.Transport | None = None
         self.decoder = StreamDecoder(channel.sealer, channel.guard, channel.counters,
-                                     max_frame=channel.max_frame, clock=channel.loop.time)
+                                     max_frame=channel.max_frame, clock=channel.loop.time,
+                                     pool=channel.pool)
         self.retiring = False
         self.closed = asyncio.get_running_loop().create_future()
         self._writable = asyncio.Event()
@@ -59,7 +63,7 @@ class _Conn(asyncio.BufferedProtocol):
             self.transport.pause_reading()  # type: ignore[union-attr]
         self.ch.conns_all.add(self)
         hs = Handshake(self.ch.node_id, self.ch.sealer.cluster_id, PROTOCOL_VERSION, __version__, self.ch.port)
-        self.write(wire.encode_bytes(hs))
+        self.write((wire.encode_bytes(hs),))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.decoder.get_buffer(sizehint)
@@ -74,7 +78,10 @@ class _Conn(asyncio.BufferedProtocol):
             else:
                 self.ch.deliver(frame.sender, self.addr, frame.data)  # type: ignore[arg-type]
         if self.decoder.failed:
-            log.debug("closing TCP connection from %s: %s", self.addr, self.decoder.failed)
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            host = peer[0] if peer else "?"
+            self.ch.warn(host, "closed a TCP connection from %s: %s%s", host, self.decoder.failed,
+                         " (another cluster's key?)" if self.decoder.failed == "wrong_cluster" else "")
             self.abort()
 
     def eof_received(self) -> bool:
@@ -106,8 +113,8 @@ class _Conn(asyncio.BufferedProtocol):
             return False
         if hs.protocol_version != PROTOCOL_VERSION:
             self.ch.counters["bad_version"] += 1
-            log.warning("peer %s (%s) speaks protocol %d, this node %d: not talking to it",
-                        hs.node_id, hs.software_version, hs.protocol_version, PROTOCOL_VERSION)
+            self.ch.warn(hs.node_id, "peer %s (ringd %s) speaks protocol %d, this node %d: not talking to it",
+                         hs.node_id, hs.software_version, hs.protocol_version, PROTOCOL_VERSION)
             self.abort()
             return False
         self.peer = hs.node_id
@@ -118,18 +125,26 @@ class _Conn(asyncio.BufferedProtocol):
         self.ch.register(self)
         return True
 
-    def write(self, plaintext: bytes | memoryview) -> None:
-        """Seal and write one frame, reusing the send buffer when the last one was flushed."""
+    def write(self, parts: tuple[Buffer, ...]) -> None:
+        """Seal and write one frame (the concatenation of ``parts``).
+
+        The send buffer is reused once the transport has handed the previous frame to the
+        kernel (uvloop keeps a reference to what it could not write yet).
+        """
         t = self.transport
         if t is None or t.is_closing():
             self.ch.counters["overflow"] += 1
             return
         seq = self.ch.next_seq()
-        n = wire.TCP_HEADER.size + self.ch.sealer.overhead + memoryview(plaintext).nbytes
+        n = wire.TCP_HEADER.size + self.ch.sealer.overhead + sum(memoryview(x).nbytes for x in parts)
         buf = self._sendbuf
         if buf is None or len(buf) < n or t.get_write_buffer_size():
             buf = bytearray(n)
-        frame = wire.seal_tcp_frame(self.ch.sealer, seq, plaintext, out=buf)
+        if n < LARGE_FRAME:
+            frame = wire.seal_tcp_frame(self.ch.sealer, seq, b"".join(parts) if len(parts) > 1 else parts[0],
+                                        out=buf)
+        else:
+            frame = wire.seal_tcp_frame_parts(self.ch.sealer, seq, parts, out=buf)
         t.write(frame)
         self._sendbuf = buf
         self.ch.totals["frames_sent"] += 1
@@ -163,6 +178,7 @@ class TcpChannel:
         self.port = port
         self.max_frame = max_frame
         self.loop = asyncio.get_running_loop()
+        self.pool = BufferPool(min_size=LARGE_FRAME)
         self._on_frame = on_frame
         self._connect_timeout = connect_timeout
         self._attempts = connect_attempts
@@ -174,6 +190,7 @@ class TcpChannel:
         self._connecting: dict[Addr, asyncio.Task[None]] = {}
         self._server: asyncio.base_events.Server | None = None
         self.reading_paused = False
+        self._warned: dict[object, float] = {}
         self.totals = dict.fromkeys(("frames_sent", "frames_received", "bytes_sent",
                                      "connects", "connect_failures", "dropped_unreachable"), 0)
 
@@ -201,17 +218,19 @@ class TcpChannel:
         return self._seq
 
     # ---------------------------------------------------------------- sending
-    def send_frame(self, addr: Addr, plaintext: bytes | memoryview) -> None:
+    def send_frame(self, addr: Addr, *parts: Buffer) -> None:
+        """Send one frame, the concatenation of ``parts`` (e.g. a message's head and body)."""
         conn = self.conns.get(addr)
         if conn is not None and not conn.retiring and conn.transport and not conn.transport.is_closing():
-            conn.write(plaintext)
+            conn.write(parts)
             return
         q = self._pending.setdefault(addr, deque())
-        size = self._pending_bytes.get(addr, 0) + len(plaintext)
+        frame = b"".join(parts)
+        size = self._pending_bytes.get(addr, 0) + len(frame)
         if size > MAX_PENDING:
             self.counters["overflow"] += 1
             return
-        q.append(bytes(plaintext))
+        q.append(frame)
         self._pending_bytes[addr] = size
         if addr not in self._connecting:
             self._connecting[addr] = self.loop.create_task(self._connect(addr), name=f"ringd-tcp-connect-{addr}")
@@ -242,8 +261,8 @@ class TcpChannel:
             dropped = len(self._pending.pop(addr, ()))
             self._pending_bytes.pop(addr, None)
             self.totals["dropped_unreachable"] += dropped
-            log.warning("cannot reach peer %s:%d over TCP after %d attempts; dropped %d frames",
-                        addr[0], addr[1], self._attempts, dropped)
+            self.warn(addr, "cannot reach peer %s:%d over TCP after %d attempts; dropped %d frames",
+                      addr[0], addr[1], self._attempts, dropped)
         finally:
             self._connecting.pop(addr, None)
 
@@ -251,7 +270,7 @@ class TcpChannel:
         q = self._pending.pop(addr, None)
         self._pending_bytes.pop(addr, None)
         while q:
-            conn.write(q.popleft())
+            conn.write((q.popleft(),))
 
     # ---------------------------------------------------------------- connections
     def register(self, conn: _Conn) -> None:
@@ -281,6 +300,17 @@ class TcpChannel:
                 if other.addr == conn.addr and other.peer and not other.retiring:
                     self.conns[conn.addr] = other
                     break
+
+    def warn(self, key: object, msg: str, *args: object) -> None:
+        """A warning at most once a minute per peer (then debug lines)."""
+        now = time.monotonic()
+        if now - self._warned.get(key, -WARN_EVERY) >= WARN_EVERY:
+            self._warned[key] = now
+            if len(self._warned) > 1024:
+                self._warned.clear()
+            log.warning(msg, *args)
+        else:
+            log.debug(msg, *args)
 
     def deliver(self, sender: str, addr: Addr, data: memoryview) -> None:
         self.totals["frames_received"] += 1

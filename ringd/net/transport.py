@@ -60,6 +60,7 @@ class Transport:
         self.counters = wire.new_counters()
         self.guard = ReplayGuard()
         self._reliable_cfg = reliable or ReliableConfig(datagram_size=settings.datagram_size)
+        self._udp_limit = min(settings.tcp_threshold, self._reliable_cfg.max_frame)
         self._max_tcp_frame = max_tcp_frame
         self._udp_retry = udp_retry
         self._udp_offload = udp_offload
@@ -110,13 +111,12 @@ class Transport:
             raise LocalProtocolError("Transport.send before start()")
         head, body = wire.encode(msg)
         size = len(head) + memoryview(body).nbytes
-        stream = stream_of(msg)
         if not reliable and size <= self.udp.endpoint.max_oneshot:
-            self.udp.send_frame(addr, head + bytes(body), reliable=False)
-        elif size <= min(self.settings.tcp_threshold, self._reliable_cfg.max_frame) and self._udp_ok(addr):
-            self.udp.send_frame(addr, head + bytes(body) if body else head, stream=stream)
+            self.udp.send_frame(addr, b"".join((head, body)), reliable=False)
+        elif size <= self._udp_limit and self._udp_ok(addr):
+            self.udp.send_frame(addr, b"".join((head, body)) if body else head, stream=stream_of(msg))
         else:
-            self.tcp.send_frame(addr, head + bytes(body) if body else head)
+            self.tcp.send_frame(addr, head, body)
 
     async def drain(self, addr: Addr) -> None:
         """Wait until the TCP connection to ``addr`` can take more (for prefill senders)."""

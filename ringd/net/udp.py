@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 UDP_SEGMENT = 103  # linux/udp.h
 UDP_GRO = 104
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)  # linux/in.h
+IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+WARN_EVERY = 60.0  # seconds between repeated warnings about one peer
 READ_SIZE = 65536
 MAX_READS_PER_WAKEUP = 256
 ACK_EVERY_READS = 32  # within a long read batch, flush acks this often
@@ -55,12 +58,18 @@ class UdpChannel:
         self._closed = False
         self._flush_soon = False
         self.gro = self.gso = False
-        if offload and sys.platform == "linux":
-            try:
-                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-                self.gro = self.gso = True
+        if sys.platform == "linux":
+            try:  # never let the kernel fragment: a datagram over the path MTU fails instead
+                sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
             except OSError:
                 pass
+            if offload:
+                try:
+                    sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+                    self.gro = self.gso = True
+                except OSError:
+                    pass
+        self._warned: dict[tuple[str, int], float] = {}  # bounded by the peers we send to
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
@@ -127,13 +136,25 @@ class UdpChannel:
             self._queue(t)
             return False
         except OSError as e:
-            if self.gso and e.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
+            if e.errno == errno.EMSGSIZE:
+                self._warn(t.addr, "UDP datagrams of %d bytes do not fit the path MTU to %s:%d; "
+                           "lower datagram_size (RINGD_DATAGRAM_SIZE)", t.segment_size, *t.addr)
+            elif self.gso and e.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
                 log.info("UDP segmentation offload failed (%s); sending datagrams one by one", e)
                 self.gso = False
                 return self._send(t)
+            else:
+                self._warn(t.addr, "UDP send to %s:%d failed: %s", *t.addr, e)
             self.totals["send_errors"] += 1
-            log.debug("UDP send to %s failed: %s", t.addr, e)
         return True
+
+    def _warn(self, addr: tuple[str, int], msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(addr, -WARN_EVERY) >= WARN_EVERY:
+            self._warned[addr] = now
+            log.warning(msg, *args)
+        else:
+            log.debug(msg, *args)
 
     def _queue(self, t: Transmit) -> None:
         if len(self._backlog) >= MAX_BACKLOG:
@@ -201,14 +222,15 @@ class UdpChannel:
 
     # ---------------------------------------------------------------- timer
     def _arm(self) -> None:
+        """Keep one timer at or before the core's deadline. A deadline that moved later is
+        left armed: firing early costs one no-op ``handle_timer``, re-arming costs more."""
         t = self.endpoint.get_timer()
-        if t == self._timer_at:
+        if t is None or (self._timer_at is not None and self._timer_at <= t):
             return
         if self._timer:
             self._timer.cancel()
         self._timer_at = t
-        self._timer = (self._loop.call_later(max(0.0, t - time.monotonic()), self._on_timer)
-                       if t is not None else None)
+        self._timer = self._loop.call_later(max(0.0, t - time.monotonic()), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None

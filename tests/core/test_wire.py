@@ -336,3 +336,37 @@ def test_core_imports_stay_pure() -> None:
         for banned in ("import asyncio", "import socket", "import mlx", "import time",
                        "ringd.net", "ringd.compute"):
             assert banned not in src, (mod.__name__, banned)
+
+
+@pytest.mark.parametrize("encrypt", [True, False])
+def test_sealing_parts_streams_the_same_unit(encrypt: bool) -> None:
+    a = Sealer(KEY, "node-a", 11, encrypt=encrypt)
+    b = Sealer(KEY, "node-b", 22)
+    parts = (b"head", os.urandom(300_000), b"", b"tail")
+    out = bytearray(400_000)
+    frame = wire.seal_tcp_frame_parts(a, 7, parts, out=out)
+    assert frame.obj is out  # written into the reused buffer
+    d, c = _decoder()
+    d._sealer = b
+    [f] = d.receive_data(bytes(frame))
+    assert f.sender == "node-a" and bytes(f.data) == b"".join(parts) and sum(c.values()) == 0
+    assert bytes(frame) == bytes(wire.seal_tcp_frame(a, 7, b"".join(parts))) or encrypt is False
+
+
+def test_large_frames_decode_into_pooled_buffers_kept_while_referenced() -> None:
+    s = Sealer(KEY, "tx", 42)
+    pool = wire.BufferPool(min_size=1000)
+    d = StreamDecoder(Sealer(KEY, "rx", 1), ReplayGuard(), new_counters(), pool=pool)
+    frames = [bytes(seal_tcp_frame(s, i, encode_bytes(Gossip(bytes([i]) * 5000)))) for i in (1, 2, 3)]
+    [f1] = d.receive_data(frames[0])
+    held = decode(f1.data)  # Gossip copies its payload; keep the frame's view alive instead
+    view = f1.data
+    del f1, held
+    [f2] = d.receive_data(frames[1])
+    assert f2.data.obj is not view.obj  # the first buffer is still referenced: not reused
+    assert bytes(view[-5:]) == bytes([1]) * 5
+    buf2 = f2.data.obj
+    del f2, view
+    [f3] = d.receive_data(frames[2])
+    assert f3.data.obj is buf2 or len(pool._bufs) == 2  # a released buffer comes back
+    assert decode(f3.data).payload == bytes([3]) * 5000
