@@ -1,6 +1,6 @@
 """Single-node engine speed against mlx-lm's own generator, side by side in one run.
 
-    .venv/bin/python bench/engine.py [--model DIR] [--prompt-tokens 128] [--tokens 32] [--rounds 2]
+    .venv/bin/python bench/engine.py [--model DIR] [--prompt-tokens 128] [--tokens 32] [--rounds 3]
 
 Both run the same model directory, the same prompt token ids, greedy, for the same number
 of tokens (EOS ignored). "ringd" is the engine as the daemon loads it (on the CPU device
@@ -8,14 +8,17 @@ the large projections are split by rows over one MLX stream per core); "ringd-1"
 same engine with that split turned off, i.e. the same kernels mlx-lm runs.
 Prefill tokens/s = prompt tokens / time to the first token;
 decode tokens/s = (tokens - 1) / time from the first token to the last. Rounds alternate
-(mlx-lm, ours, mlx-lm, ours, ...) and the best round of each is reported, which damps
-noise from other processes on the machine. Prints ratios ours / mlx-lm (goal: >= 1.0).
+(mlx-lm, ours, mlx-lm, ours, ...); the best and the median round of each are reported,
+with the load average, since other processes on the machine skew single runs.
+Prints ratios ours / mlx-lm (goal: >= 1.0).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -43,7 +46,7 @@ def main() -> None:
                     help="model directory (default: the default model)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
     from mlx_lm import load as mlx_lm_load
@@ -78,29 +81,35 @@ def main() -> None:
         "ringd": lambda: engine.generate(prompt, params, ignore_eos=True),
         "ringd-1": lambda: unsplit.generate(prompt, params, ignore_eos=True),
     }
-    best: dict[str, tuple[float, float]] = {}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     outputs: dict[str, list[int]] = {}
+    load_before = os.getloadavg()[0]
     for run in runners.values():  # warm up (first-call allocations)
         timed(run(), n)
     for r in range(args.rounds):
         for name, run in runners.items():
             pre, dec, toks = timed(run(), n)
             outputs[name] = toks
+            results[name].append((pre, dec))
             print(f"round {r + 1} {name:7s} prefill {pre:7.1f} tok/s   decode {dec:6.2f} tok/s")
-            b = best.get(name, (0.0, 0.0))
-            best[name] = (max(b[0], pre), max(b[1], dec))
 
     print()
     print(f"model {model_dir.name}: {info.num_layers} layers, {info.total_bytes / 2**20:.0f} MiB; "
-          f"{mx.default_device()} on {platform.machine()}; "
+          f"{mx.default_device()} on {platform.machine()} ({os.cpu_count()} CPUs); "
           f"prompt {n} tokens, {args.tokens} generated")
+    print(f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+          "(other processes competing for the CPU make every number below noisy)")
     print(f"ringd: projections split over {engine.cpu_split} CPU streams; "
           "ringd-1: the same engine without the split")
-    tp, td = best["mlx-lm"]
-    for name in ("ringd", "ringd-1"):
-        op, od = best[name]
-        print(f"{name:7s} prefill {op:7.1f} tok/s (mlx-lm {tp:7.1f}, ratio {op / tp:4.2f})   "
-              f"decode {od:6.2f} tok/s (mlx-lm {td:6.2f}, ratio {od / td:4.2f})")
+    for how, pick in (("best", max), ("median", statistics.median)):
+        tp = pick(p for p, _ in results["mlx-lm"])
+        td = pick(d for _, d in results["mlx-lm"])
+        for name in ("ringd", "ringd-1"):
+            op = pick(p for p, _ in results[name])
+            od = pick(d for _, d in results[name])
+            print(f"{how:6s} {name:7s} prefill {op:6.1f} tok/s (mlx-lm {tp:6.1f}, "
+                  f"ratio {op / tp:4.2f})   decode {od:5.2f} tok/s (mlx-lm {td:5.2f}, "
+                  f"ratio {od / td:4.2f})")
     same = outputs["mlx-lm"] == outputs["ringd"] == outputs["ringd-1"]
     print(f"same greedy tokens: {same}")
 
