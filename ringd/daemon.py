@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import importlib
 import logging
 import os
 import random
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -132,6 +134,44 @@ class Node:
         from ringd.service.sdnotify import notify, watchdog_interval
         from ringd.service.watchdog import StallDetector, systemd_watchdog
 
+        async def stall_loop(after: float) -> None:
+            """Test hook (RINGD_TEST_STALL_AFTER=seconds): block the event loop for good that
+            long after the ring is ready, as a hung call would; the stall detector must end it."""
+            await self.ready_event.wait()
+            await asyncio.sleep(after)
+            log.warning("RINGD_TEST_STALL_AFTER is set: blocking the event loop (test hook)")
+            while True:
+                time.sleep(1.0)
+
+        # MLX, mlx-lm and transformers take seconds to import: do it off the loop (the watchdog
+        # keeps pinging, the stall detector stays quiet) and in a daemon thread, so a SIGTERM
+        # meanwhile ends the process at once instead of after the imports.
+        loop = asyncio.get_running_loop()
+        imported: asyncio.Future[None] = loop.create_future()
+
+        def import_modules() -> None:
+            error: BaseException | None = None
+            try:
+                for module in ("ringd.runner", "ringd.net.api", "ringd.net.transport"):
+                    importlib.import_module(module)
+            except BaseException as e:  # raised on the loop
+                error = e
+
+            def deliver() -> None:
+                if imported.done():
+                    return
+                if error is not None:
+                    imported.set_exception(error)
+                else:
+                    imported.set_result(None)
+
+            try:
+                loop.call_soon_threadsafe(deliver)
+            except RuntimeError:
+                pass  # the loop is closed: we stopped while importing
+
+        threading.Thread(target=import_modules, name="ringd-import", daemon=True).start()
+
         s = self.settings
         async with asyncio.TaskGroup() as tg:
             if s.stall_timeout > 0:
@@ -140,6 +180,16 @@ class Node:
             if interval is not None:
                 self._keep(tg.create_task(systemd_watchdog(interval)))
             notify(status="starting")
+            stop_wait = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait((imported, stop_wait), return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            if not imported.done():
+                log.info("stopped while starting")
+                notify(stopping=True, status="stopped while starting")
+                for t in list(self._tasks):
+                    t.cancel()
+                return
+            imported.result()
             await self.setup()
             if self.discovery is not None:
                 await self.discovery.start()
@@ -149,6 +199,9 @@ class Node:
             self._pump(time.monotonic())
             notify(status="waiting for peers")
             main = tg.create_task(self._timer_loop())
+            stall_after = os.environ.get("RINGD_TEST_STALL_AFTER")
+            if stall_after:
+                self._keep(tg.create_task(stall_loop(float(stall_after))))
             await self._stopping.wait()
             await self._shutdown()
             main.cancel()
@@ -296,7 +349,10 @@ class Node:
         try:
             await asyncio.wait_for(self.runner.idle.wait(), s.shutdown_timeout)
         except asyncio.TimeoutError:
-            log.warning("requests still running after %.0f s: failing them", s.shutdown_timeout)
+            log.warning("requests still running after %g s (shutdown_timeout): failing them",
+                        s.shutdown_timeout)
+            self.runner.stop_serving(f"node {s.node_name} is shutting down and ended the requests "
+                                     f"still running after shutdown_timeout ({s.shutdown_timeout:g} s)")
         self.membership.leave(time.monotonic())
         self._pump(time.monotonic())
         t_end = time.monotonic() + min(2.0, s.shutdown_timeout)
