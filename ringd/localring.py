@@ -3,7 +3,7 @@ the integration tests and the benches.
 
 Every node is a separate ``python -m ringd run`` process with its own state directory,
 peer port and HTTP port; they share one cluster key and find each other through static
-peers (and mDNS confined to 127.0.0.1 when asked).
+peers, mDNS confined to 127.0.0.1, or both (``static_peers``, ``mdns``).
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ class LocalRing:
     model: str
     model_store: Path
     mdns: bool = False
+    #: Give every node the others as static peers (off: mDNS alone must find them).
+    static_peers: bool = True
     extra_args: Sequence[str] = ()
     env: dict[str, str] = field(default_factory=dict)
     nodes: list[LocalNode] = field(default_factory=list)
@@ -81,7 +83,8 @@ class LocalRing:
             d.mkdir(exist_ok=True)
             self.nodes.append(LocalNode(f"node{i}", d, free_port(), free_port(), budget, d / "ringd.log"))
         for node in self.nodes:
-            peers = [f"--peer=127.0.0.1:{n.port}" for n in self.nodes if n is not node]
+            peers = ([f"--peer=127.0.0.1:{n.port}" for n in self.nodes if n is not node]
+                     if self.static_peers else [])
             args = [sys.executable, "-m", "ringd", "run", f"--state-dir={node.state_dir}",
                     f"--cluster-key-file={key}", f"--model-store={self.model_store}", f"--model={self.model}",
                     f"--node-name={node.name}", "--bind-host=127.0.0.1", "--advertise-host=127.0.0.1",
