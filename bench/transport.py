@@ -15,8 +15,8 @@ the same bytes). Cases:
 - ``grpc-exo``: a grpc.aio unary call with a protobuf tensor message (bytes + shape +
   dtype) on a gzip channel, the way exo's ``GRPCPeerHandle.send_tensor`` does it.
 - datagram table: ``ours`` at 32 KiB with 1400/8192/32768/65000-byte datagrams, with and
-  without UDP GSO/GRO; adapter table: raw uvloop ``DatagramProtocol`` against our
-  readiness callback with GSO/GRO, no crypto.
+  without UDP GSO/GRO; adapter table: echo of 32 KiB as 1400-byte datagrams, no crypto,
+  through asyncio-dgram, a uvloop ``DatagramProtocol`` and a readiness callback with GSO/GRO.
 
 Also printed: in-process costs of frame protection (AES-GCM, ChaCha20-Poly1305, GMAC-only,
 per packet vs per 1400-byte datagram) and of the MLX tensor conversion.
@@ -312,6 +312,21 @@ async def adapter_server(mode: str) -> None:
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     nseg = -(-ADAPTER_TOTAL // ADAPTER_SEG)
+    if mode == "dgram":
+        import asyncio_dgram
+
+        stream = await asyncio_dgram.bind(("127.0.0.1", 0))
+        print(stream.sockname[1], flush=True)
+        count = 0
+        while True:
+            data, addr = await stream.recv()
+            if len(data) == 1:
+                return
+            count += 1
+            if count == nseg:
+                count = 0
+                for _ in range(nseg):
+                    await stream.send(data, addr)
     if mode == "protocol":
         class Echo(asyncio.DatagramProtocol):
             def connection_made(self, tr):
@@ -375,7 +390,7 @@ def adapter_client(mode: str, port: int, quick: bool) -> None:
         for _ in range(nseg):
             s.send(seg)
         got = 0
-        while got < nseg * ADAPTER_SEG if mode == "protocol" else got < ADAPTER_TOTAL:
+        while got < (ADAPTER_TOTAL if mode == "gso" else nseg * ADAPTER_SEG):
             got += s.recv_into(buf)
         ts.append(time.perf_counter() - t0)
     report(f"adapter-{mode}", ADAPTER_TOTAL, ts[n // 10:], 0)
@@ -493,7 +508,7 @@ def main() -> None:
                            ["--case", f"dgram-{size}-{'gso' if gso else 'nogso'}", "--variant", v,
                             "--sizes", str(32 * KiB), *q])
     adapters = []
-    for mode in ("protocol", "gso"):
+    for mode in ("dgram", "protocol", "gso"):
         adapters += run_case(["--case", f"adapter-{mode}"], ["--case", f"adapter-{mode}", *q])
     micro_out = subprocess.run([sys.executable, __file__, "--role", "client", "--case", "micro"],
                                capture_output=True, text=True, cwd=ROOT).stdout

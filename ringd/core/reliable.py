@@ -163,10 +163,10 @@ class _Ranges:
 
 
 class _OutFrame:
-    __slots__ = ("stream", "seq", "data", "acked", "done")
+    __slots__ = ("stream", "seq", "data", "acked", "done", "out")
 
-    def __init__(self, stream: int, seq: int, data: bytes) -> None:
-        self.stream, self.seq, self.data = stream, seq, memoryview(data)
+    def __init__(self, stream: int, seq: int, data: bytes, out: "_OutStream") -> None:
+        self.stream, self.seq, self.data, self.out = stream, seq, memoryview(data), out
         self.acked = _Ranges()
         self.done = False
 
@@ -243,9 +243,6 @@ class _Peer:
         self.in_streams: dict[int, _InStream] = {}
         self.reassembly = 0  # bytes held in partial and ready frames
 
-    def has_data(self) -> bool:
-        return bool(self.retx or self.new)
-
 
 class _Assembly:
     __slots__ = ("parts", "got", "size", "first_seen")
@@ -307,7 +304,7 @@ class Endpoint:
             s = peer.out_streams.get(stream)
             if s is None:
                 s = peer.out_streams[stream] = _OutStream()
-            f = _OutFrame(stream, s.next_seq, bytes(data))
+            f = _OutFrame(stream, s.next_seq, bytes(data), s)
             s.unacked[s.next_seq] = f
             s.next_seq += 1
             peer.new.append((f, 0, n))
@@ -336,11 +333,11 @@ class Endpoint:
 
     def datagrams_to_send(self, now: float) -> list[Transmit]:
         out: list[Transmit] = []
-        for addr, peer in list(self._dirty.items()):
-            self._build(peer, now, out)
-            if not (peer.ack_pending or peer.oneshots or (peer.has_data() and self._window_open(peer, 0)
-                                                            and self._stream_open(peer))):
-                del self._dirty[addr]
+        if self._dirty:
+            for addr, peer in list(self._dirty.items()):
+                self._build(peer, now, out)
+                if not ((peer.retx or peer.new) and self._window_open(peer, 0) and self._stream_open(peer)):
+                    del self._dirty[addr]
         return out
 
     def next_event(self) -> Event | None:
@@ -430,14 +427,17 @@ class Endpoint:
         if peer.retx or not peer.new:
             return True
         f = peer.new[0][0]
-        return f.done or f.seq < peer.out_streams[f.stream].base + STREAM_WINDOW
+        return f.done or f.seq < f.out.base + STREAM_WINDOW
 
     def _window_open(self, peer: _Peer, extra: int) -> bool:
         return peer.probes > 0 or peer.in_flight + extra < self.config.max_in_flight
 
     def _build(self, peer: _Peer, now: float, out: list[Transmit]) -> None:
+        """Packets for ``peer``: its ACK, then one-shots, retransmissions and new frames."""
         overhead = self._sealer.overhead
         cap_oneshot = self._max_segs * self._seg_payload - overhead
+        max_flight = self.config.max_in_flight
+        retx, new = peer.retx, peer.new
         while True:
             cap = min(peer.seg_limit, self._max_segs) * self._seg_payload - overhead
             parts: list[Buffer] = []
@@ -446,33 +446,33 @@ class Endpoint:
             if peer.ack_pending:
                 ack = self._ack_chunk(peer, now)
                 parts.append(ack)
-                size += len(ack)
+                size = len(ack)
                 peer.ack_pending = False
                 self.totals["acks_sent"] += 1
             while peer.oneshots and size + ONESHOT.size + len(peer.oneshots[0]) <= cap_oneshot:
                 msg = peer.oneshots.popleft()
                 parts += (ONESHOT.pack(CH_ONESHOT, len(msg)), msg)
                 size += ONESHOT.size + len(msg)
-            while peer.has_data() and size + DATA.size < cap and self._window_open(peer, size):
-                q = peer.retx if peer.retx else peer.new
+            while (retx or new) and size + DATA.size < cap and (peer.probes or peer.in_flight + size < max_flight):
+                q = retx or new
                 f, off, ln = q[0]
                 if f.done:
                     q.popleft()
                     continue
-                if q is peer.new and f.seq >= peer.out_streams[f.stream].base + STREAM_WINDOW:
-                    break  # the receiver would refuse it: wait for the stream's oldest frame
-
-                if q is peer.retx:
+                base = f.out.base
+                if q is retx:
                     missing = f.acked.missing(off, off + ln)
                     q.popleft()
-                    for s, e in reversed(missing):
-                        q.appendleft((f, s, e - s))
+                    for a, b in reversed(missing):
+                        q.appendleft((f, a, b - a))
                     if not missing:
                         continue
                     f, off, ln = q[0]
+                elif f.seq >= base + STREAM_WINDOW:
+                    break  # the receiver would refuse it: wait for the stream's oldest frame
                 take = min(ln, cap - size - DATA.size)
-                parts += (DATA.pack(CH_DATA, f.stream, f.seq, peer.out_streams[f.stream].base,
-                                    len(f.data), off, take), f.data[off:off + take])
+                parts += (DATA.pack(CH_DATA, f.stream, f.seq, base, len(f.data), off, take),
+                          f.data[off:off + take])
                 size += DATA.size + take
                 ranges.append((f, off, take))
                 if take == ln:
@@ -482,14 +482,15 @@ class Endpoint:
             if not parts:
                 return
             pn = peer.next_pn
-            peer.next_pn += 1
+            peer.next_pn = pn + 1
             unit = self._sealer.seal(CHANNEL_UDP, pn, b"".join(parts))
             t = self._segment(peer.addr, pn, unit)
             out.append(t)
-            self.totals["packets_sent"] += 1
-            self.totals["segments_sent"] += t.segments
+            totals = self.totals
+            totals["packets_sent"] += 1
+            totals["segments_sent"] += len(t.iov) // 2
             if ranges:
-                peer.sent[pn] = _Sent(pn, now, len(unit), ranges, t.segments)
+                peer.sent[pn] = _Sent(pn, now, len(unit), ranges, len(t.iov) // 2)
                 peer.in_flight += len(unit)
                 peer.last_eliciting = now
                 if peer.probes:
@@ -554,13 +555,18 @@ class Endpoint:
             self.counters["truncated"] += 1
             return
         h = SEGMENT.unpack_from(mv, 0)
+        magic, version, index, count, tag, session, pn = h
+        if count == 1 and magic == SEGMENT_MAGIC and version == WIRE_VERSION and index == 0 \
+                and tag == self._sealer.cluster_tag:  # the common case, checked in one go
+            if not self._guard.fresh(CHANNEL_UDP, session, pn):
+                self.counters["replay"] += 1
+                return
+            self.totals["segments_received"] += 1
+            self._receive_packet(mv[SEGMENT.size:], addr, session, pn, now, owned=False)
+            return
         if not self._segment_ok(h):
             return
         self.totals["segments_received"] += 1
-        _, _, index, count, _, session, pn = h
-        if count == 1:
-            self._receive_packet(mv[SEGMENT.size:], addr, session, pn, now, owned=False)
-            return
         key = (addr, session, pn)
         a = self._assemblies.get(key)
         if a is None:
@@ -598,10 +604,15 @@ class Endpoint:
         if not self._guard.accept(CHANNEL_UDP, sender, session, pn, now):
             self.counters["replay"] += 1
             return
-        peer = self._peer(addr, now)
-        if peer is None:
-            self.counters["overflow"] += 1
-            return
+        peer = self._peers.get(addr)
+        if peer is not None:
+            self._peers.move_to_end(addr)
+            peer.last_activity = now
+        else:
+            peer = self._peer(addr, now)
+            if peer is None:
+                self.counters["overflow"] += 1
+                return
         self.totals["packets_received"] += 1
         if peer.remote_session != session:
             peer.in_streams.clear()
@@ -796,7 +807,7 @@ class Endpoint:
                 n = len(f.data)
                 if ln == n or (f.acked.add(off, off + ln) or f.acked.total == n):
                     f.done = True
-                    peer.out_streams[f.stream].unacked.pop(f.seq, None)
+                    f.out.unacked.pop(f.seq, None)
                     peer.queued -= n
             if p.segments >= peer.seg_limit < peer.max_segs:
                 peer.seg_limit += 1
@@ -805,8 +816,11 @@ class Endpoint:
             if top_sent.pn == ranges[0][0]:
                 self._update_rtt(peer, now - top_sent.time, ack_delay)
         peer.pto_count = 0
-        self._detect_lost(peer, now)
-        if peer.has_data() or peer.oneshots:
+        if sent:
+            self._detect_lost(peer, now)
+        else:
+            peer.loss_time = None
+        if peer.retx or peer.new or peer.oneshots:
             self._dirty[peer.addr] = peer
 
     def _update_rtt(self, peer: _Peer, latest: float, ack_delay: float) -> None:

@@ -487,6 +487,11 @@ class Sealer:
         (a reused buffer, large enough) the result is a view of its start.
         """
         aead = self._own[channel]
+        if out is None and not head:  # small units: two short-lived copies beat buffer juggling
+            if self.encrypt:
+                return self.prefix + aead.encrypt(_nonce(pn), plaintext, self.prefix)
+            unit = self.prefix + plaintext
+            return unit + aead.encrypt(_nonce(pn), b"", unit)
         h, p, n = len(head), len(self.prefix), memoryview(plaintext).nbytes
         total = h + p + n + TAG_SIZE
         if out is None:
