@@ -59,7 +59,15 @@ MAX_DIM = 1 << 24
 MAX_ARRAY = 16  # longest msgpack array in any message's metadata
 TCP_MAX_FRAME = 64 << 20  # default cap of one TCP frame (configurable per decoder)
 
-#: Counted drop reasons, so ``stats()`` always shows every key.
+#: Counted drop reasons (``stats()["drops"]`` always shows every key):
+#: ``bad_mac`` tag check failed (wrong key or tampered); ``replay`` a sequence number seen
+#: before, or from an older session of the node (network duplicates land here too);
+#: ``wrong_cluster`` another cluster's key; ``bad_version`` another wire/protocol version;
+#: ``stale_epoch`` an Activation/Token of another plan epoch; ``truncated``, ``oversize``,
+#: ``unknown_type``, ``malformed`` bad lengths, types or fields; ``overflow`` a bounded
+#: queue or buffer was full (the sender retransmits); ``expired`` a packet's segments did
+#: not all arrive in time; ``abandoned`` a frame the sender gave up on (moved to TCP) or
+#: that the gap timeout skipped.
 DROP_REASONS = (
     "bad_mac", "replay", "wrong_cluster", "bad_version", "stale_epoch", "truncated",
     "oversize", "unknown_type", "malformed", "overflow", "expired", "abandoned",
@@ -547,7 +555,10 @@ class Sealer:
         start = 2 + id_len
         if flags & ~FLAG_ENCRYPTED or not 0 < id_len <= MAX_NODE_ID or start + TAG_SIZE > len(mv):
             raise Dropped("malformed", "bad unit prefix")
-        aead = self._peer_key(channel, session)
+        k = (channel, session)
+        aead = self._peer_keys.get(k)
+        if aead is None:
+            aead = self._own[channel] if session == self.session else AESGCM(_derive(self.key, session, channel))
         try:
             if flags & FLAG_ENCRYPTED:
                 if out is None:
@@ -565,21 +576,15 @@ class Sealer:
                     plain, owned = view, True
         except InvalidTag:
             raise Dropped("bad_mac") from None
+        if k not in self._peer_keys:  # cached only once a unit verified: forgeries can't evict
+            self._peer_keys[k] = aead
+            if len(self._peer_keys) > self._max_peer_keys:
+                self._peer_keys.popitem(last=False)
         try:
             sender = str(mv[2:start], "utf-8")
         except UnicodeDecodeError:
             raise Dropped("malformed", "node id is not UTF-8") from None
         return sender, plain, owned
-
-    def _peer_key(self, channel: int, session: int) -> AESGCM:
-        k = (channel, session)
-        aead = self._peer_keys.get(k)
-        if aead is None:
-            aead = self._own[channel] if session == self.session else AESGCM(_derive(self.key, session, channel))
-            self._peer_keys[k] = aead
-            if len(self._peer_keys) > self._max_peer_keys:
-                self._peer_keys.popitem(last=False)
-        return aead
 
 
 # ======================================================================== replay

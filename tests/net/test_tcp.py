@@ -6,8 +6,6 @@ import asyncio
 import os
 import socket
 
-import pytest
-
 from ringd import PROTOCOL_VERSION
 from ringd.core import wire
 from ringd.core.wire import (Activation, Gossip, Handshake, ReplayGuard, Sampling, Sealer, Tensor, decode,
