@@ -79,10 +79,6 @@ class ModelInfo:
                 total += self.head_bytes
         return total
 
-    def layer_tensors(self, index: int) -> list[str]:
-        prefix = f"model.layers.{index}."
-        return [k for k in self.tensor_index if k.startswith(prefix)]
-
 
 def _read_json(path: Path, what: str) -> Any:
     try:
