@@ -1,0 +1,221 @@
+"""``ringctl verify`` and ``ringctl bench``: is the ring right, and is its speed possible?
+
+``verify`` runs a fixed prompt through the ring with the logits of every step attached
+(``POST /ringd/verify``), computes the same steps here from the local model files one block
+of layers at a time (:mod:`ringd.compute.reference`), and compares: exit 0 on a match, 1 on a
+mismatch (or a ring that fails the request). ``bench`` runs greedy tokens through the ring and
+judges the measured rate against the ring's ceiling (``status["ceiling"]``): exit 1 when a
+rate is above it (impossible: layers were not run). Exit 2: no daemon answering.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from typing import Any
+
+import click
+
+from ringd.cli_ring import client_from, handled, host_option, port_option
+from ringd.client import Client
+from ringd.core.proof import IMPOSSIBLE_HINT, StageLoad, rate_verdict, ring_ceiling
+from ringd.errors import RequestError, RingdError
+
+VERIFY_PROMPT = "The capital of France is Paris. The capital of Italy is"
+BENCH_PROMPT = "Once upon a time, in a ring of machines that passed numbers to each other,"
+MAX_TRACE_BYTES = 64 << 20
+
+
+def post_json(client: Client, path: str, body: dict[str, Any],
+              timeout: float | None) -> dict[str, Any]:
+    """POST a JSON body to the daemon; the JSON object it answers (RingdError on an error)."""
+    conn, resp = client._request("POST", path, json.dumps(body).encode(), timeout)
+    try:
+        raw = resp.read(MAX_TRACE_BYTES + 1)
+        try:
+            answer = json.loads(raw) if len(raw) <= MAX_TRACE_BYTES else None
+        except ValueError:
+            answer = None
+        if resp.status != 200:
+            raise client._error(resp.status, answer)
+        if not isinstance(answer, dict):
+            raise RingdError(f"ringd at {client.where} sent an unreadable answer to {path}")
+        return answer
+    finally:
+        conn.close()
+
+
+def _not_ready(status: dict[str, Any]) -> RequestError:
+    return RequestError("not_ready", "the ring is not ready: "
+                        + (status.get("reason") or "no reason given"),
+                        hint="`ringctl status` shows what the ring is waiting for")
+
+
+def _stages_text(stages: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{s.get('name')} layers {s.get('start')}-{int(s.get('end', 0)) - 1}"
+                     for s in stages)
+
+
+# ----------------------------------------------------------------------------- verify
+@click.command()
+@click.option("--prompt", default=VERIFY_PROMPT, show_default=True,
+              help="Raw prompt (no chat template).")
+@click.option("--steps", type=click.IntRange(1, 32), default=8, show_default=True,
+              help="Generated tokens whose logits are compared.")
+@click.option("--block-bytes", default=None,
+              help="Most weight bytes the reference loads at once (e.g. 8GiB). "
+                   "Default: half of this machine's usable memory.")
+@click.option("--store", type=click.Path(file_okay=False), default=None,
+              help="Model store directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+@host_option
+@port_option
+@click.pass_context
+@handled
+def verify(ctx: click.Context, prompt: str, steps: int, block_bytes: str | None, store: str | None,
+           as_json: bool, host: str | None, port: int | None) -> None:
+    """Check the ring's logits against this machine's own run of the model (exit 0: match)."""
+    import numpy as np
+
+    from ringd.cli import settings_from
+    from ringd.compute.memory import usable_memory
+    from ringd.compute.reference import compare, reference_logits
+    from ringd.compute.store import resolve_model
+    from ringd.compute.tokenizer import Tokenizer
+    from ringd.config import format_size, parse_size
+
+    s = settings_from(ctx, http_host=host, http_port=port, model_store=store)
+    client = client_from(ctx, host, port)
+    status = client.status()
+    model = (status.get("model") or {}).get("name")
+    if not status.get("ready") or not model:
+        raise _not_ready(status)
+    model_dir = resolve_model(s.model_store, model)
+    budget = (parse_size(block_bytes, what="--block-bytes") if block_bytes
+              else usable_memory(s.memory_reserve)[0] // 2)
+    try:
+        trace = post_json(client, "/ringd/verify", {"prompt": prompt, "steps": steps},
+                          s.request_timeout + 60.0)
+    except RequestError as e:
+        # The ring refused to produce a token (a coverage error names the nodes): that is a failure.
+        out = {"match": False, "ring_error": {"code": e.code, "message": e.message}}
+        click.echo(json.dumps(out) if as_json
+                   else f"mismatch: the ring failed the request: {e.message}")
+        raise SystemExit(1) from None
+    ring = np.stack([np.frombuffer(base64.b64decode(x), dtype="<f4") for x in trace["logits"]])
+    tokens, prompt_ids = trace["tokens"], trace["prompt_ids"]
+    say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
+    say(f"ring: {_stages_text(trace['stages'])} (plan epoch {trace['epoch']})")
+    say(f"reference: {model_dir}, at most {format_size(budget)} of weights at a time")
+    ref = reference_logits(model_dir, prompt_ids, tokens, block_bytes=budget, progress=say)
+    v = compare(ring, ref, tokens)
+    if as_json:
+        click.echo(json.dumps({**v.as_dict(), "stages": trace["stages"], "epoch": trace["epoch"],
+                               "prompt_tokens": len(prompt_ids)}))
+        raise SystemExit(0 if v.match else 1)
+    head = (f"max |logit difference| {v.max_abs_diff:.4g} (tolerance {v.tolerance:.3g}) "
+            f"over {v.steps} steps")
+    if v.match:
+        click.echo(f"match: {head}")
+        raise SystemExit(0)
+    k = v.first_divergent_step
+    assert k is not None
+    tok = Tokenizer.load(model_dir)
+    ring_tok, ref_tok = v.ring_tokens[k], v.reference_tokens[k]
+    where = "the first token after the prompt" if k == 0 else f"after {k} generated tokens"
+    click.echo(f"mismatch: {head}\n"
+               f"divergence starts at step {k} ({where}, position {len(prompt_ids) + k}): "
+               f"|difference| {v.step_diffs[k]:.4g}; "
+               f"the ring chose {ring_tok} {tok.decode([ring_tok])!r}, "
+               f"the reference {ref_tok} {tok.decode([ref_tok])!r}\n"
+               f"per step: {', '.join(f'{d:.3g}' for d in v.step_diffs)}\n"
+               f"nodes involved: {_stages_text(trace['stages'])}")
+    raise SystemExit(1)
+
+
+# ----------------------------------------------------------------------------- bench
+def ceiling_for(status: dict[str, Any], concurrency: int) -> tuple[float | None, dict[str, Any]]:
+    """The ring's ceiling (tokens/s in total) with ``concurrency`` streams, from its status."""
+    c = status.get("ceiling")
+    if not isinstance(c, dict) or not c.get("stages"):
+        return None, {}
+    stages = [StageLoad(s["node_id"], s["name"], s["shard_bytes"], s["bandwidth"])
+              for s in c["stages"]]
+    out = ring_ceiling(stages, float(c.get("hop_us") or 0.0) / 1e6, (concurrency,))
+    return out["aggregate_tps"].get(str(concurrency)), out
+
+
+@click.command()
+@click.option("--tokens", type=click.IntRange(16, 4096), default=64, show_default=True,
+              help="Greedy tokens per request.")
+@click.option("--concurrent", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Requests in flight at once.")
+@click.option("--prompt", default=BENCH_PROMPT, show_default=True,
+              help="Raw prompt (no chat template).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@host_option
+@port_option
+@click.pass_context
+@handled
+def bench(ctx: click.Context, tokens: int, concurrent: int, prompt: str, as_json: bool,
+          host: str | None, port: int | None) -> None:
+    """Measure the ring's decode speed and flag a rate above its ceiling as IMPOSSIBLE (exit 1)."""
+    client = client_from(ctx, host, port)
+    status = client.status()
+    if not status.get("ready"):
+        raise _not_ready(status)
+    single, _ = ceiling_for(status, 1)
+    total, info = ceiling_for(status, concurrent)
+    results: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0.0, "stop": []}
+        stamps = []
+        try:
+            for ev in client.stream_generate(body):
+                if ev.get("type") == "token":
+                    stamps.append(time.monotonic())
+                elif ev.get("type") == "finish":
+                    with lock:
+                        results.append({**ev, "stamps": stamps})
+        except BaseException as e:  # reported below, from the main thread
+            with lock:
+                errors.append(e)
+
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(concurrent)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    decoded = sum(len(r["stamps"]) - 1 for r in results)
+    first = min(r["stamps"][0] for r in results if r["stamps"])
+    last = max(r["stamps"][-1] for r in results if r["stamps"])
+    aggregate = decoded / (last - first) if last > first else 0.0
+    per_stream = [float(r["tokens_per_second"]) for r in results]
+    fastest = max(per_stream)
+    checks = [("fastest stream", fastest, single)]
+    if concurrent > 1:
+        checks.append(("all streams", aggregate, total))
+    verdicts = {name: rate_verdict(rate, ceil) for name, rate, ceil in checks}
+    out = {"requests": concurrent, "tokens": [r["completion_tokens"] for r in results],
+           "per_stream_tps": per_stream, "aggregate_tps": aggregate,
+           "time_to_first_token": [r["time_to_first_token"] for r in results],
+           "ceiling_single_tps": single, "ceiling_total_tps": total, "hop_us": info.get("hop_us"),
+           "verdicts": verdicts}
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        click.echo(f"{concurrent} request(s) of {tokens} greedy tokens; tokens: "
+                   + ", ".join(str(n) for n in out["tokens"]))
+        for name, rate, ceil in checks:
+            bound = f"{ceil:.1f}" if ceil is not None else "unknown"
+            click.echo(f"{name}: {rate:.1f} tokens/s; ceiling {bound} tokens/s: {verdicts[name]}")
+        if "IMPOSSIBLE" in verdicts.values():
+            click.echo(f"IMPOSSIBLE: {IMPOSSIBLE_HINT}", err=True)
+    raise SystemExit(1 if "IMPOSSIBLE" in verdicts.values() else 0)
