@@ -153,10 +153,11 @@ def demo(ctx: click.Context, text: str, nodes: int, max_tokens: int, store: str 
 
 
 def _register() -> None:
+    from ringd.cli_proof import bench, verify
     from ringd.cli_ring import prompt, status
     from ringd.cli_service import service
 
-    for cmd in (status, prompt, service):
+    for cmd in (status, prompt, verify, bench, service):
         main.add_command(cmd)
 
 

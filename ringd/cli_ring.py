@@ -191,8 +191,8 @@ def render_status(st: dict[str, Any]) -> str:
             lines.append(f"excluded: {_s(who)}: {_s(ex.get('reason'))}")
 
     ceiling = st.get("ceiling")
-    if isinstance(ceiling, dict) and isinstance(ceiling.get("single_stream_tps"), (int, float)):
-        lines.append(f"ceiling: {ceiling['single_stream_tps']:.1f} tokens/s for one stream")
+    if isinstance(ceiling, dict):
+        lines.extend(_ceiling_lines(ceiling))
     stats = st.get("stats")
     if isinstance(stats, dict) and stats:
         lines.append("stats: " + ", ".join(f"{k}={_fmt_stat(v)}" for k, v in sorted(stats.items())))
@@ -202,6 +202,34 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append("")
         lines.append("note: " + NO_PEER_HINT)
     return "\n".join(lines)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _ceiling_lines(c: dict[str, Any]) -> list[str]:
+    """The decode ceiling (issue 6) and the last measured rate, flagged when impossible."""
+    lines = []
+    single = c.get("single_stream_tps")
+    if _num(single):
+        agg = c.get("aggregate_tps") if isinstance(c.get("aggregate_tps"), dict) else {}
+        more = ", ".join(f"{v:.1f} with {k} streams" for k, v in agg.items()
+                         if k != "1" and _num(v))
+        hop = f", {c['hop_us']:.0f} us per hop" if _num(c.get("hop_us")) else ""
+        lines.append(f"ceiling: {single:.1f} tokens/s for one stream"
+                     + (f" ({more})" if more else "") + hop)
+    elif c.get("missing_bandwidth"):
+        lines.append("ceiling: unknown (no memory bandwidth from "
+                     + ", ".join(map(str, c["missing_bandwidth"])) + ")")
+    measured = c.get("measured_tps")
+    if _num(measured):
+        line = f"last measured: {measured:.1f} tokens/s"
+        if c.get("verdict") == "IMPOSSIBLE":
+            line += (" -- IMPOSSIBLE: above the ceiling, layers were not run (a broken ring); "
+                     "run `ringctl verify`")
+        lines.append(line)
+    return lines
 
 
 def _fmt_stat(v: Any) -> str:

@@ -116,6 +116,10 @@ class Settings:
                                      help="Memory this node offers the ring (e.g. 6GiB). Default: measured usable memory.")
     memory_reserve: int = _opt(2 * 1024**3, kind="size",
                                help="Memory kept free for the rest of the machine when measuring usable memory.")
+    memory_bandwidth: int | None = _opt(
+        None, kind="size",
+        help="Memory bandwidth in bytes per second (e.g. 800GB), for the decode ceiling. "
+             "Default: the chip's published figure on Apple silicon, measured elsewhere.")
 
     # --- membership timing --------------------------------------------------------------
     probe_interval: float = _opt(1.0, help="Seconds between failure-detector probes.")

@@ -38,7 +38,7 @@ from ringd.core.pipeline import Route, Stage
 from ringd.core.plan import ModelShape, Plan
 from ringd.core.requests import FinishEvent, GenerationRequest, TokenEvent
 from ringd.daemon_cli import build_settings, settings_options
-from ringd.errors import ConfigError, ModelError, RingdError, UsageError
+from ringd.errors import ConfigError, ModelError, RemoteProtocolError, RingdError, UsageError
 
 log = logging.getLogger("ringd.daemon")
 
@@ -73,6 +73,10 @@ class Node:
         self.ready_event = asyncio.Event()
         self.load_seconds: float | None = None
         self.timeline: dict[str, float] = {}
+        self._accepting = False  # peer messages are handled once setup is complete
+        self.manifest: Any = None  # ringd.compute.manifest.Manifest of the model files, once read
+        self.bandwidth: tuple[float, str] | None = None  # memory bandwidth (bytes/s) and its source
+        self.ring_fingerprint: str | None = None  # while serving
 
     # ------------------------------------------------------------------ start-up
     async def setup(self) -> None:
@@ -125,6 +129,7 @@ class Node:
             self.discovery = Discovery(self.node_id, self.cluster_id, self.port, self.http_port,
                                        list(s.mdns_interfaces) or None, on_peer=self._on_peer,
                                        advertise=[s.advertise_host] if s.advertise_host else None)
+        self._accepting = True
         log.info("node %s (%s) on %s:%d, HTTP API on %s:%d, offering %s of %s for %s",
                  self.node_id, s.node_name, host, self.port, s.http_host, self.http_port,
                  format_size(usable), format_size(total), self.info.name)
@@ -252,6 +257,7 @@ class Node:
         if isinstance(ev, StopServing):
             log.warning("ring stops serving plan epoch %d: %s", ev.plan.epoch, ev.reason)
             self.runner.stop_serving(ev.reason)
+            self.ring_fingerprint = None
             self.ready_event.clear()
             notify(status=f"re-forming: {ev.reason}")
         elif isinstance(ev, PlanDropped):
@@ -259,13 +265,36 @@ class Node:
                 self._load_task.cancel()
         elif isinstance(ev, LoadShard):
             self.timeline.setdefault("committed", now - self.started)
+            self.membership.update_meta(refusal=None)
             self.state.save_plan_epoch(ev.plan.epoch)
             self._load_task = asyncio.get_running_loop().create_task(self._load(ev.plan, ev.assignment))
             self._keep(self._load_task)
         elif isinstance(ev, RingReady):
+            from ringd.core.proof import (StageClaim, check_fingerprints, fingerprint_problem,
+                                          refusal_text, ring_fingerprint)
+
+            # Every node checks the others' gossiped fingerprints against its own model files.
+            members = {m.node_id: m for m in self.membership.members()}
+            claims = [StageClaim(a.node_id, m.name if m else a.node_id[:8], a.start, a.end,
+                                 m.meta.fingerprint if m else None)
+                      for a in ev.plan.order for m in [members.get(a.node_id)]]
+            manifest = self.manifest
+            problems = (check_fingerprints(claims, lambda a, b: manifest.expected(self.info, a, b),
+                                           self.node_id)
+                        if manifest is not None else ["this node could not read its model files"])
+            if problems:
+                reason = fingerprint_problem(problems)
+                log.error("refusing to serve plan epoch %d: %s", ev.plan.epoch, reason)
+                self.agreement.load_failed(ev.plan.hash, reason)
+                self.membership.update_meta(refusal=refusal_text(reason))
+                notify(status=f"refusing to serve: {reason}")
+                return
+            self.ring_fingerprint = ring_fingerprint(ev.plan.hash,
+                                                     [c.fingerprint or "" for c in claims])
             self.timeline.setdefault("ready", now - self.started)
             if self.compute is not None and self.loaded_for == ev.plan.layout_hash:
-                self.runner.serve(route_of(ev.plan), self.compute)
+                self.runner.serve(route_of(ev.plan), self.compute,
+                                  {m.node_id: m.name for m in members.values() if m.name})
             mine = ev.plan.assignment(self.node_id)
             where = f"layers {mine.start}-{mine.end - 1}" if mine else "no layers (entry only)"
             log.info("ring ready: plan %s epoch %d, %d nodes, %s here", ev.plan.hash[:8], ev.plan.epoch,
@@ -277,48 +306,80 @@ class Node:
             notify(status=f"cannot fit the model: {ev.error.message}")
 
     async def _load(self, plan: Plan, assignment: Any) -> None:
-        from ringd.compute.stage import StageCompute
+        from ringd.compute.bandwidth import detect_bandwidth
+        from ringd.compute.manifest import expected_tensors, load_manifest
+        from ringd.compute.stage import StageCompute, injected_fault
+        from ringd.core.proof import check_loaded, refusal_text
         from ringd.service.sdnotify import notify
 
-        if assignment is None:
-            self.agreement.loaded(plan.hash, time.monotonic())
-            self._pump(time.monotonic())
-            return
-        start, end = assignment.start, assignment.end
-        if self.compute is not None and self.loaded_for == plan.layout_hash:
-            log.info("layers %d-%d already loaded", start, end - 1)
-        else:
-            notify(status=f"loading layers {start}-{end - 1} of {plan.num_layers}")
-            log.info("loading layers [%d, %d) of %s", start, end, self.info.name)
-            old, self.compute, self.loaded_for = self.compute, None, None
-            t0 = time.monotonic()
-            try:
+        s = self.settings
+        if self.bandwidth is None:
+            self.bandwidth = ((float(s.memory_bandwidth), "configured") if s.memory_bandwidth
+                              else await asyncio.to_thread(detect_bandwidth))
+            log.info("memory bandwidth %.1f GB/s (%s)", self.bandwidth[0] / 1e9, self.bandwidth[1])
+            self.membership.update_meta(memory_bandwidth=int(self.bandwidth[0]))
+        try:
+            # Per-tensor hashes of the local files: built once, then read (and kept) in memory.
+            self.manifest = manifest = await asyncio.to_thread(load_manifest, self.model_dir)
+            if assignment is None:
+                self.membership.update_meta(fingerprint=None)
+                self.agreement.loaded(plan.hash, time.monotonic())
+                self._pump(time.monotonic())
+                return
+            start, end = assignment.start, assignment.end
+            if self.compute is not None and self.loaded_for == plan.layout_hash:
+                log.info("layers %d-%d already loaded", start, end - 1)
+            else:
+                notify(status=f"loading layers {start}-{end - 1} of {plan.num_layers}")
+                log.info("loading layers [%d, %d) of %s", start, end, self.info.name)
+                old, self.compute, self.loaded_for = self.compute, None, None
+                self.membership.update_meta(fingerprint=None)
+                t0 = time.monotonic()
                 if old is not None:
                     await self.runner.run_compute(old.free_all)
                     del old
-                compute = await self.runner.run_compute(StageCompute.load, self.model_dir, start, end)
-            except RingdError as e:
-                log.error("cannot load layers [%d, %d): %s", start, end, e)
-                self.agreement.load_failed(plan.hash, str(e))
-                self._pump(time.monotonic())
-                return
-            self.load_seconds = time.monotonic() - t0
-            self.compute, self.loaded_for = compute, plan.layout_hash
-            log.info("loaded layers [%d, %d): %s in %.2f s", start, end, format_size(compute.loaded_bytes),
-                     self.load_seconds)
+                compute = await self.runner.run_compute(StageCompute.load, self.model_dir, start,
+                                                        end, injected_fault(s.node_name))
+                # Refuse to serve unless the shard holds exactly the tensors of its assignment.
+                problem = check_loaded(start, end, expected_tensors(self.info, start, end),
+                                       compute.tensor_names)
+                if problem:
+                    raise ModelError(problem, hint="the model files or this node's loader are "
+                                                   "broken; re-copy the model directory")
+                fingerprint = manifest.fingerprint(start, end, compute.tensor_names)
+                self.load_seconds = time.monotonic() - t0
+                self.compute, self.loaded_for = compute, plan.layout_hash
+                self.membership.update_meta(fingerprint=fingerprint)
+                log.info("loaded layers [%d, %d): %s in %.2f s, fingerprint %s", start, end,
+                         format_size(compute.loaded_bytes), self.load_seconds, fingerprint)
+        except RingdError as e:
+            log.error("cannot serve plan %s: %s", plan.hash[:8], e)
+            self.agreement.load_failed(plan.hash,
+                                       e.message + (f" (hint: {e.hint})" if e.hint else ""))
+            self.membership.update_meta(refusal=refusal_text(e.message))
+            self._pump(time.monotonic())
+            return
         self.agreement.loaded(plan.hash, time.monotonic())
         self._pump(time.monotonic())
 
     # ------------------------------------------------------------------ inputs
     def _on_message(self, sender: str, addr: Addr, msg: wire.Message) -> None:
+        if not self._accepting:
+            return  # a fast peer's first gossip can arrive while this node is still starting
         now = time.monotonic()
         if isinstance(msg, wire.Gossip):
-            self.membership.receive(msg.payload, addr, now)
+            try:
+                self.membership.receive(msg.payload, addr, now)
+            except RemoteProtocolError as e:  # counted by membership; one rate-limited line here
+                log.warning("dropped a membership message from %s:%d: %s", addr[0], addr[1], e.message)
+                return
             self._pump(now)
         else:
             self.runner.on_message(msg, sender)
 
     def _on_peer(self, peer: Any) -> None:
+        if not self._accepting:
+            return
         now = time.monotonic()
         for a in peer.addresses:
             self.membership.add_peer_address((a, peer.port), now)
@@ -352,9 +413,11 @@ class Node:
             log.warning("requests still running after %g s (shutdown_timeout): failing them",
                         s.shutdown_timeout)
             self.runner.stop_serving(f"node {s.node_name} is shutting down and ended the requests "
-                                     f"still running after shutdown_timeout ({s.shutdown_timeout:g} s)")
+                                     f"still running after shutdown_timeout ({s.shutdown_timeout:g} s)",
+                                     code="leaving")
         self.membership.leave(time.monotonic())
         self._pump(time.monotonic())
+        self._accepting = False  # from here on only the leave gossip goes out
         t_end = time.monotonic() + min(2.0, s.shutdown_timeout)
         while not self.membership.leave_complete and time.monotonic() < t_end:
             timer = self.membership.get_timer()  # gossip rounds carry the leave
@@ -370,6 +433,8 @@ class Node:
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
+        from ringd.core.proof import not_ready_reason
+
         ag = self.agreement.status()
         plan = self.agreement.plan
         members = []
@@ -384,13 +449,18 @@ class Node:
                 "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
                 "software_version": m.meta.software_version, "http_port": m.meta.http_port,
                 "self": m.node_id == self.node_id,
+                "fingerprint": m.meta.fingerprint, "refusal": m.meta.refusal,
+                "memory_bandwidth": m.meta.memory_bandwidth or None,
             })
         return {
             "node": {"id": self.node_id, "name": self.settings.node_name,
                      "addr": f"{self.addr[0]}:{self.addr[1]}", "http_port": self.http_port,
                      "phase": self.membership.local.meta.phase.value},
             "ready": self.runner.route is not None,
-            "reason": None if self.runner.route is not None else self.agreement.reason,
+            "reason": None if self.runner.route is not None else not_ready_reason(
+                self.agreement.reason, [(m.name or m.node_id[:8], m.meta.refusal)
+                                        for m in self.membership.members()
+                                        if m.meta.refusal and m.node_id != self.node_id]),
             "model": {"name": self.info.name, "num_layers": self.info.num_layers,
                       "total_bytes": self.info.total_bytes},
             "plan": ({"epoch": plan.epoch, "hash": plan.hash,
@@ -399,8 +469,8 @@ class Node:
                       "excluded": [{"node_id": e.node_id, "reason": e.reason} for e in plan.excluded]}
                      if plan else None),
             "members": members,
-            "fingerprint": None,
-            "ceiling": None,
+            "fingerprint": self.ring_fingerprint if self.runner.route is not None else None,
+            "ceiling": self._ceiling(plan),
             "agreement": ag,
             "timeline": {k: round(v, 3) for k, v in self.timeline.items()},
             "stats": {"runner": self.runner.status(), "membership": self.membership.stats(),
@@ -409,12 +479,38 @@ class Node:
                       "compute": self.compute.stats() if self.compute else None},
         }
 
+    def _ceiling(self, plan: Plan | None) -> dict[str, Any] | None:
+        """Decode ceilings of the committed plan, and the last measured rate judged against them."""
+        from ringd.core.proof import StageLoad, rate_verdict, ring_ceiling
+
+        if plan is None:
+            return None
+        members = {m.node_id: m for m in self.membership.members()}
+        stages = []
+        for a in plan.order:
+            m = members.get(a.node_id)
+            bandwidth = float(m.meta.memory_bandwidth) if m and m.meta.memory_bandwidth else None
+            stages.append(StageLoad(a.node_id, m.name if m else a.node_id[:8],
+                                    self.info.shard_bytes(a.start, a.end), bandwidth))
+        rtts = [r for i in members
+                if i != self.node_id and (r := self.membership.rtt(i)) is not None]
+        out = ring_ceiling(stages, min(rtts) / 2 if rtts else 0.0)
+        rate = self.runner.last_rate
+        out["measured_tps"] = rate["tokens_per_second"] if rate else None
+        out["verdict"] = (rate_verdict(rate["tokens_per_second"], out["single_stream_tps"])
+                          if rate else None)
+        return out
+
 
 class NodeBackend:
     """The Backend the HTTP API sees: generation from the ring runner, status from the node."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
+
+    async def trace(self, prompt: str, steps: int) -> dict[str, Any]:
+        """Greedy tokens with their logits and the route taken (``POST /ringd/verify``)."""
+        return await self.node.runner.trace(prompt, steps)
 
     def served_models(self) -> list[str]:
         return self.node.runner.served_models()
@@ -533,7 +629,14 @@ def run(config: str | None, **flags: Any) -> None:
     except RingdError as e:
         click.echo(f"ringd: {e}", err=True)
         sys.exit(2)
-    sys.exit(run_node(settings))
+    code = run_node(settings)
+    # Everything is closed and saved. Leave without running C++ static destructors: MLX's
+    # per-thread CPU streams can abort the process there ("terminate called without an
+    # active exception"), which would turn a clean stop into a crash for systemd/launchd.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+from ringd.compute.local_backend import mlx_executor
 from ringd.compute.stage import Fault, StageCompute
 from ringd.compute.tokenizer import Tokenizer
 from ringd.config import Settings
@@ -73,7 +74,7 @@ class RingRunner:
         self.eos = frozenset(eos_token_ids)
         self.send = send
         self.not_ready_reason = not_ready_reason
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ringd-mlx")
+        self.executor = mlx_executor()  # the process's one MLX thread
         self.route: Route | None = None  # set while serving
         self.compute: StageCompute | None = None
         self.names: dict[str, str] = {}  # node id -> name, for error messages
@@ -94,7 +95,8 @@ class RingRunner:
         self.last_rate: dict[str, float] | None = None
 
     # ---------------------------------------------------------------- serving control
-    def serve(self, route: Route, compute: StageCompute, names: dict[str, str] | None = None) -> None:
+    def serve(self, route: Route, compute: StageCompute,
+              names: dict[str, str] | None = None) -> None:
         """Start serving ``route`` with this node's loaded shard; ``names``: node id -> name."""
         if compute.fault is Fault.STALE_EPOCH:
             route = Route(max(0, route.epoch - 1), route.stages, route.num_layers)  # test hook
@@ -103,12 +105,12 @@ class RingRunner:
         log.info("serving plan epoch %d as layers %s", route.epoch,
                  (lambda s: f"[{s.start}, {s.end})")(route.stage_of(self.node_id)))
 
-    def stop_serving(self, reason: str) -> None:
+    def stop_serving(self, reason: str, *, code: str = "not_ready") -> None:
         """Fail every running request with ``reason`` and free every KV cache here."""
         if self.route is None and not self._entries:
             return
         self.route = None
-        err = RequestError("not_ready", f"the ring stopped serving: {reason}",
+        err = RequestError(code, f"the ring stopped serving: {reason}",
                            hint="retry once `ringctl status` shows the ring ready again")
         for entry in list(self._entries.values()):
             entry.queue.put_nowait(err)
@@ -121,7 +123,7 @@ class RingRunner:
     async def close(self) -> None:
         self.leaving = True
         self.stop_serving("this node is shutting down")
-        await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown)
+        await self.run_compute(lambda: None)  # let queued frees finish
 
     async def run_compute(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -252,7 +254,8 @@ class RingRunner:
         ids = await asyncio.to_thread(self._encode, GenerationRequest(prompt=prompt))
         if len(ids) + steps > self.settings.max_context:
             raise RequestError("context_length", f"{len(ids)} prompt tokens + {steps} steps exceed "
-                               f"max_context ({self.settings.max_context})", hint="ask for fewer steps")
+                               f"max_context ({self.settings.max_context})",
+                               hint="ask for fewer steps")
         loop = asyncio.get_running_loop()
         rid = uuid.uuid4().hex
         entry = _Entry(rid, route, len(ids), steps)
@@ -276,7 +279,8 @@ class RingRunner:
         return {
             "model": self.model_name, "epoch": route.epoch, "prompt_ids": ids,
             "tokens": [t.token_id for t in tokens],
-            "logits": [base64.b64encode(t.logits.data).decode() for t in tokens if t.logits is not None],
+            "logits": [base64.b64encode(t.logits.data).decode()
+                       for t in tokens if t.logits is not None],
             "stages": [{"node_id": st.node_id, "name": self.names.get(st.node_id, st.node_id),
                         "start": st.start, "end": st.end} for st in route.stages],
         }
@@ -348,8 +352,9 @@ class RingRunner:
                                      layer_hi=msg.layer_hi, sender=sender)
             ran_lo, ran_hi = compute.layers  # the span this step really passes through here
             if ran_lo != stage.start:
-                raise RequestError("coverage", f"node {self.node_id} holds layers [{ran_lo}, {ran_hi}) but "
-                                   f"plan epoch {route.epoch} routes layers [{stage.start}, {stage.end}) to it",
+                raise RequestError("coverage", f"node {self.node_id} holds layers [{ran_lo}, {ran_hi}) "
+                                   f"but plan epoch {route.epoch} routes layers "
+                                   f"[{stage.start}, {stage.end}) to it",
                                    hint="the node loaded the wrong layers; no token was produced")
             length = msg.tensor.shape[0] if stage.start == 0 else msg.tensor.shape[1] if len(msg.tensor.shape) == 3 else -1
             if length < 1:
@@ -364,7 +369,8 @@ class RingRunner:
         is_last = route.next_stage(self.node_id) is None
         if is_last:
             try:
-                check_complete(route, layer_lo=0, layer_hi=ran_hi, sender=sender, self_id=self.node_id)
+                check_complete(route, layer_lo=0, layer_hi=ran_hi, sender=sender,
+                               self_id=self.node_id)
             except RequestError as e:
                 self._fail(msg.request_id, msg.entry, e)
                 return
@@ -374,8 +380,8 @@ class RingRunner:
         fut = self.executor.submit(compute.step, msg.request_id, msg.tensor, new=created, final=msg.final,
                                    params=params, logits=msg.sampling.want_logits)
         loop = asyncio.get_running_loop()
-        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._after_step, f, msg, route, ran_hi,
-                                                                  started))
+        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._after_step, f, msg, route,
+                                                                  ran_hi, started))
 
     def _after_step(self, fut: concurrent.futures.Future, msg: wire.Activation, route: Route, end: int,
                     started: float) -> None:
@@ -415,8 +421,9 @@ class RingRunner:
             if msg.epoch != entry.route.epoch:
                 self.counters["coverage_errors"] += 1
                 entry.queue.put_nowait(RequestError(
-                    "coverage", f"{who} sent a token of plan epoch {msg.epoch} for a request on epoch "
-                    f"{entry.route.epoch}; no token is shown", hint="a node is routing with another plan"))
+                    "coverage", f"{who} sent a token of plan epoch {msg.epoch} for a request on "
+                    f"epoch {entry.route.epoch}; no token is shown",
+                    hint="a node is routing with another plan"))
             elif (msg.layer_lo, msg.layer_hi) != (0, entry.route.num_layers):
                 self.counters["coverage_errors"] += 1
                 entry.queue.put_nowait(RequestError(
@@ -425,7 +432,8 @@ class RingRunner:
             else:
                 if msg.logits is not None:  # keep them past the receive buffer's reuse
                     g = msg.logits
-                    msg = dataclasses.replace(msg, logits=wire.Tensor(g.dtype, g.shape, bytes(g.data)))
+                    msg = dataclasses.replace(msg, logits=wire.Tensor(g.dtype, g.shape,
+                                                                      bytes(g.data)))
                 entry.queue.put_nowait(msg)
         if msg.finished or route is None or route.first.node_id != self.node_id:
             return
@@ -448,7 +456,8 @@ class RingRunner:
         entry = self._entries.get(msg.request_id)
         if entry is not None:
             code = msg.code if msg.code in _CODES else "internal"
-            entry.queue.put_nowait(RequestError(code, name_nodes(f"node {sender}: {msg.message}", self.names)))
+            entry.queue.put_nowait(RequestError(code, name_nodes(f"node {sender}: {msg.message}",
+                                                                 self.names)))
 
     def expire(self, now: float) -> None:
         """Free stage requests idle beyond request_timeout (their entry is gone)."""

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ringd.compute.gguf import SUPPORTED_TYPES, GGUFHeader, read_gguf_header
+from ringd.compute.manifest import write_manifest
 from ringd.compute.model_info import ModelInfo, inspect_model
 from ringd.config import DEFAULT_MODEL
 from ringd.errors import ModelError, UsageError
@@ -169,6 +170,8 @@ def _import_locked(header: GGUFHeader, store: Path, name: str, force: bool,
         _say(progress, f"reading {header.path} ({header.file_size / 2**20:.0f} MiB)")
         _convert(header, tmp, progress)
         info = inspect_model(tmp)
+        _say(progress, "hashing the weights for the manifest (ringd-manifest.json)")
+        write_manifest(tmp)  # file times survive the rename below, so it stays valid
         if dest.exists():
             trash = store / f".trash-{name}-{uuid.uuid4().hex[:8]}"
             dest.rename(trash)

@@ -61,6 +61,7 @@ MAX_MODEL_NAME = 128
 MAX_VERSION = 32
 MAX_HASH = 64
 MAX_FINGERPRINT = 128
+MAX_REFUSAL = 240
 MAX_UPDATES = 64
 MAX_SYNC_MEMBERS = 1024
 _U63 = (1 << 63) - 1
@@ -111,6 +112,10 @@ class NodeMeta:
     #: Ring-wide active model setting: last writer wins by (model_version, node_id).
     model: str = ""
     model_version: int = 0
+    #: Memory bandwidth in bytes/s, for the decode ceiling (issue 6); 0 when unknown.
+    memory_bandwidth: int = 0
+    #: Why this node refuses to serve its committed plan (e.g. weights that differ), if it does.
+    refusal: str | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,8 @@ def _enc_meta(m: NodeMeta) -> list[Any]:
         m.fingerprint,
         m.model,
         m.model_version,
+        m.memory_bandwidth,
+        m.refusal,
     ]
 
 
@@ -270,7 +277,7 @@ def _opt_str(v: Any, what: str, max_len: int) -> str | None:
 
 
 def _dec_meta(v: Any) -> NodeMeta:
-    f = _list(v, "meta", 14)
+    f = _list(v, "meta", 16)
     models = tuple(
         _str(x, "meta.models[]", MAX_MODEL_NAME, 1)
         for x in _list(f[2], "meta.models", max_len=MAX_MODELS)
@@ -290,6 +297,8 @@ def _dec_meta(v: Any) -> NodeMeta:
         fingerprint=_opt_str(f[11], "meta.fingerprint", MAX_FINGERPRINT),
         model=_str(f[12], "meta.model", MAX_MODEL_NAME),
         model_version=_int(f[13], "meta.model_version"),
+        memory_bandwidth=_int(f[14], "meta.memory_bandwidth"),
+        refusal=_opt_str(f[15], "meta.refusal", MAX_REFUSAL),
     )
 
 

@@ -8,6 +8,9 @@ Routes (every one needs ``Authorization: Bearer KEY`` when an API key is set):
 - ``POST /ringd/generate`` -- NDJSON events: ``{"type": "token", ...}`` lines, then one
   ``{"type": "finish", ...}`` or ``{"type": "error", "code", "message", "hint"}``.
 - ``POST /ringd/shutdown`` -- asks the daemon to stop (only when ``on_shutdown`` is given).
+- ``POST /ringd/verify`` -- ``{"prompt", "steps"}``: the ring's greedy tokens for a raw prompt
+  with the float32 logits of every step (base64) and the route taken, for ``ringctl verify``
+  (only when the backend has ``trace``, i.e. a ring).
 - ``GET /healthz``.
 
 Requests: ``model`` may be left out (the served one is used); ``temperature`` defaults to 1 on
@@ -40,6 +43,7 @@ from ringd.errors import RequestError, UsageError
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 2 * 1024 * 1024
+MAX_VERIFY_STEPS = 32
 DEFAULT_MAX_TOKENS = 1024
 CHAT_ROLES = ("system", "user", "assistant", "developer")
 
@@ -376,6 +380,7 @@ class ApiServer:
                 web.get("/ringd/status", self._status),
                 web.post("/ringd/generate", self._generate),
                 web.post("/ringd/shutdown", self._shutdown),
+                web.post("/ringd/verify", self._verify),
                 web.get("/healthz", self._health),
             ]
         )
@@ -541,6 +546,25 @@ class ApiServer:
             raise ApiError("not_found", "this server cannot be stopped through the API", status=404)
         self._on_shutdown()
         return web.json_response({"stopping": True}, status=202)
+
+    async def _verify(self, request: web.Request) -> web.Response:
+        trace = getattr(self.backend, "trace", None)
+        if trace is None:
+            raise ApiError("not_found", "verify compares a ring with a local reference; "
+                           "this node runs the whole model itself", status=404)
+        body = await self._json_body(request)
+        prompt = _get(body, "prompt", "str")
+        if not prompt:
+            raise ApiError("bad_request", "prompt must be a non-empty string", param="prompt")
+        steps = _get(body, "steps", "int", 8)
+        if not 1 <= steps <= MAX_VERIFY_STEPS:
+            raise ApiError("bad_request", f"steps must be 1..{MAX_VERIFY_STEPS}, got {steps}",
+                           param="steps")
+        try:
+            result = await trace(prompt, steps)
+        except RequestError as e:
+            raise ApiError.from_request_error(e) from None
+        return web.json_response(result)
 
     async def _models(self, request: web.Request) -> web.Response:
         created = int(time.time())

@@ -329,6 +329,9 @@ metas = st.builds(
     fingerprint=hashes,
     model=ids,
     model_version=st.integers(0, 99),
+    memory_bandwidth=st.integers(0, 2**50),
+    refusal=st.none()
+    | st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=240),
 )
 
 
@@ -436,7 +439,7 @@ def test_specific_junk_is_rejected_with_a_reason() -> None:
             [1, 1, [*ping[2][:5], 1, ping[2][6]], None, []]
         ): "cannot describe itself as suspect",
         msgpack.packb([1, 1, [*ping[2][:3], 0, *ping[2][4:]], None, []]): "source.addr.port",
-        msgpack.packb([1, 1, [*ping[2][:6], ping[2][6][:-1]], None, []]): "meta: expected 14",
+        msgpack.packb([1, 1, [*ping[2][:6], ping[2][6][:-1]], None, []]): "meta: expected 16",
         msgpack.packb([1, 1, ping[2], None, [], "extra"]): "ping: expected 5",
         b"\x91" * 5000: "not valid msgpack",
     }

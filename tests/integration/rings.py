@@ -13,7 +13,7 @@ from ringd.localring import LocalRing
 
 RING_CONTEXT = 1024
 RING_CONCURRENCY = 4
-RING_ARGS = (f"--max-context={RING_CONTEXT}", f"--max-concurrent={RING_CONCURRENCY}", "--stall-timeout=0")
+RING_ARGS = (f"--max-context={RING_CONTEXT}", f"--max-concurrent={RING_CONCURRENCY}")
 
 
 def need_bytes(model_dir: Path) -> int:
