@@ -110,7 +110,7 @@ class Node:
         self.addr: Addr = (host, self.port)
 
         self.runner = RingRunner(s, self.node_id, self.tokenizer, self.info.name, self.info.eos_token_ids,
-                                 self._send, not_ready_reason=lambda: self.agreement.reason)
+                                 self._send, not_ready_reason=self.not_ready_reason)
         self.api = ApiServer(NodeBackend(self), host=s.http_host, port=s.http_port, api_key=s.api_key,
                              on_shutdown=self.request_stop)
         self.http_port = await self.api.start()
@@ -432,9 +432,15 @@ class Node:
         log.info("stopped")
 
     # ------------------------------------------------------------------ status
-    def status(self) -> dict[str, Any]:
+    def not_ready_reason(self) -> str:
+        """Why the ring is not serving: the agreement's reason, or the nodes that refuse."""
         from ringd.core.proof import not_ready_reason
 
+        return not_ready_reason(self.agreement.reason, [
+            (m.name or m.node_id[:8], m.meta.refusal) for m in self.membership.members()
+            if m.meta.refusal and m.node_id != self.node_id])
+
+    def status(self) -> dict[str, Any]:
         ag = self.agreement.status()
         plan = self.agreement.plan
         members = []
@@ -457,10 +463,7 @@ class Node:
                      "addr": f"{self.addr[0]}:{self.addr[1]}", "http_port": self.http_port,
                      "phase": self.membership.local.meta.phase.value},
             "ready": self.runner.route is not None,
-            "reason": None if self.runner.route is not None else not_ready_reason(
-                self.agreement.reason, [(m.name or m.node_id[:8], m.meta.refusal)
-                                        for m in self.membership.members()
-                                        if m.meta.refusal and m.node_id != self.node_id]),
+            "reason": None if self.runner.route is not None else self.not_ready_reason(),
             "model": {"name": self.info.name, "num_layers": self.info.num_layers,
                       "total_bytes": self.info.total_bytes},
             "plan": ({"epoch": plan.epoch, "hash": plan.hash,

@@ -127,7 +127,8 @@ class StageCompute:
             eng.new_request(rid)
             if eng.is_last:
                 self._samplers[rid] = Sampler(params)
-        out = eng.forward(rid, from_wire(tensor))
+        # a prefill chunk before the last needs no logits: the last shard skips its head
+        out = eng.forward(rid, from_wire(tensor), need_logits=final or not eng.is_last)
         if not eng.is_last:
             return to_wire(out)
         if not final:
