@@ -317,6 +317,8 @@ def test_sigterm_entry_node_during_generation(local_ring: RingFactory) -> None:
     while refused is None and time.monotonic() < t_sig + 2.0:
         status, body = post_json(entry.http_port, "/ringd/generate",
                                  {"prompt": "Hi", "max_tokens": 1})
+        if status == 429:
+            continue  # the two streams fill max_concurrent until the signal is handled
         if status != 200:
             refused = status, body
     assert refused is not None, "new requests were still accepted 2 s after SIGTERM"
