@@ -248,7 +248,8 @@ class Node:
         self.membership.update_meta(**pub)
         self.transport.set_epoch(self.agreement.epoch)
         for addr, payload in self.membership.outbox():
-            self.transport.send(addr, wire.Gossip(payload))
+            # SWIM does its own retries: probes must not be masked by retransmission
+            self.transport.send(addr, wire.Gossip(payload), reliable=False)
         self._wake.set()
 
     def _on_agreement(self, ev: Any, now: float) -> None:
