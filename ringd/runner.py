@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import concurrent.futures
 import dataclasses
 import logging
@@ -23,7 +24,7 @@ import struct
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from ringd.compute.local_backend import mlx_executor
 from ringd.compute.stage import Fault, StageCompute
@@ -47,8 +48,9 @@ class _Entry:
 
     rid: str
     route: Route
-    prompt_tokens: int
-    limit: int
+    prompt_tokens: int = 0
+    limit: int = 0
+    done: bool = False  # ended normally (its caches are freed with reason "done")
     queue: asyncio.Queue[wire.Token | RequestError] = field(default_factory=asyncio.Queue)
 
 
@@ -117,6 +119,7 @@ class RingRunner:
         now = time.monotonic()
         self.table.clear(now)
         self._flows.clear()
+        self._early.clear()
         if self.compute is not None:
             self.executor.submit(self.compute.free_all)
 
@@ -174,17 +177,30 @@ class RingRunner:
             raise item
         return item
 
+    @contextlib.contextmanager
+    def _entered(self, route: Route) -> Iterator[_Entry]:
+        """A request with this node as its entry: counted against max_concurrent while it
+        runs, and ended on every node of its route when it stops, whichever way it stops."""
+        entry = _Entry(uuid.uuid4().hex, route)
+        self._entries[entry.rid] = entry
+        self.idle.clear()
+        try:
+            yield entry
+        finally:
+            del self._entries[entry.rid]
+            if not self._entries:
+                self.idle.set()
+            if not entry.done:
+                self.counters["requests_failed"] += 1
+            self._end_everywhere(route, entry.rid, "done" if entry.done else "cancelled")
+
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
         s = self.settings
         route = self._admit(request.model)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        rid = uuid.uuid4().hex
-        entry = _Entry(rid, route, 0, 0)
-        self._entries[rid] = entry  # admitted: counts against max_concurrent from here
-        self.idle.clear()
-        finished = False
-        try:
+        with self._entered(route) as entry:
+            rid = entry.rid
             ids = await asyncio.to_thread(self._encode, request)
             room = s.max_context - len(ids)
             if room < 1:
@@ -217,7 +233,7 @@ class RingRunner:
                 if stopped or last:
                     reason = "stop" if stopped or item.finish_reason == "stop" else "length"
                     break
-            finished = True
+            entry.done = True
             self.counters["requests_served"] += 1
             self.counters["tokens_generated"] += n
             rate = (n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else 0.0
@@ -226,13 +242,6 @@ class RingRunner:
             yield FinishEvent(reason=reason, prompt_tokens=entry.prompt_tokens, completion_tokens=n,
                               time_to_first_token=t_first - t0, tokens_per_second=rate,
                               extra={"request_id": rid, "epoch": route.epoch})
-        finally:
-            if not finished:
-                self.counters["requests_failed"] += 1
-            del self._entries[rid]
-            if not self._entries:
-                self.idle.set()
-            self._end_everywhere(route, rid, "done" if finished else "cancelled")
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
@@ -257,21 +266,14 @@ class RingRunner:
                                f"max_context ({self.settings.max_context})",
                                hint="ask for fewer steps")
         loop = asyncio.get_running_loop()
-        rid = uuid.uuid4().hex
-        entry = _Entry(rid, route, len(ids), steps)
-        self._entries[rid] = entry
-        self.idle.clear()
         tokens: list[wire.Token] = []
-        try:
-            self._send_prompt(route, rid, ids, wire.Sampling(max_tokens=steps, want_logits=True))
+        with self._entered(route) as entry:
+            entry.prompt_tokens, entry.limit = len(ids), steps
+            self._send_prompt(route, entry.rid, ids, wire.Sampling(max_tokens=steps, want_logits=True))
             deadline = loop.time() + self.settings.request_timeout
             while not tokens or not tokens[-1].finished:
                 tokens.append(await self._next_token(entry, deadline))
-        finally:
-            del self._entries[rid]
-            if not self._entries:
-                self.idle.set()
-            self._end_everywhere(route, rid, "done")
+            entry.done = True
         missing = [t.step for t in tokens if t.logits is None]
         if missing:
             raise RequestError("internal", f"the last stage sent no logits for steps {missing}",
