@@ -195,7 +195,7 @@ def render_status(st: dict[str, Any]) -> str:
         lines.extend(_ceiling_lines(ceiling))
     stats = st.get("stats")
     if isinstance(stats, dict) and stats:
-        lines.append("stats: " + ", ".join(f"{k}={_fmt_stat(v)}" for k, v in sorted(stats.items())))
+        lines.append("stats: " + _stats_summary(stats) + "   (all counters: ringctl status --json)")
 
     peers = [m for m in members if m.get("id") != node.get("id")]
     if not peers:
@@ -230,6 +230,27 @@ def _ceiling_lines(c: dict[str, Any]) -> list[str]:
                      "run `ringctl verify`")
         lines.append(line)
     return lines
+
+
+_SUMMARY = {  # section -> counters worth a glance in the table view
+    "runner": ("requests_served", "requests_failed", "tokens_generated", "coverage_errors"),
+    "membership": ("suspicions", "failures", "rejected_payloads"),
+}
+
+
+def _stats_summary(stats: dict[str, Any]) -> str:
+    """Top-level scalars, a few counters of the daemon's sections, and dropped frames."""
+    parts = [f"{k}={_fmt_stat(v)}" for k, v in sorted(stats.items()) if not isinstance(v, (dict, list))]
+    for section, keys in _SUMMARY.items():
+        sub = stats.get(section)
+        if isinstance(sub, dict):
+            sub = sub.get("counters", sub) if section == "membership" else sub
+            parts += [f"{k}={_fmt_stat(sub[k])}" for k in keys if k in sub]
+    transport = stats.get("transport")
+    if isinstance(transport, dict) and isinstance(transport.get("drops"), dict):
+        drops = {k: v for k, v in transport["drops"].items() if isinstance(v, int) and v}
+        parts.append("dropped_frames=" + (_fmt_stat(drops) if drops else "0"))
+    return ", ".join(parts)
 
 
 def _fmt_stat(v: Any) -> str:

@@ -590,6 +590,8 @@ def run_node(settings: Settings) -> int:
     from ringd.state import NodeState
 
     configure_logging(settings.log_level, settings.log_json, None)
+    if settings.log_level.lower() != "debug":  # ringctl status polls; one line per call is noise
+        logging.getLogger("ringd.net.api.access").setLevel(logging.WARNING)
     faulthandler.enable()
     try:
         state = NodeState.open(settings.state_dir)
