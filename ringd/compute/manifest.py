@@ -19,13 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from ringd.compute.model_info import ModelInfo, inspect_model
+from ringd.compute.model_info import ModelInfo, inspect_model, read_safetensors_header
 from ringd.core.proof import shard_fingerprint
 from ringd.errors import ModelError
 from ringd.state import atomic_write
@@ -35,7 +34,6 @@ log = logging.getLogger(__name__)
 MANIFEST_FILE = "ringd-manifest.json"
 MANIFEST_VERSION = 1
 HASH_SIZE = 16
-_MAX_HEADER = 100 * 1024 * 1024
 _CHUNK = 8 << 20
 _HINT = "the file is truncated or damaged; re-import or re-copy the model directory"
 
@@ -84,36 +82,7 @@ def expected_tensors(info: ModelInfo, start: int, end: int) -> list[str]:
 # ----------------------------------------------------------------------------- hashing
 def tensor_spans(path: Path) -> dict[str, tuple[int, int]]:
     """Absolute ``(begin, end)`` byte offsets of every tensor in a safetensors file."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ModelError(f"{path} is not a safetensors file", hint=_HINT)
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise ModelError(f"{path}: header length {n} does not fit in a {size}-byte file",
-                                 hint=_HINT)
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise ModelError(f"cannot read {path}: {e}", hint=_HINT) from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ModelError(f"{path}: bad safetensors header ({e})", hint=_HINT) from None
-    if not isinstance(header, dict):
-        raise ModelError(f"{path}: bad safetensors header", hint=_HINT)
-    base = 8 + n
-    spans = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{path}: bad header entry for tensor {name!r}", hint=_HINT) from None
-        if not 0 <= begin <= end or base + end > size:
-            raise ModelError(f"{path}: tensor {name!r} lies outside the file", hint=_HINT)
-        spans[name] = (base + begin, base + end)
-    return spans
+    return {name: (e.offset, e.offset + e.nbytes) for name, e in read_safetensors_header(path).items()}
 
 
 def hash_file(path: Path) -> dict[str, str]:

@@ -38,6 +38,7 @@ class TensorEntry:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # where its bytes begin in the file
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
             raise ModelError(
                 f"{path}: tensor {name!r} needs bytes {begin}..{end} of the data section, "
                 f"but the file holds {data_len}", hint=hint)
-        out[name] = TensorEntry(path.name, dtype, shape, end - begin)
+        out[name] = TensorEntry(path.name, dtype, shape, end - begin, 8 + n + begin)
     return out
 
 
