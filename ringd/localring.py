@@ -69,6 +69,9 @@ class LocalRing:
     static_peers: bool = True
     extra_args: Sequence[str] = ()
     env: dict[str, str] = field(default_factory=dict)
+    #: Per node, a CPU list to pin it to with ``taskset -c`` (Linux), e.g. ``("0", "1", "0")``;
+    #: empty: every node inherits this process's affinity.
+    cpus: Sequence[str] = ()
     nodes: list[LocalNode] = field(default_factory=list)
 
     def start(self) -> None:
@@ -82,7 +85,7 @@ class LocalRing:
             d = self.base / f"node{i}"
             d.mkdir(exist_ok=True)
             self.nodes.append(LocalNode(f"node{i}", d, free_port(), free_port(), budget, d / "ringd.log"))
-        for node in self.nodes:
+        for i, node in enumerate(self.nodes):
             peers = ([f"--peer=127.0.0.1:{n.port}" for n in self.nodes if n is not node]
                      if self.static_peers else [])
             args = [sys.executable, "-m", "ringd", "run", f"--state-dir={node.state_dir}",
@@ -91,6 +94,8 @@ class LocalRing:
                     f"--port={node.port}", "--http-host=127.0.0.1", f"--http-port={node.http_port}",
                     f"--memory-budget={node.budget}", *peers, *self.extra_args]
             args += ["--mdns", "--mdns-interface=127.0.0.1"] if self.mdns else ["--no-mdns"]
+            if self.cpus:
+                args = ["taskset", "-c", self.cpus[i % len(self.cpus)], *args]
             env = {**os.environ, "RINGD_LOG_LEVEL": os.environ.get("RINGD_LOG_LEVEL", "info"), **self.env}
             env.pop("NOTIFY_SOCKET", None)
             env.pop("RINGD_CONFIG", None)
