@@ -506,7 +506,9 @@ def main() -> None:
 
     spread = [str(c) for c in sorted(os.sched_getaffinity(0))] if args.spread else []
     if spread:
-        print("daemons pinned round robin to CPUs " + ", ".join(spread) + " (taskset -c)")
+        print("daemons pinned round robin to CPUs " + ", ".join(spread) + " (taskset -c): one CPU "
+              "per node, while mlx-lm and the engine here have them all, so [1] and [2] are not "
+              "like for like in this mode; it is for [3]")
     with tempfile.TemporaryDirectory(prefix="ringbench-") as tmp:
         ring = LocalRing(Path(tmp), budgets, settings.model, settings.model_store, cpus=spread,
                          extra_args=(f"--max-context={context}", f"--max-concurrent={concurrency}",
