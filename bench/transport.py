@@ -1,7 +1,7 @@
 """Per-hop round trips of activation frames: our channels against a raw floor and exo-style gRPC.
 
-    .venv/bin/python bench/transport.py            # full run (~2-3 minutes)
-    .venv/bin/python bench/transport.py --quick    # fewer round trips
+    .venv/bin/python bench/transport.py            # full run (~2-4 minutes)
+    .venv/bin/python bench/transport.py --quick    # fewer round trips, one pass (~20-25 s)
 
 Every case runs an echo server pinned to CPU 1 and a client pinned to CPU 0 (``taskset``),
 on loopback, side by side in one run. Figures are p50/p99 round-trip microseconds and the
@@ -17,9 +17,17 @@ the same bytes). Cases:
 - datagram table: ``ours`` at 32 KiB with 1400/8192/32768/65000-byte datagrams, with and
   without UDP GSO/GRO; adapter table: echo of 32 KiB as 1400-byte datagrams, no crypto,
   through asyncio-dgram, a uvloop ``DatagramProtocol`` and a readiness callback with GSO/GRO.
+- veth table (root only, needs ``ip`` and network namespaces; skipped with a one-line reason
+  otherwise): two namespaces ``rbench-a`` (client, 10.213.0.1) and ``rbench-b`` (server,
+  10.213.0.2) joined by a veth pair, at veth MTU 1500 and 9000: ``floor-udp`` (one 32 KiB
+  datagram, IP-fragmented at MTU 1500), ``floor-tcp`` and ``ours`` at 32 KiB with
+  ``datagram_size`` 1400, MTU - 28 (the largest unfragmented IPv4 UDP payload) and 0 ("auto:
+  follow the path MTU"; a setting that ``Settings`` may not accept yet, then the row says
+  why). The namespaces are deleted at the end, and leftovers named ``rbench*`` at the start.
 
-Also printed: in-process costs of frame protection (AES-GCM, ChaCha20-Poly1305, GMAC-only,
-per packet vs per 1400-byte datagram) and of the MLX tensor conversion.
+Also printed: in-process costs of frame protection at 32 KiB (AES-GCM, AES-128/256-OCB3,
+ChaCha20-Poly1305, GMAC-only, per packet vs per 1400-byte datagram) and at 4 MiB (with GB/s),
+and of the MLX tensor conversion.
 """
 
 from __future__ import annotations
@@ -68,11 +76,11 @@ def faults() -> int:
 
 
 # ============================================================ floors (blocking sockets)
-def floor_server(kind: str) -> None:
+def floor_server(kind: str, host: str) -> None:
     if kind == "udp":
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         print(s.getsockname()[1], flush=True)
         buf = bytearray(65536)
         while True:
@@ -82,7 +90,7 @@ def floor_server(kind: str) -> None:
             s.sendto(memoryview(buf)[:n], a)
     ls = socket.socket()
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("127.0.0.1", 0))
+    ls.bind((host, 0))
     ls.listen()
     print(ls.getsockname()[1], flush=True)
     c, _ = ls.accept()
@@ -107,13 +115,13 @@ def _recv_exact(c: socket.socket, mv: memoryview) -> bool:
     return True
 
 
-def floor_client(kind: str, port: int, quick: bool) -> None:
+def floor_client(kind: str, host: str, port: int, quick: bool, case: str, sizes: list[int]) -> None:
     if kind == "udp":
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        s.connect(("127.0.0.1", port))
+        s.connect((host, port))  # default PMTU mode: a datagram above the MTU is IP-fragmented
         buf = bytearray(65536)
-        for size in [x for x in SIZES if x <= 32 * KiB]:
+        for size in [x for x in sizes if x <= 32 * KiB]:
             data = os.urandom(size)
             n = iters_for(size, "floor", quick)
             ts = []
@@ -122,14 +130,14 @@ def floor_client(kind: str, port: int, quick: bool) -> None:
                 s.send(data)
                 s.recv_into(buf)
                 ts.append(time.perf_counter() - t0)
-            report("floor-udp", size, ts[n // 10:], 0)
+            report(case, size, ts[n // 10:], 0)
         s.send(b"x")
         return
-    c = socket.create_connection(("127.0.0.1", port))
+    c = socket.create_connection((host, port))
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = bytearray(8 << 20)
     mv = memoryview(buf)
-    for size in SIZES:
+    for size in sizes:
         data = size.to_bytes(4, "little") + os.urandom(size)
         n = iters_for(size, "floor", quick)
         ts = []
@@ -141,17 +149,23 @@ def floor_client(kind: str, port: int, quick: bool) -> None:
             c.sendall(data)
             _recv_exact(c, mv[:4 + size])
             ts.append(time.perf_counter() - t0)
-        report("floor-tcp", size, ts[n // 10:], (faults() - f0) / n)
+        report(case, size, ts[n // 10:], (faults() - f0) / n)
     c.close()
 
 
 # ============================================================ ours
 def _settings(variant: dict):
+    """Variant keys: ``host`` (bind address, 127.0.0.1), ``encrypt`` (True), ``datagram``
+    (``datagram_size``, 1400; 0 = follow the path MTU), ``tcp`` (everything over TCP), ``gso``."""
     from ringd.config import Settings
 
-    return Settings(bind_host="127.0.0.1", port=0, encrypt=variant.get("encrypt", True),
+    return Settings(bind_host=variant.get("host", "127.0.0.1"), port=0, encrypt=variant.get("encrypt", True),
                     datagram_size=variant.get("datagram", 1400),
                     tcp_threshold=0 if variant.get("tcp") else Settings().tcp_threshold)
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 def _activation(size: int, i: int = 0):
@@ -173,15 +187,19 @@ async def ours_server(variant: dict) -> None:
             return
         t.send(addr, msg)
 
-    t = Transport(_settings(variant), node_id="server", key=KEY, on_message=on_message,
-                  udp_offload=variant.get("gso", True))
-    addr = await t.start()
+    try:
+        t = Transport(_settings(variant), node_id="server", key=KEY, on_message=on_message,
+                      udp_offload=variant.get("gso", True))
+        addr = await t.start()
+    except Exception as e:  # noqa: BLE001 - e.g. a datagram_size this version of Settings rejects
+        print(json.dumps({"error": _error(e)}), flush=True)
+        return
     print(addr[1], flush=True)
     await done
     await t.close()
 
 
-async def ours_client(variant: dict, port: int, quick: bool, case: str, sizes: list[int]) -> None:
+async def ours_client(variant: dict, host: str, port: int, quick: bool, case: str, sizes: list[int]) -> None:
     from ringd.core.wire import Cancel
     from ringd.net.transport import Transport
 
@@ -195,7 +213,7 @@ async def ours_client(variant: dict, port: int, quick: bool, case: str, sizes: l
     t = Transport(_settings(variant), node_id="client", key=KEY, on_message=on_message,
                   udp_offload=variant.get("gso", True))
     await t.start()
-    server = ("127.0.0.1", port)
+    server = (host, port)
     for size in sizes:
         msg = _activation(size)
         n = iters_for(size, case, quick)
@@ -257,7 +275,7 @@ async def grpc_server() -> None:
     import grpc
     import numpy as np
 
-    Shard, Tensor, TensorRequest = _proto()
+    _, Tensor, TensorRequest = _proto()
 
     async def send_tensor(req, ctx):
         arr = np.frombuffer(req.tensor.tensor_data, dtype=np.dtype(req.tensor.dtype)).reshape(req.tensor.shape)
@@ -360,7 +378,7 @@ async def adapter_server(mode: str) -> None:
     def readable():
         while True:
             try:
-                n, anc, _, addr = s.recvmsg_into([buf], 64)
+                n, _anc, _, addr = s.recvmsg_into([buf], 64)
             except BlockingIOError:
                 return
             if n == 1:
@@ -398,7 +416,7 @@ def adapter_client(mode: str, port: int, quick: bool) -> None:
 
 # ============================================================ in-process micro-benchmarks
 def micro() -> None:
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESOCB3, ChaCha20Poly1305
 
     def timeit(f, k):
         f()
@@ -409,9 +427,11 @@ def micro() -> None:
 
     key = os.urandom(32)
     aes, chacha = AESGCM(key), ChaCha20Poly1305(key)
+    ocb128, ocb256 = AESOCB3(key[:16]), AESOCB3(key)
     nonce, aad = os.urandom(12), os.urandom(40)
     data = os.urandom(32 * KiB)
     ct_a, ct_c = aes.encrypt(nonce, data, aad), chacha.encrypt(nonce, data, aad)
+    ct_o128, ct_o256 = ocb128.encrypt(nonce, data, aad), ocb256.encrypt(nonce, data, aad)
     tag = aes.encrypt(nonce, b"", data)
     pieces = [data[i:i + 1350] for i in range(0, len(data), 1350)]
     enc_pieces = [aes.encrypt(nonce, p, aad) for p in pieces]
@@ -419,16 +439,36 @@ def micro() -> None:
     rows = {
         "AES-GCM seal": timeit(lambda: aes.encrypt(nonce, data, aad), k),
         "AES-GCM open": timeit(lambda: aes.decrypt(nonce, ct_a, aad), k),
+        "AES-128-OCB3 seal": timeit(lambda: ocb128.encrypt(nonce, data, aad), k),
+        "AES-128-OCB3 open": timeit(lambda: ocb128.decrypt(nonce, ct_o128, aad), k),
+        "AES-256-OCB3 seal": timeit(lambda: ocb256.encrypt(nonce, data, aad), k),
+        "AES-256-OCB3 open": timeit(lambda: ocb256.decrypt(nonce, ct_o256, aad), k),
         "ChaCha20-Poly1305 seal": timeit(lambda: chacha.encrypt(nonce, data, aad), k),
         "ChaCha20-Poly1305 open": timeit(lambda: chacha.decrypt(nonce, ct_c, aad), k),
         "GMAC only (auth, no encryption) seal": timeit(lambda: aes.encrypt(nonce, b"", data), k),
         "GMAC only open": timeit(lambda: aes.decrypt(nonce, tag, data), k),
-        "AES-GCM per 1400-B datagram, seal x%d" % len(pieces):
+        f"AES-GCM per 1400-B datagram, seal x{len(pieces)}":
             timeit(lambda: [aes.encrypt(nonce, p, aad) for p in pieces], k // 5),
-        "AES-GCM per 1400-B datagram, open x%d" % len(pieces):
+        f"AES-GCM per 1400-B datagram, open x{len(pieces)}":
             timeit(lambda: [aes.decrypt(nonce, c, aad) for c in enc_pieces], k // 5),
     }
-    print(json.dumps({"micro": "crypto-32KiB", "rows": rows}), flush=True)
+    print(json.dumps({"micro": "crypto-32KiB (AES-GCM: 256-bit key)", "rows": rows}), flush=True)
+
+    big = os.urandom(4 * 1024 * KiB)
+    ct_a, ct_c, ct_o = aes.encrypt(nonce, big, aad), chacha.encrypt(nonce, big, aad), ocb128.encrypt(nonce, big, aad)
+    tag = aes.encrypt(nonce, b"", big)
+    k = 40
+    rows = {
+        "AES-256-GCM seal": timeit(lambda: aes.encrypt(nonce, big, aad), k),
+        "AES-256-GCM open": timeit(lambda: aes.decrypt(nonce, ct_a, aad), k),
+        "GMAC only (AES-256) seal": timeit(lambda: aes.encrypt(nonce, b"", big), k),
+        "GMAC only (AES-256) open": timeit(lambda: aes.decrypt(nonce, tag, big), k),
+        "AES-128-OCB3 seal": timeit(lambda: ocb128.encrypt(nonce, big, aad), k),
+        "AES-128-OCB3 open": timeit(lambda: ocb128.decrypt(nonce, ct_o, aad), k),
+        "ChaCha20-Poly1305 seal": timeit(lambda: chacha.encrypt(nonce, big, aad), k),
+        "ChaCha20-Poly1305 open": timeit(lambda: chacha.decrypt(nonce, ct_c, aad), k),
+    }
+    print(json.dumps({"micro": "crypto-4MiB", "bytes": len(big), "rows": rows}), flush=True)
 
     import mlx.core as mx
 
@@ -444,8 +484,8 @@ def micro() -> None:
             w2 = Tensor(w.dtype, w.shape, bytes(w.data))
             kk = 2000 if n < 100000 else 50
             name = f"{str(dt).split('.')[-1]} {a.nbytes // KiB} KiB"
-            rows[f"to_wire {name}"] = timeit(lambda: to_wire(a), kk)
-            rows[f"from_wire {name}"] = timeit(lambda: mx.eval(from_wire(w2)), kk)
+            rows[f"to_wire {name}"] = timeit(lambda a=a: to_wire(a), kk)
+            rows[f"from_wire {name}"] = timeit(lambda w2=w2: mx.eval(from_wire(w2)), kk)
     msg = _activation(32 * KiB)
     head, body = encode(msg)
     whole = head + bytes(body)
@@ -455,25 +495,121 @@ def micro() -> None:
 
 
 # ============================================================ orchestration
-def spawn(cpu: int, args: list[str], **kw) -> subprocess.Popen:
+def spawn(cpu: int, args: list[str], ns: str | None = None, **kw) -> subprocess.Popen:
     cmd = [sys.executable, __file__, *args]
     if shutil.which("taskset"):
         cmd = ["taskset", "-c", str(cpu), *cmd]
+    if ns:
+        cmd = ["ip", "netns", "exec", ns, *cmd]  # ip and taskset exec: the pid stays the python's
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, **kw)
 
 
-def run_case(server_args: list[str], client_args: list[str], *, stdin: bool = False) -> list[dict]:
-    srv = spawn(1, ["--role", "server", *server_args], stdin=subprocess.PIPE if stdin else None)
-    port = srv.stdout.readline().strip()  # type: ignore[union-attr]
-    cli = spawn(0, ["--role", "client", "--port", port, *client_args])
-    out, _ = cli.communicate(timeout=900)
+def _flag(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+def run_case(server_args: list[str], client_args: list[str], *, stdin: bool = False,
+             ns: tuple[str, str] | None = None, timeout: float = 900) -> list[dict]:
+    """One server/client pair; ``ns`` = (client namespace, server namespace). A case that cannot
+    run comes back as error rows (``case``, ``size``, ``error``) instead of raising."""
+    case = _flag(client_args, "--case") or "?"
+    sizes = [int(x) for x in (_flag(client_args, "--sizes") or "0").split(",")]
+
+    def errors(msg: str) -> list[dict]:
+        return [{"case": case, "size": s, "error": msg} for s in sizes]
+
+    srv = spawn(1, ["--role", "server", *server_args], ns and ns[1], stdin=subprocess.PIPE if stdin else None)
+    first = srv.stdout.readline().strip()  # type: ignore[union-attr]
+    if not first.isdigit():
+        srv.kill()
+        srv.wait()
+        try:
+            return errors(json.loads(first)["error"])
+        except (ValueError, KeyError, TypeError):
+            return errors(f"server exited ({srv.returncode}) {first[:200]}")
+    cli = spawn(0, ["--role", "client", "--port", first, *client_args], ns and ns[0])
+    try:
+        out, _ = cli.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        cli.kill()
+        out, _ = cli.communicate()
+        srv.kill()
     if stdin:
         srv.stdin.close()  # type: ignore[union-attr]
     try:
         srv.wait(timeout=10)
     except subprocess.TimeoutExpired:
         srv.kill()
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        srv.wait()
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return rows or errors(f"client exited ({cli.returncode}) with no result"
+                          + (f" after {timeout:.0f} s" if cli.returncode and cli.returncode < 0 else ""))
+
+
+# ------------------------------------------------------------ veth pair between two namespaces
+VETH_NS = ("rbench-a", "rbench-b")  # client side, server side
+VETH_DEV = ("rbench-a0", "rbench-b0")
+VETH_ADDR = ("10.213.0.1", "10.213.0.2")
+VETH_MTUS = (1500, 9000)
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=True, timeout=30)
+
+
+def veth_cleanup() -> None:
+    """Delete every namespace and root-namespace link named rbench* (ours, or left by a killed run)."""
+    for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout.splitlines():
+        name = line.split(" ")[0]
+        if name.startswith("rbench"):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    for line in subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=False).stdout.splitlines():
+        parts = line.split(": ")
+        name = parts[1].split("@")[0] if len(parts) > 1 else ""
+        if name.startswith("rbench"):
+            subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+
+
+def veth_setup() -> str | None:
+    """Create the namespaces and the veth pair; return why not, or None when ready."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "not running as root"
+    if not shutil.which("ip"):
+        return "no `ip` command"
+    veth_cleanup()
+    try:
+        for ns in VETH_NS:
+            _ip("netns", "add", ns)
+        _ip("link", "add", VETH_DEV[0], "netns", VETH_NS[0], "type", "veth",
+            "peer", "name", VETH_DEV[1], "netns", VETH_NS[1])
+        for ns, dev, addr in zip(VETH_NS, VETH_DEV, VETH_ADDR):
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("netns", "exec", VETH_NS[0], sys.executable, "-c", "")
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+        veth_cleanup()
+        err = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
+        return f"`{' '.join(map(str, getattr(e, 'cmd', [])))}` failed: {err[-1] if err else e}"
+    return None
+
+
+def veth_set_mtu(mtu: int) -> None:
+    for ns, dev in zip(VETH_NS, VETH_DEV):
+        _ip("-n", ns, "link", "set", dev, "mtu", str(mtu))
+
+
+def veth_cases(mtu: int) -> list[tuple[str, list[str], list[str]]]:
+    """(case, server args, client args) at one MTU; every case at 32 KiB."""
+    host = VETH_ADDR[1]
+    common = ["--host", host, "--sizes", str(32 * KiB)]
+    out = [(f"veth-{mtu}-floor-{k}", ["--case", f"floor-{k}", "--host", host],
+            ["--case", f"veth-{mtu}-floor-{k}", *common]) for k in ("udp", "tcp")]
+    for label, dgram in (("1400", 1400), ("mtu", mtu - 28), ("auto", 0)):
+        srv, cli = json.dumps({"host": VETH_ADDR[1], "datagram": dgram}), json.dumps({"host": VETH_ADDR[0], "datagram": dgram})
+        out.append((f"veth-{mtu}-ours-{label}", ["--case", "ours", "--variant", srv],
+                    ["--case", f"veth-{mtu}-ours-{label}", "--variant", cli, *common]))
+    return out
 
 
 def main() -> None:
@@ -486,6 +622,7 @@ def main() -> None:
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="{}", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.role:
@@ -500,32 +637,44 @@ def main() -> None:
     def keep(rows: list[dict]) -> None:
         for r in rows:
             k = (r["case"], r["size"])
-            if k not in best or r["p50"] < best[k]["p50"]:
+            old = best.get(k)
+            if old is None or ("error" not in r and ("error" in old or r["p50"] < old["p50"])):
                 best[k] = r
 
-    ours = [("ours", {}), ("ours-tcp", {"tcp": True}), ("ours-clear", {"encrypt": False})]
-    for _ in range(passes):
-        keep(run_case(["--case", "floor-udp"], ["--case", "floor-udp", *q]))
-        keep(run_case(["--case", "floor-tcp"], ["--case", "floor-tcp", *q]))
-        for name, v in ours:
-            vj = json.dumps(v)
-            keep(run_case(["--case", "ours", "--variant", vj], ["--case", name, "--variant", vj, *q]))
-        keep(run_case(["--case", "grpc-exo"], ["--case", "grpc-exo", *q], stdin=True))
-        for gso in (True, False):
-            for size in (1400, 8192, 32768, 65000):
-                v = json.dumps({"datagram": size, "gso": gso})
-                keep(run_case(["--case", "ours", "--variant", v],
-                              ["--case", f"dgram-{size}-{'gso' if gso else 'nogso'}", "--variant", v,
-                               "--sizes", str(32 * KiB), *q]))
-        for mode in ("dgram", "protocol", "gso"):
-            keep(run_case(["--case", f"adapter-{mode}"], ["--case", f"adapter-{mode}", *q]))
+    veth_skip = veth_setup()
+    try:
+        ours = [("ours", {}), ("ours-tcp", {"tcp": True}), ("ours-clear", {"encrypt": False})]
+        for _ in range(passes):
+            keep(run_case(["--case", "floor-udp"], ["--case", "floor-udp", *q]))
+            keep(run_case(["--case", "floor-tcp"], ["--case", "floor-tcp", *q]))
+            for name, v in ours:
+                vj = json.dumps(v)
+                keep(run_case(["--case", "ours", "--variant", vj], ["--case", name, "--variant", vj, *q]))
+            keep(run_case(["--case", "grpc-exo"], ["--case", "grpc-exo", *q], stdin=True))
+            for gso in (True, False):
+                for size in (1400, 8192, 32768, 65000):
+                    v = json.dumps({"datagram": size, "gso": gso})
+                    keep(run_case(["--case", "ours", "--variant", v],
+                                  ["--case", f"dgram-{size}-{'gso' if gso else 'nogso'}", "--variant", v,
+                                   "--sizes", str(32 * KiB), *q]))
+            for mode in ("dgram", "protocol", "gso"):
+                keep(run_case(["--case", f"adapter-{mode}"], ["--case", f"adapter-{mode}", *q]))
+            if veth_skip is None:
+                for mtu in VETH_MTUS:
+                    veth_set_mtu(mtu)
+                    for _case, srv_args, cli_args in veth_cases(mtu):
+                        keep(run_case(srv_args, [*cli_args, *q], ns=VETH_NS, timeout=30))
+    finally:
+        if veth_skip is None:
+            veth_cleanup()
     micro_out = subprocess.run([sys.executable, __file__, "--role", "client", "--case", "micro"],
-                               capture_output=True, text=True, cwd=ROOT).stdout
+                               capture_output=True, text=True, cwd=ROOT, check=False).stdout
     rows = list(best.values())
-    print_tables([r for r in rows if not r["case"].startswith(("dgram-", "adapter-"))],
+    print_tables([r for r in rows if not r["case"].startswith(("dgram-", "adapter-", "veth-"))],
                  [r for r in rows if r["case"].startswith("dgram-")],
                  [r for r in rows if r["case"].startswith("adapter-")],
-                 [json.loads(x) for x in micro_out.splitlines() if x.startswith("{")])
+                 [json.loads(x) for x in micro_out.splitlines() if x.startswith("{")],
+                 [r for r in rows if r["case"].startswith("veth-")], veth_skip)
     print(f"\n# load average at the end {os.getloadavg()[0]:.1f}")
 
 
@@ -537,7 +686,7 @@ def role_main(a: argparse.Namespace) -> None:
     case = a.case
     if a.role == "server":
         if case.startswith("floor-"):
-            floor_server(case.split("-")[1])
+            floor_server(case.split("-")[1], a.host)
         elif case == "ours":
             run(ours_server(variant))
         elif case == "grpc-exo":
@@ -545,8 +694,8 @@ def role_main(a: argparse.Namespace) -> None:
         elif case.startswith("adapter-"):
             run(adapter_server(case.split("-")[1]))
         return
-    if case.startswith("floor-"):
-        floor_client(case.split("-")[1], a.port, a.quick)
+    if "floor-" in case:  # floor-udp, veth-1500-floor-tcp, ...
+        floor_client(case.rsplit("-", 1)[-1], a.host, a.port, a.quick, case, sizes)
     elif case == "grpc-exo":
         run(grpc_client(a.port, a.quick))
     elif case.startswith("adapter-"):
@@ -554,14 +703,15 @@ def role_main(a: argparse.Namespace) -> None:
     elif case == "micro":
         micro()
     else:
-        run(ours_client(variant, a.port, a.quick, case, sizes))
+        run(ours_client(variant, a.host, a.port, a.quick, case, sizes))
 
 
 def fmt_size(n: int) -> str:
     return f"{n // (1024 * KiB)} MiB" if n >= 1024 * KiB else f"{n // KiB} KiB"
 
 
-def print_tables(results: list[dict], dg: list[dict], adapters: list[dict], micro_rows: list[dict]) -> None:
+def print_tables(results: list[dict], dg: list[dict], adapters: list[dict], micro_rows: list[dict],
+                 veth: list[dict], veth_skip: str | None) -> None:
     by = {(r["case"], r["size"]): r for r in results}
 
     def floor(size: int) -> float:
@@ -601,10 +751,48 @@ def print_tables(results: list[dict], dg: list[dict], adapters: list[dict], micr
         print("\n## UDP adapter, 32 KiB as 1400-byte datagrams echoed, no crypto, p50 / p99 µs\n")
         for r in adapters:
             print(f"  {r['case']:18s} {r['p50']:7.0f} / {r['p99']:.0f}")
+    print_veth(veth, veth_skip)
     for m in micro_rows:
-        print(f"\n## {m['micro']} (in process, µs per call)\n")
+        nbytes = m.get("bytes")
+        print(f"\n## {m['micro']} (in process, µs per call{', GB/s' if nbytes else ''})\n")
         for k, v in m["rows"].items():
-            print(f"  {k:48s} {v:9.1f}")
+            print(f"  {k:48s} {v:9.1f}" + (f"  {nbytes / v / 1e3:6.2f} GB/s" if nbytes else ""))
+
+
+def print_veth(rows: list[dict], skip: str | None) -> None:
+    if skip is not None:
+        print(f"\n(veth path-MTU cases skipped: {skip})")
+        return
+    vby = {r["case"]: r for r in rows}
+    print("\n## 32 KiB frame over veth, MTU 1500 / 9000, p50 / p99 µs (x floor)\n")
+    print("Two network namespaces joined by a veth pair. floor = the faster of floor-udp and floor-tcp "
+          "at that MTU;\nfloor-udp sends one 32 KiB datagram, which the kernel IP-fragments "
+          "(23 fragments at MTU 1500, 4 at 9000).\n")
+    print("| case | " + " | ".join(f"MTU {m}" for m in VETH_MTUS) + " |")
+    print("|---|" + "---|" * len(VETH_MTUS))
+    labels = [("floor-udp", "floor-udp"), ("floor-tcp", "floor-tcp"), ("ours-1400", "ours, 1400-B datagrams"),
+              ("ours-mtu", "ours, MTU-28 datagrams (" + " / ".join(str(m - 28) for m in VETH_MTUS) + " B)"),
+              ("ours-auto", "ours, datagram_size=0 (auto)")]
+    errors: dict[str, list[str]] = {}
+    for key, label in labels:
+        cells = []
+        for mtu in VETH_MTUS:
+            r = vby.get(f"veth-{mtu}-{key}")
+            floors = [vby[c]["p50"] for c in (f"veth-{mtu}-floor-udp", f"veth-{mtu}-floor-tcp")
+                      if c in vby and "error" not in vby[c]]
+            if r is None:
+                cells.append("—")
+            elif "error" in r:
+                mark = list(errors).index(r["error"]) + 1 if r["error"] in errors else len(errors) + 1
+                errors.setdefault(r["error"], []).append(r["case"])
+                cells.append(f"error [{mark}]")
+            else:
+                x = f" ({r['p50'] / min(floors):.2f}x)" if floors else ""
+                lost = f", {r['lost']} lost" if r.get("lost") else ""
+                cells.append(f"{r['p50']:.0f} / {r['p99']:.0f}{x}{lost}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    for i, (msg, cases) in enumerate(errors.items(), 1):
+        print(f"\n[{i}] {', '.join(cases)}: {msg}")
 
 
 if __name__ == "__main__":
