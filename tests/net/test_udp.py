@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
+import secrets
 import socket
-from typing import Any, Callable, Coroutine
+import subprocess
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
 
-from ringd.core.reliable import Endpoint, FrameReceived, PeerUnreachable, ReliableConfig
-from ringd.core.wire import ReplayGuard, Sealer, new_session
+from ringd.core.reliable import MAX_BURST, Endpoint, FrameReceived, PeerUnreachable, ReliableConfig
+from ringd.core.wire import WIRE_VERSION, ReplayGuard, Sealer, new_session
 from ringd.net.udp import UdpChannel
+from tests.net.netns import unavailable_reason
 
 KEY = bytes(range(32))
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def on_both_loops(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -58,7 +66,7 @@ def channel(name: str, *, key: bytes = KEY, offload: bool = True, **cfg) -> tupl
     sock.setblocking(False)
     ep = Endpoint(Sealer(key, name, new_session(1000, len(name))), ReplayGuard(), config=ReliableConfig(**cfg))
     inbox = Inbox()
-    ch = UdpChannel(sock, ep, inbox.put, offload=offload)
+    ch = UdpChannel(sock, ep, inbox.put, offload=offload, datagram_size=cfg.get("datagram_size", 0))
     ch.start()
     return ch, inbox
 
@@ -70,8 +78,8 @@ def addr(ch: UdpChannel) -> tuple[str, int]:
 @pytest.mark.parametrize("offload", [True, False])
 @on_both_loops
 async def test_frames_of_every_size_arrive_once_in_order(offload: bool) -> None:
-    a, _ = channel("a", offload=offload)
-    b, inbox = channel("b", offload=offload)
+    a, _ = channel("a", offload=offload, datagram_size=1400)  # an Ethernet's size: frames span segments
+    b, inbox = channel("b", offload=offload, datagram_size=1400)
     try:
         sizes = [0, 1, 1300, 1400, 5000, 32 * 1024, 100_000, 1 << 20]
         sent = {0: [], 1: []}
@@ -124,7 +132,7 @@ async def test_foreign_and_garbage_datagrams_are_counted_and_dropped() -> None:
         intruder.send_frame(addr(b), b"let me in")
         raw.sendto(b"\xd7", addr(b))
         raw.sendto(os.urandom(600), addr(b))
-        raw.sendto(b"\xd7\x01\x00\x01" + bytes(40), addr(b))
+        raw.sendto(bytes([0xD7, WIRE_VERSION, 0, 1]) + bytes(40), addr(b))
         a.send_frame(addr(b), b"legit")  # sent last: once it is delivered the rest was read
         await inbox.wait(lambda xs: len(xs) == 1)
         assert bytes(inbox.items[0].data) == b"legit"
@@ -135,3 +143,157 @@ async def test_foreign_and_garbage_datagrams_are_counted_and_dropped() -> None:
         for ch in (a, b, intruder):
             ch.close()
         raw.close()
+
+
+# --- datagram size per peer, from the path MTU ------------------------------------------
+
+@pytest.mark.parametrize("offload", [True, False])
+@on_both_loops
+async def test_loopback_datagrams_follow_the_path(offload: bool) -> None:
+    """No datagram_size: on loopback (65507 B payloads) the format's maximum is used, on
+    both sides, and a 32 KiB frame leaves as one datagram."""
+    a, a_inbox = channel("a", offload=offload)
+    b, inbox = channel("b", offload=offload)
+    try:
+        data = os.urandom(32 * 1024)
+        a.send_frame(addr(b), data)
+        await inbox.wait(lambda xs: len(xs) == 1)
+        [ev] = inbox.items
+        assert isinstance(ev, FrameReceived) and bytes(ev.data) == data
+        assert a.datagram_size(addr(b)) == MAX_BURST == 65000
+        sent = a.endpoint.totals
+        assert sent["frames_sent"] == 1
+        assert sent["segments_sent"] == sent["packets_sent"]  # one segment per packet
+        assert b.endpoint.totals["segments_received"] == b.endpoint.totals["packets_received"]
+
+        # b learned the path when a's datagram came in, before sending anything itself
+        assert b.endpoint.totals["frames_sent"] == 0
+        assert b._paths[addr(a)] == 65000
+        assert b.endpoint.datagram_size(addr(a)) == 65000
+        reply = os.urandom(20_000)  # 15 segments at the 1400 B default
+        b.send_frame(addr(a), reply)
+        await a_inbox.wait(lambda xs: len(xs) == 1)
+        assert bytes(a_inbox.items[0].data) == reply
+        assert b.datagram_size(addr(a)) == 65000
+        assert b.endpoint.totals["segments_sent"] == b.endpoint.totals["packets_sent"]
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("offload", [True, False])
+@on_both_loops
+async def test_configured_datagram_size_caps_the_path(offload: bool) -> None:
+    """datagram_size=1400 on a 64 KB path: 1400 B datagrams, a 32 KiB frame in 24+ segments."""
+    a, _ = channel("a", offload=offload, datagram_size=1400)
+    b, inbox = channel("b", offload=offload, datagram_size=1400)
+    try:
+        data = os.urandom(32 * 1024)
+        a.send_frame(addr(b), data)
+        await inbox.wait(lambda xs: len(xs) == 1)
+        assert bytes(inbox.items[0].data) == data
+        assert a.datagram_size(addr(b)) == 1400
+        assert b.datagram_size(addr(a)) == 1400
+        sent = a.endpoint.totals
+        assert sent["segments_sent"] >= 24  # 32768 B / (1400 B less the segment header)
+        assert sent["segments_sent"] > sent["packets_sent"]
+        assert b.endpoint.totals["segments_received"] >= 24
+        if offload and a.gso:  # GSO sends a packet's segments at once, GRO reads them so
+            assert b.totals["reads"] < b.endpoint.totals["segments_received"]
+    finally:
+        a.close()
+        b.close()
+
+
+SHRINK_CHILD = r"""
+import asyncio, json, logging, os, subprocess, sys
+
+import uvloop
+
+from tests.net.test_udp import addr, channel
+
+records = []
+handler = logging.Handler(logging.WARNING)
+handler.emit = records.append
+logging.getLogger("ringd").addHandler(handler)
+
+
+async def main() -> dict:
+    a, _ = channel("a")  # datagram_size 0: follow the path
+    b, inbox = channel("b")
+    try:
+        out = {"gso": a.gso}
+        first = os.urandom(4000)
+        a.send_frame(addr(b), first)
+        await inbox.wait(lambda xs: len(xs) == 1, timeout=10)
+        out["first_intact"] = bytes(inbox.items[0].data) == first
+        out["first"] = a.datagram_size(addr(b))
+        out["b_first"] = b.datagram_size(addr(a))
+        # the kernel's route MTU shrinks after the channel learned it
+        subprocess.run(["ip", "link", "set", "lo", "mtu", "1500"], check=True, timeout=10)
+        frames = [os.urandom(8192), os.urandom(30_000)]
+        if sys.argv[2] == "gso-first":  # the refused send is then one of 4 segments (GSO)
+            frames.reverse()
+        for f in frames:
+            a.send_frame(addr(b), f)
+        try:
+            await inbox.wait(lambda xs: len(xs) == 3, timeout=10)
+            out["timed_out"] = False
+        except TimeoutError:
+            out["timed_out"] = True
+        out["intact"] = [bytes(ev.data) for ev in inbox.items[1:]] == frames
+        out["events"] = [type(ev).__name__ for ev in inbox.items]
+        out["after"] = a.datagram_size(addr(b))
+        out["gso_after"] = a.gso
+        out["send_errors"] = a.totals["send_errors"]
+        out["packets_lost"] = a.endpoint.totals["packets_lost"]
+        out["probes"] = a.endpoint.totals["probes"]
+        out["warnings"] = [r.getMessage() for r in records]
+        return out
+    finally:
+        a.close()
+        b.close()
+
+
+subprocess.run(["ip", "link", "set", "lo", "up", "mtu", "9000"], check=True, timeout=10)
+factory = uvloop.new_event_loop if sys.argv[1] == "uvloop" else asyncio.new_event_loop
+with asyncio.Runner(loop_factory=factory) as runner:
+    print(json.dumps(runner.run(main())), flush=True)
+"""
+
+
+@pytest.fixture
+def netns():
+    """A fresh, empty network namespace (only ``lo``, down); skipped where none can be made."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"network namespaces unavailable: {reason}")
+    name = f"ringd-{os.getpid() % 10000}{secrets.token_hex(2)}-udp"
+    proc = subprocess.run(["ip", "netns", "add", name], check=False, capture_output=True, text=True, timeout=10)
+    if proc.returncode != 0:
+        pytest.skip(f"network namespaces unavailable: ip netns add: {proc.stderr.strip()}")
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=10)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("order", ["one-segment-first", "gso-first"])
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_shrinking_route_mtu_is_followed(netns: str, loop_kind: str, order: str) -> None:
+    """lo at 9000 B: 8972 B datagrams. The MTU drops to 1500 B under the channel: the next
+    send (an 8 KB frame in one datagram, or a 30 KB one in 4 GSO segments) is refused, the
+    path is looked up again and the lost data is resent in 1472 B datagrams."""
+    argv = ["ip", "netns", "exec", netns, sys.executable, "-c", SHRINK_CHILD, loop_kind, order]
+    proc = subprocess.run(argv, check=False, cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{loop_kind} {order}: {out}")
+    assert out["first_intact"] and out["first"] == 8972 and out["b_first"] == 8972
+    assert not out["timed_out"], out
+    assert out["intact"], out
+    assert out["events"] == ["FrameReceived"] * 3
+    assert out["after"] == 1472
+    assert out["send_errors"] >= 1
+    assert any("do not fit the path" in w for w in out["warnings"]), out["warnings"]
