@@ -101,10 +101,12 @@ class Settings:
     mdns: bool = _opt(True, help="Find peers with mDNS/zeroconf.")
     mdns_interfaces: tuple[str, ...] = _opt((), kind="list",
                                             help="Interface addresses mDNS uses. Empty: all interfaces.")
-    datagram_size: int = _opt(1400, help="Largest UDP payload sent (bytes); keep under the path MTU.")
+    datagram_size: int = _opt(0, help="Largest UDP payload sent (bytes). 0: follow each peer's path MTU "
+                                      "(64 KB on loopback, 1472 on 1500-byte Ethernet); a set value is "
+                                      "still lowered to the path MTU.")
     tcp_threshold: int = _opt(256 * 1024, kind="size",
                               help="Frames larger than this travel over TCP instead of UDP (prefill).")
-    encrypt: bool = _opt(True, help="Encrypt peer frames (AES-GCM). Frames are always authenticated.")
+    encrypt: bool = _opt(True, help="Encrypt peer frames (AES-128-OCB3). Frames are always authenticated.")
 
     # --- local API ----------------------------------------------------------------
     http_host: str = _opt("127.0.0.1", help="Address of the local control and OpenAI-compatible HTTP API.")
@@ -146,8 +148,9 @@ class Settings:
             v = getattr(self, name)
             if not 0 <= v <= 65535:
                 problems.append(f"{name} must be 0..65535, got {v}")
-        if not 256 <= self.datagram_size <= 65000:
-            problems.append(f"datagram_size must be 256..65000 bytes, got {self.datagram_size}")
+        if self.datagram_size != 0 and not 256 <= self.datagram_size <= 65000:
+            problems.append(f"datagram_size must be 0 (follow the path MTU) or 256..65000 bytes, "
+                            f"got {self.datagram_size}")
         for name in ("probe_interval", "probe_timeout", "suspicion_timeout", "request_timeout"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")

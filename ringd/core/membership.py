@@ -506,8 +506,8 @@ class MembershipConfig:
             k: getattr(settings, k)
             for k in ("probe_interval", "probe_timeout", "suspicion_timeout", "indirect_probes")
         }
-        if hasattr(settings, "datagram_size"):
-            values["max_payload_bytes"] = max(512, settings.datagram_size - 200)
+        if getattr(settings, "datagram_size", 0):  # 0: path MTU; gossip keeps to 1400-byte datagrams
+            values["max_payload_bytes"] = max(512, min(1400, settings.datagram_size) - 200)
         values.update(overrides)
         return cls(**values)
 

@@ -50,6 +50,7 @@ MAX_BURST = 65000  # bytes of all segments of one packet (one GSO send fits in a
 CH_ACK, CH_DATA, CH_ONESHOT = 1, 2, 3
 ACK = struct.Struct("<BIB")  # type, ack delay (us), range count
 ACK_RANGE = struct.Struct("<QQ")  # largest, smallest (newest range first)
+ACK1 = struct.Struct("<BIBQQ")  # an ACK chunk with one range
 DATA = struct.Struct("<BBQQIII")  # type, stream, seq, base, frame length, offset, length
 ONESHOT = struct.Struct("<BI")  # type, length
 MAX_ACK_RANGES = 64
@@ -86,7 +87,7 @@ class ReliableConfig:
 
 
 # ------------------------------------------------------------------------ events
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class FrameReceived:
     """A whole frame from ``sender`` (authenticated node id). ``stream`` is None for one-shots."""
 
@@ -96,7 +97,7 @@ class FrameReceived:
     stream: int | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PeerUnreachable:
     """``pto_limit`` probes went unanswered; ``frames`` were not acknowledged (in order)."""
 
@@ -107,7 +108,7 @@ class PeerUnreachable:
 Event = Union[FrameReceived, PeerUnreachable]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Transmit:
     """Datagrams for one ``sendmsg``: ``iov`` alternates segment headers and payloads.
 
@@ -209,9 +210,14 @@ class _InStream:
 
 
 class _Peer:
-    def __init__(self, addr: Addr, now: float, cfg: ReliableConfig, max_segs: int) -> None:
+    def __init__(self, addr: Addr, now: float, cfg: ReliableConfig) -> None:
         self.addr = addr
         self.last_activity = now
+        # datagram geometry (set by Endpoint._size, per peer: it follows the path MTU)
+        self.datagram_size = cfg.datagram_size
+        self.seg_payload = 0
+        self.max_segs = 1
+        self.ack_ranges = 1
         # sending
         self.next_pn = 0
         self.sent: dict[int, _Sent] = {}  # ack-eliciting packets in flight, pn order
@@ -222,8 +228,7 @@ class _Peer:
         self.retx: deque[tuple[_OutFrame, int, int]] = deque()
         self.oneshots: deque[bytes] = deque()
         self.probes = 0
-        self.max_segs = max_segs
-        self.seg_limit = max_segs
+        self.seg_limit = 1
         # RFC 9002 state
         self.latest_rtt = 0.0
         self.smoothed_rtt = cfg.initial_rtt
@@ -264,11 +269,7 @@ class Endpoint:
         self._sealer = sealer
         self._guard = guard
         self.counters = counters if counters is not None else new_counters()
-        self._seg_payload = cfg.datagram_size - SEGMENT.size
-        self._max_segs = max(1, min(MAX_SEGMENTS, MAX_BURST // cfg.datagram_size))
-        # an ACK chunk always fits in one segment next to the unit's overhead
-        room = self._seg_payload - sealer.overhead - ACK.size
-        self._ack_ranges = max(1, min(MAX_ACK_RANGES, room // ACK_RANGE.size))
+        self._sizes: OrderedDict[Addr, int] = OrderedDict()  # datagram sizes set per peer
         self._peers: OrderedDict[Addr, _Peer] = OrderedDict()
         self._dirty: dict[Addr, _Peer] = {}
         self._assemblies: OrderedDict[tuple[Addr, int, int], _Assembly] = OrderedDict()
@@ -282,9 +283,29 @@ class Endpoint:
     # ---------------------------------------------------------------- API
     @property
     def max_oneshot(self) -> int:
-        """Largest unreliable message (it must fit in one packet)."""
-        return (self._max_segs * self._seg_payload - self._sealer.overhead - ONESHOT.size
-                - ACK.size - self._ack_ranges * ACK_RANGE.size)
+        """Largest unreliable message to a peer with the default datagram size (it must fit
+        in one packet); :meth:`max_oneshot_to` knows each peer's own size."""
+        return self._oneshot_room(self.config.datagram_size)
+
+    def max_oneshot_to(self, addr: Addr) -> int:
+        return self._oneshot_room(self._sizes.get(addr, self.config.datagram_size))
+
+    def set_datagram_size(self, addr: Addr, size: int) -> int:
+        """Send datagrams of at most ``size`` bytes to ``addr`` from now on (the adapter
+        learns it from the path MTU). Clamped to what the format allows; returns the size."""
+        size = max(SEGMENT.size + 64, min(MAX_BURST, size))
+        sizes = self._sizes
+        sizes[addr] = size
+        sizes.move_to_end(addr)
+        if len(sizes) > 2 * self.config.max_peers:
+            sizes.popitem(last=False)
+        peer = self._peers.get(addr)
+        if peer is not None and peer.datagram_size != size:
+            self._size(peer, size)
+        return size
+
+    def datagram_size(self, addr: Addr) -> int:
+        return self._sizes.get(addr, self.config.datagram_size)
 
     def send_frame(self, addr: Addr, data: Buffer, now: float, *, stream: int = 0,
                    reliable: bool = True) -> bool:
@@ -292,8 +313,8 @@ class Endpoint:
         n = memoryview(data).nbytes
         if reliable and n > self.config.max_frame:
             raise LocalProtocolError(f"frame of {n} bytes exceeds the UDP limit {self.config.max_frame}")
-        if not reliable and n > self.max_oneshot:
-            raise LocalProtocolError(f"unreliable message of {n} bytes exceeds {self.max_oneshot}")
+        if not reliable and n > self.max_oneshot_to(addr):
+            raise LocalProtocolError(f"unreliable message of {n} bytes exceeds {self.max_oneshot_to(addr)}")
         if not 0 <= stream <= 255:
             raise LocalProtocolError(f"stream must be 0..255, got {stream}")
         peer = self._peer(addr, now)
@@ -304,14 +325,14 @@ class Endpoint:
             s = peer.out_streams.get(stream)
             if s is None:
                 s = peer.out_streams[stream] = _OutStream()
-            f = _OutFrame(stream, s.next_seq, bytes(data), s)
+            f = _OutFrame(stream, s.next_seq, data if type(data) is bytes else bytes(data), s)
             s.unacked[s.next_seq] = f
             s.next_seq += 1
             peer.new.append((f, 0, n))
             peer.queued += n
             self.totals["frames_sent"] += 1
         else:
-            peer.oneshots.append(bytes(data))
+            peer.oneshots.append(data if type(data) is bytes else bytes(data))
             self.totals["oneshots_sent"] += 1
         self._dirty[addr] = peer
         return True
@@ -406,11 +427,28 @@ class Endpoint:
         if peer is None:
             if len(self._peers) >= self.config.max_peers and not self._evict_idle():
                 return None
-            peer = self._peers[addr] = _Peer(addr, now, self.config, self._max_segs)
+            peer = self._peers[addr] = _Peer(addr, now, self.config)
+            self._size(peer, self._sizes.get(addr, self.config.datagram_size))
         else:
             self._peers.move_to_end(addr)
         peer.last_activity = now
         return peer
+
+    def _size(self, peer: _Peer, size: int) -> None:
+        peer.datagram_size = size
+        peer.seg_payload = size - SEGMENT.size
+        peer.max_segs = max(1, min(MAX_SEGMENTS, MAX_BURST // size))
+        peer.seg_limit = peer.max_segs
+        # an ACK chunk always fits in one segment next to the unit's overhead
+        room = peer.seg_payload - self._sealer.overhead - ACK.size
+        peer.ack_ranges = max(1, min(MAX_ACK_RANGES, room // ACK_RANGE.size))
+
+    def _oneshot_room(self, size: int) -> int:
+        seg_payload = size - SEGMENT.size
+        max_segs = max(1, min(MAX_SEGMENTS, MAX_BURST // size))
+        ack_ranges = max(1, min(MAX_ACK_RANGES, (seg_payload - self._sealer.overhead - ACK.size) // ACK_RANGE.size))
+        return (max_segs * seg_payload - self._sealer.overhead - ONESHOT.size - ACK.size
+                - ack_ranges * ACK_RANGE.size)
 
     def _evictable(self, peer: _Peer) -> bool:
         return not (peer.sent or peer.queued or peer.oneshots or peer.addr in self._dirty)
@@ -435,11 +473,13 @@ class Endpoint:
     def _build(self, peer: _Peer, now: float, out: list[Transmit]) -> None:
         """Packets for ``peer``: its ACK, then one-shots, retransmissions and new frames."""
         overhead = self._sealer.overhead
-        cap_oneshot = self._max_segs * self._seg_payload - overhead
+        sp = peer.seg_payload
+        cap_oneshot = peer.max_segs * sp - overhead
         max_flight = self.config.max_in_flight
-        retx, new = peer.retx, peer.new
+        retx, new, oneshots = peer.retx, peer.new, peer.oneshots
+        totals = self.totals
         while True:
-            cap = min(peer.seg_limit, self._max_segs) * self._seg_payload - overhead
+            cap = min(peer.seg_limit, peer.max_segs) * sp - overhead
             parts: list[Buffer] = []
             ranges: list[tuple[_OutFrame, int, int]] = []
             size = 0
@@ -448,9 +488,9 @@ class Endpoint:
                 parts.append(ack)
                 size = len(ack)
                 peer.ack_pending = False
-                self.totals["acks_sent"] += 1
-            while peer.oneshots and size + ONESHOT.size + len(peer.oneshots[0]) <= cap_oneshot:
-                msg = peer.oneshots.popleft()
+                totals["acks_sent"] += 1
+            while oneshots and size + ONESHOT.size + len(oneshots[0]) <= cap_oneshot:
+                msg = oneshots.popleft()
                 parts += (ONESHOT.pack(CH_ONESHOT, len(msg)), msg)
                 size += ONESHOT.size + len(msg)
             while (retx or new) and size + DATA.size < cap and (peer.probes or peer.in_flight + size < max_flight):
@@ -472,7 +512,7 @@ class Endpoint:
                     break  # the receiver would refuse it: wait for the stream's oldest frame
                 take = min(ln, cap - size - DATA.size)
                 parts += (DATA.pack(CH_DATA, f.stream, f.seq, base, len(f.data), off, take),
-                          f.data[off:off + take])
+                          f.data[off:off + take] if take != len(f.data) else f.data)
                 size += DATA.size + take
                 ranges.append((f, off, take))
                 if take == ln:
@@ -484,37 +524,45 @@ class Endpoint:
             pn = peer.next_pn
             peer.next_pn = pn + 1
             unit = self._sealer.seal(CHANNEL_UDP, pn, b"".join(parts))
-            t = self._segment(peer.addr, pn, unit)
+            t = self._segment(peer, pn, unit)
             out.append(t)
-            totals = self.totals
+            segments = len(t.iov) >> 1
             totals["packets_sent"] += 1
-            totals["segments_sent"] += len(t.iov) // 2
+            totals["segments_sent"] += segments
             if ranges:
-                peer.sent[pn] = _Sent(pn, now, len(unit), ranges, len(t.iov) // 2)
-                peer.in_flight += len(unit)
+                n = len(unit)
+                peer.sent[pn] = _Sent(pn, now, n, ranges, segments)
+                peer.in_flight += n
                 peer.last_eliciting = now
                 if peer.probes:
                     peer.probes -= 1
+            if not (retx or new or oneshots):
+                return
 
-    def _segment(self, addr: Addr, pn: int, unit: Buffer) -> Transmit:
-        sp, size, n = self._seg_payload, SEGMENT.size, len(unit)
+    def _segment(self, peer: _Peer, pn: int, unit: Buffer) -> Transmit:
+        sp, size, n = peer.seg_payload, SEGMENT.size, len(unit)
+        sealer = self._sealer
+        if n <= sp:
+            return Transmit(peer.addr, [SEGMENT.pack(SEGMENT_MAGIC, WIRE_VERSION, 0, 1, sealer.cluster_tag,
+                                                     sealer.session, pn), unit], peer.datagram_size)
         count = -(-n // sp)
-        head = SEGMENT.pack(SEGMENT_MAGIC, WIRE_VERSION, 0, count, self._sealer.cluster_tag,
-                            self._sealer.session, pn)
-        if count == 1:
-            return Transmit(addr, [head, unit], self.config.datagram_size)
+        head = SEGMENT.pack(SEGMENT_MAGIC, WIRE_VERSION, 0, count, sealer.cluster_tag, sealer.session, pn)
         heads = bytearray(head * count)
         heads[2::size] = bytes(range(count))  # segment indexes
         hv, uv = memoryview(heads), memoryview(unit)
         iov: list[Buffer] = [b""] * (2 * count)
         iov[0::2] = [hv[i:i + size] for i in range(0, count * size, size)]
         iov[1::2] = [uv[i:i + sp] for i in range(0, n, sp)]
-        return Transmit(addr, iov, self.config.datagram_size)
+        return Transmit(peer.addr, iov, peer.datagram_size)
 
     def _ack_chunk(self, peer: _Peer, now: float) -> bytes:
-        ranges = peer.recv_ranges[:self._ack_ranges]
-        delay = min(int((now - peer.largest_recv_time) * 1e6), 0xFFFFFFFF) if now > peer.largest_recv_time else 0
-        return ACK.pack(CH_ACK, delay, len(ranges)) + b"".join(ACK_RANGE.pack(hi, lo) for hi, lo in ranges)
+        r = peer.recv_ranges
+        lag = now - peer.largest_recv_time
+        delay = (int(lag * 1e6) if lag < 4000.0 else 0xFFFFFFFF) if lag > 0 else 0
+        if len(r) == 1:  # the usual case: everything received so far is one range
+            return ACK1.pack(CH_ACK, delay, 1, r[0][0], r[0][1])
+        ranges = r[:peer.ack_ranges]
+        return ACK.pack(CH_ACK, delay, len(ranges)) + b"".join([ACK_RANGE.pack(hi, lo) for hi, lo in ranges])
 
     # ---------------------------------------------------------------- receiving
     def _receive_burst(self, mv: memoryview, ss: int, addr: Addr, now: float) -> bool:
@@ -654,10 +702,16 @@ class Endpoint:
                 pos += ACK.size
                 if not 0 < count <= MAX_ACK_RANGES or pos + count * ACK_RANGE.size > end:
                     raise ValueError("bad ack chunk")
-                ranges = [ACK_RANGE.unpack_from(plain, pos + i * ACK_RANGE.size) for i in range(count)]
-                pos += count * ACK_RANGE.size
-                if any(lo > hi for hi, lo in ranges):
+                if count == 1:
+                    hi, lo = ACK_RANGE.unpack_from(plain, pos)
+                    ranges = [(hi, lo)]
+                    bad = lo > hi
+                else:
+                    ranges = [ACK_RANGE.unpack_from(plain, pos + i * ACK_RANGE.size) for i in range(count)]
+                    bad = any(lo > hi for hi, lo in ranges)
+                if bad:
                     raise ValueError("bad ack range")
+                pos += count * ACK_RANGE.size
                 self._on_ack(peer, ranges, delay_us / 1e6, now)
             elif kind == CH_ONESHOT:
                 _, ln = ONESHOT.unpack_from(plain, pos)

@@ -59,7 +59,8 @@ class Transport:
         self.sealer = Sealer(key, node_id, session, encrypt=settings.encrypt)
         self.counters = wire.new_counters()
         self.guard = ReplayGuard()
-        self._reliable_cfg = reliable or ReliableConfig(datagram_size=settings.datagram_size)
+        # datagram_size 0: each peer's path MTU (the UDP adapter sets it); until known, 1200 B
+        self._reliable_cfg = reliable or ReliableConfig(datagram_size=settings.datagram_size or 1200)
         self._udp_limit = min(settings.tcp_threshold, self._reliable_cfg.max_frame)
         self._max_tcp_frame = max_tcp_frame
         self._udp_retry = udp_retry
@@ -79,14 +80,16 @@ class Transport:
         udp_sock, tcp_sock = _bind_pair(self.settings.bind_host, self.settings.port)
         self.local_addr = udp_sock.getsockname()[:2]
         endpoint = Endpoint(self.sealer, self.guard, config=self._reliable_cfg, counters=self.counters)
-        self.udp = UdpChannel(udp_sock, endpoint, self._on_udp_event, offload=self._udp_offload)
+        self.udp = UdpChannel(udp_sock, endpoint, self._on_udp_event, offload=self._udp_offload,
+                              datagram_size=self.settings.datagram_size)
         self.tcp = TcpChannel(self.sealer, self.guard, self.counters, port=self.local_addr[1],
                               on_frame=self._on_frame, max_frame=self._max_tcp_frame)
         await self.tcp.start(tcp_sock)
         self.udp.start()
-        log.info("peer transport on %s:%d (UDP+TCP, %s, datagrams %d B, GSO %s, encryption %s)",
+        log.info("peer transport on %s:%d (UDP+TCP, %s, datagrams %s, GSO %s, encryption %s)",
                  self.local_addr[0], self.local_addr[1], loop_name(),
-                 self._reliable_cfg.datagram_size, "on" if self.udp.gso else "off",
+                 f"{self.settings.datagram_size} B" if self.settings.datagram_size else "by path MTU",
+                 "on" if self.udp.gso else "off",
                  "on" if self.sealer.encrypt else "off")
         return self.local_addr
 
@@ -111,7 +114,7 @@ class Transport:
             raise LocalProtocolError("Transport.send before start()")
         head, body = wire.encode(msg)
         size = len(head) + memoryview(body).nbytes
-        if not reliable and size <= self.udp.endpoint.max_oneshot:
+        if not reliable and size <= self.udp.max_oneshot(addr):
             self.udp.send_frame(addr, b"".join((head, body)), reliable=False)
         elif size <= self._udp_limit and self._udp_ok(addr):
             self.udp.send_frame(addr, b"".join((head, body)) if body else head, stream=stream_of(msg))

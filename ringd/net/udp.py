@@ -3,6 +3,12 @@
 The core's clock is ``time.monotonic()`` (uvloop's ``loop.time()`` has millisecond steps,
 too coarse for LAN round trips); the one timer is armed with ``call_later``.
 
+Datagram size follows each peer's path (:mod:`ringd.net.pmtu`): on first contact the
+route's MTU is looked up (no packet is sent) and the core is told the largest datagram for
+that peer -- 64 KB on loopback, 1472 B on a 1500-byte Ethernet, 8972 B on a jumbo-frame
+link -- capped by ``datagram_size`` when one is configured. A send refused with EMSGSIZE
+(the kernel learned a smaller path MTU) makes it look again.
+
 Reads drain the socket in one readiness callback (then acks go out once per batch); on
 Linux, UDP GRO hands a whole packet's segments over in one read and UDP GSO sends them with
 one ``sendmsg``. Measured on loopback, a 32 KiB frame cut into 1400-byte segments costs
@@ -24,6 +30,7 @@ from collections import deque
 from typing import Callable
 
 from ringd.core.reliable import Endpoint, Event, Transmit
+from ringd.net.pmtu import udp_payload_limit
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +44,22 @@ READ_SIZE = 65536
 MAX_READS_PER_WAKEUP = 256
 ACK_EVERY_READS = 32  # within a long read batch, flush acks this often
 MAX_BACKLOG = 4096  # transmits waiting for the socket to drain
+UNKNOWN_PATH_DATAGRAM = 1200  # when the path MTU can't be found (QUIC's conservative size)
+MAX_KNOWN_PATHS = 4096
 
 
 class UdpChannel:
     """Owns a bound non-blocking UDP socket, the reliability core and its one timer."""
 
     def __init__(self, sock: socket.socket, endpoint: Endpoint, on_event: Callable[[Event], None],
-                 *, offload: bool = True) -> None:
+                 *, offload: bool = True, datagram_size: int = 0) -> None:
+        """``datagram_size``: 0 follows each peer's path MTU; otherwise the largest datagram
+        (still lowered to a smaller path MTU)."""
         self.sock = sock
         self.endpoint = endpoint
+        self._cap = datagram_size or 65000
+        self._configured = datagram_size
+        self._paths: dict[tuple[str, int], int] = {}  # peers whose datagram size is set
         self._on_event = on_event
         self._loop = asyncio.get_running_loop()
         self._buf = bytearray(READ_SIZE)
@@ -101,11 +115,40 @@ class UdpChannel:
         self._closed = True
         self.sock.close()
 
+    # ---------------------------------------------------------------- path MTU
+    def _learn_path(self, addr: tuple[str, int]) -> int:
+        """Look up the route's MTU to ``addr`` and size its datagrams (once per peer)."""
+        limit = udp_payload_limit(addr, family=self.sock.family)
+        if limit is None:
+            size = min(self._cap, UNKNOWN_PATH_DATAGRAM) if not self._configured else self._cap
+            log.debug("path MTU to %s:%d unknown; datagrams of %d B", addr[0], addr[1], size)
+        else:
+            size = min(self._cap, limit)
+            if self._configured and limit < self._configured:
+                log.info("path to %s:%d takes UDP payloads of at most %d B: using that instead of "
+                         "datagram_size %d", addr[0], addr[1], limit, self._configured)
+        if len(self._paths) >= MAX_KNOWN_PATHS:
+            self._paths.clear()  # looked up again on next use
+        self._paths[addr] = size = self.endpoint.set_datagram_size(addr, size)
+        return size
+
+    def datagram_size(self, addr: tuple[str, int]) -> int:
+        size = self._paths.get(addr)
+        return self._learn_path(addr) if size is None else size
+
+    def max_oneshot(self, addr: tuple[str, int]) -> int:
+        """Largest unreliable message to ``addr`` (one packet on its path)."""
+        if addr not in self._paths:
+            self._learn_path(addr)
+        return self.endpoint.max_oneshot_to(addr)
+
     # ---------------------------------------------------------------- sending
     def send_frame(self, addr: tuple[str, int], data: bytes | memoryview, *, stream: int = 0,
                    reliable: bool = True) -> bool:
         """Queue a frame. The first frame of a loop iteration leaves at once; frames sent
         later in the same iteration are packed together by one flush at its end."""
+        if addr not in self._paths:
+            self._learn_path(addr)
         ok = self.endpoint.send_frame(addr, data, time.monotonic(), stream=stream, reliable=reliable)
         if not self._flush_soon:
             self.flush()
@@ -136,9 +179,14 @@ class UdpChannel:
             self._queue(t)
             return False
         except OSError as e:
-            if e.errno == errno.EMSGSIZE:
-                self._warn(t.addr, "UDP datagrams of %d bytes do not fit the path MTU to %s:%d; "
-                           "lower datagram_size (RINGD_DATAGRAM_SIZE)", t.segment_size, *t.addr)
+            if e.errno == errno.EMSGSIZE:  # the kernel knows a smaller path MTU now: follow it
+                self._paths.pop(t.addr, None)
+                size = self._learn_path(t.addr)
+                if size >= t.segment_size:
+                    size = self._paths[t.addr] = self.endpoint.set_datagram_size(
+                        t.addr, min(size, UNKNOWN_PATH_DATAGRAM, t.segment_size - 64))
+                self._warn(t.addr, "UDP datagrams of %d B do not fit the path to %s:%d; now %d B "
+                           "(the lost data is sent again)", t.segment_size, t.addr[0], t.addr[1], size)
             elif self.gso and e.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
                 log.info("UDP segmentation offload failed (%s); sending datagrams one by one", e)
                 self.gso = False
@@ -196,7 +244,10 @@ class UdpChannel:
                 log.debug("UDP receive error: %s", e)
                 continue
             self.totals["reads"] += 1
-            ep.receive_datagram(view[:n], addr[:2], now, seg)
+            addr = addr[:2]
+            if addr not in self._paths:
+                self._learn_path(addr)
+            ep.receive_datagram(view[:n], addr, now, seg)
             self._dispatch()
             if i % ACK_EVERY_READS == 0:
                 self.flush()

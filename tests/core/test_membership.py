@@ -463,7 +463,7 @@ def test_membership_counts_and_survives_junk() -> None:
 def test_config_from_settings_and_checks() -> None:
     cfg = MembershipConfig.from_settings(Settings(probe_interval=2.0, suspicion_timeout=6.0))
     assert (cfg.probe_interval, cfg.probe_timeout, cfg.suspicion_timeout) == (2.0, 0.5, 6.0)
-    assert cfg.max_payload_bytes == 1200  # datagram_size 1400 minus room for the frame
+    assert cfg.max_payload_bytes == 1200  # path-MTU datagrams: gossip keeps to 1400 B minus room
     with pytest.raises(LocalProtocolError):
         MembershipConfig(probe_interval=0.5, probe_timeout=0.5)
 

@@ -137,10 +137,11 @@ async def test_peer_silent_on_udp_is_moved_to_tcp() -> None:
 
 @on_both_loops
 async def test_ten_thousand_frames_through_a_lossy_link_arrive_once_in_order() -> None:
-    b, inbox = await transport("b")
+    lan = Settings(bind_host="127.0.0.1", port=0, mdns=False, datagram_size=1400)  # an Ethernet's size
+    b, inbox = await transport("b", settings=lan)
     proxy = LossyProxy(b.local_addr, seed=7, loss=0.05, dup=0.03, reorder=0.1, max_delay=0.003)
     front = await proxy.start()
-    a, _ = await transport("a")
+    a, _ = await transport("a", settings=lan)
     try:
         n = 10_000
         t0 = time.monotonic()
