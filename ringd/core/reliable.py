@@ -878,6 +878,9 @@ class Endpoint:
             self._dirty[peer.addr] = peer
 
     def _update_rtt(self, peer: _Peer, latest: float, ack_delay: float) -> None:
+        # An adapter whose clock reading is older than the send it acks (one reading for a
+        # batch of reads) must not make the estimate negative: a sample is at least 1 µs.
+        latest = max(latest, 1e-6)
         peer.latest_rtt = latest
         if not peer.has_rtt:
             peer.has_rtt = True

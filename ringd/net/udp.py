@@ -225,8 +225,7 @@ class UdpChannel:
 
     # ---------------------------------------------------------------- receiving
     def _on_readable(self) -> None:
-        ep, buf, view, sock = self.endpoint, self._buf, self._view, self.sock
-        now = time.monotonic()
+        ep, buf, view, sock, clock = self.endpoint, self._buf, self._view, self.sock, time.monotonic
         for i in range(1, MAX_READS_PER_WAKEUP + 1):
             try:
                 if self.gro:
@@ -247,7 +246,8 @@ class UdpChannel:
             addr = addr[:2]
             if addr not in self._paths:
                 self._learn_path(addr)
-            ep.receive_datagram(view[:n], addr, now, seg)
+            # a fresh reading per read: handlers of earlier reads may have sent since
+            ep.receive_datagram(view[:n], addr, clock(), seg)
             self._dispatch()
             if i % ACK_EVERY_READS == 0:
                 self.flush()

@@ -142,6 +142,18 @@ def test_frame_is_delivered_and_acked() -> None:
     assert a.peer_stats()["10.0.0.2:7411"]["smoothed_rtt"] == pytest.approx(2 * net.delay)
 
 
+def test_an_ack_read_with_an_older_clock_never_makes_the_rtt_negative() -> None:
+    a, b = endpoint("a"), endpoint("b")
+    a.send_frame(B, b"ping", 1.0)
+    [t] = a.datagrams_to_send(1.0)
+    b.receive_datagram(b"".join(t.iov), A, 1.0)
+    [ack] = b.datagrams_to_send(1.0)
+    a.receive_datagram(b"".join(ack.iov), B, 0.9995)  # read with a reading taken before the send
+    stats = a.peer_stats()["10.0.0.2:7411"]
+    assert not a._peers[B].sent  # acked
+    assert 0 < stats["min_rtt"] <= 1e-5 and stats["smoothed_rtt"] > 0
+
+
 def test_lost_packet_is_retransmitted_after_the_probe_timeout() -> None:
     a, b = endpoint("a"), endpoint("b")
     net = Net({A: a, B: b})
