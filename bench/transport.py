@@ -1,16 +1,31 @@
-"""Per-hop round trips of activation frames: our channels against a raw floor and exo-style gRPC.
+"""Per-hop round trips of activation frames: our channels against raw and asyncio floors and exo-style gRPC.
 
-    .venv/bin/python bench/transport.py            # full run (~2-4 minutes)
-    .venv/bin/python bench/transport.py --quick    # fewer round trips, one pass (~20-25 s)
+    .venv/bin/python bench/transport.py            # full run, 5 passes (~2-4 minutes)
+    .venv/bin/python bench/transport.py --quick    # fewer round trips, one pass (~15-30 s)
 
 Every case runs an echo server pinned to CPU 1 and a client pinned to CPU 0 (``taskset``),
-on loopback, side by side in one run. Figures are p50/p99 round-trip microseconds and the
-ratio of the p50 to the floor (the faster of raw blocking UDP and raw blocking TCP carrying
-the same bytes). Cases:
+on loopback, side by side in one run. The run makes ``--repeat`` (5) passes over all cases
+(each pass short: 400 round trips per size up to 32 KiB, 20 at 4 MiB; the order of the cases
+reversed every other pass) and keeps, per case and size, the pass with the best p50: on a
+machine whose wake-up latency drifts from minute to minute only side-by-side ratios mean
+anything, and short interleaved passes give every case the same chances. Figures are p50/p99
+round-trip microseconds and the ratio of the p50 to the raw floor (the faster of raw blocking
+UDP and raw blocking TCP carrying the same bytes); a second table gives p50 ratios to the
+asyncio floor (the fastest of the three ``asyncio-*`` cases). Cases:
 
 - ``floor-udp`` / ``floor-tcp``: blocking sockets, one datagram / one length-prefixed send.
-- ``ours``: :class:`ringd.net.transport.Transport` with default settings (AES-GCM on,
-  1400-byte datagrams, UDP up to ``tcp_threshold``, TCP above) carrying an ``Activation``.
+- ``asyncio-udp`` / ``asyncio-tcp`` / ``asyncio-tcp-buf``: the same bytes through two uvloop
+  event loops doing no protocol work: the server a ``DatagramProtocol`` echo
+  (``transport.sendto(data, addr)``) / a ``Protocol`` echo with 4-byte length framing
+  (``TCP_NODELAY``) / the same as a ``BufferedProtocol`` reading into one reused buffer (as
+  ``ours`` reads TCP; a ``Protocol`` gets a new ``bytes`` per read, joined per frame, which at
+  4 MiB costs more than all of ``ours``' work); the client, per round trip, creates a future,
+  sends, and awaits the future resolved from ``datagram_received`` / ``data_received`` /
+  ``buffer_updated`` (the client shape of ``ours``). UDP up to 32 KiB as one datagram, TCP at
+  every size. The best any asyncio-based data plane could do.
+- ``ours``: :class:`ringd.net.transport.Transport` with default settings (AES-128-OCB3 on,
+  datagrams sized from the path MTU: 65000 B on loopback, UDP up to ``tcp_threshold``, TCP
+  above) carrying an ``Activation``.
 - ``ours-tcp``: the same forced onto TCP; ``ours-clear``: authentication only (GMAC).
 - ``grpc-exo``: a grpc.aio unary call with a protobuf tensor message (bytes + shape +
   dtype) on a gzip channel, the way exo's ``GRPCPeerHandle.send_tensor`` does it.
@@ -21,13 +36,15 @@ the same bytes). Cases:
   otherwise): two namespaces ``rbench-a`` (client, 10.213.0.1) and ``rbench-b`` (server,
   10.213.0.2) joined by a veth pair, at veth MTU 1500 and 9000: ``floor-udp`` (one 32 KiB
   datagram, IP-fragmented at MTU 1500), ``floor-tcp`` and ``ours`` at 32 KiB with
-  ``datagram_size`` 1400, MTU - 28 (the largest unfragmented IPv4 UDP payload) and 0 ("auto:
-  follow the path MTU"; a setting that ``Settings`` may not accept yet, then the row says
-  why). The namespaces are deleted at the end, and leftovers named ``rbench*`` at the start.
+  ``datagram_size`` 1400, MTU - 28 (the largest unfragmented IPv4 UDP payload) and 0 (the
+  default: follow the path MTU). The namespaces are deleted at the end, and leftovers named
+  ``rbench*`` at the start.
 
 Also printed: in-process costs of frame protection at 32 KiB (AES-GCM, AES-128/256-OCB3,
 ChaCha20-Poly1305, GMAC-only, per packet vs per 1400-byte datagram) and at 4 MiB (with GB/s),
-and of the MLX tensor conversion.
+and of the MLX tensor conversion; then a summary: at 32 KiB ours / raw floor, ours / asyncio
+floor, asyncio floor / raw floor and gRPC / ours (of the best p50s, and the range and median
+of each ratio within a pass), and GB/s at 4 MiB.
 """
 
 from __future__ import annotations
@@ -39,6 +56,7 @@ import os
 import resource
 import shutil
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -54,11 +72,17 @@ KEY = bytes(range(32))
 
 
 def iters_for(size: int, case: str, quick: bool) -> int:
+    """Measured round trips of one pass (each pass is short; the full run makes 5)."""
     if size >= 1 << 20:
-        n = 8 if case == "grpc-exo" else 40
+        n = 4 if case == "grpc-exo" else 20
     else:
-        n = 200 if case == "grpc-exo" else 1000
-    return max(5, n // 4) if quick else n
+        n = 100 if case == "grpc-exo" else 400
+    return max(3, n // 2) if quick else n
+
+
+def warmup(n: int) -> int:
+    """Unmeasured round trips before the ``n`` measured ones."""
+    return max(1, n // 10)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -124,13 +148,14 @@ def floor_client(kind: str, host: str, port: int, quick: bool, case: str, sizes:
         for size in [x for x in sizes if x <= 32 * KiB]:
             data = os.urandom(size)
             n = iters_for(size, "floor", quick)
+            w = warmup(n)
             ts = []
-            for i in range(n + n // 10):
+            for i in range(w + n):
                 t0 = time.perf_counter()
                 s.send(data)
                 s.recv_into(buf)
                 ts.append(time.perf_counter() - t0)
-            report(case, size, ts[n // 10:], 0)
+            report(case, size, ts[w:], 0)
         s.send(b"x")
         return
     c = socket.create_connection((host, port))
@@ -140,27 +165,203 @@ def floor_client(kind: str, host: str, port: int, quick: bool, case: str, sizes:
     for size in sizes:
         data = size.to_bytes(4, "little") + os.urandom(size)
         n = iters_for(size, "floor", quick)
+        w = warmup(n)
         ts = []
         f0 = 0
-        for i in range(n + n // 10):
-            if i == n // 10:
+        for i in range(w + n):
+            if i == w:
                 f0 = faults()
             t0 = time.perf_counter()
             c.sendall(data)
             _recv_exact(c, mv[:4 + size])
             ts.append(time.perf_counter() - t0)
-        report(case, size, ts[n // 10:], (faults() - f0) / n)
+        report(case, size, ts[w:], (faults() - f0) / n)
     c.close()
+
+
+# ============================================================ asyncio floor (uvloop, no protocol work)
+def _udp_socket(host: str) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # as ours sets them
+        s.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+    s.bind((host, 0))
+    return s
+
+
+def _nodelay(tr: asyncio.BaseTransport) -> None:
+    sock = tr.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def asyncio_server(kind: str, host: str) -> None:
+    """Echo on the running (uvloop) loop: a ``DatagramProtocol``, or a length-framed ``Protocol``
+    (kind ``tcp``) or ``BufferedProtocol`` (kind ``tcp-buf``)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    if kind == "udp":
+        class DgramEcho(asyncio.DatagramProtocol):
+            def connection_made(self, tr):
+                self.tr = tr
+
+            def datagram_received(self, data, addr):
+                if len(data) == 1:
+                    done.set_result(None)
+                    return
+                self.tr.sendto(data, addr)
+
+        tr, _ = await loop.create_datagram_endpoint(DgramEcho, sock=_udp_socket(host))
+        print(tr.get_extra_info("sockname")[1], flush=True)
+        await done
+        tr.close()
+        return
+
+    class StreamEcho(asyncio.Protocol):
+        """Echoes each frame (4-byte little-endian length + payload) once it is complete."""
+
+        def connection_made(self, tr):
+            _nodelay(tr)
+            self.tr, self.parts, self.have, self.need = tr, [], 0, 0
+
+        def data_received(self, data):
+            self.parts.append(data)
+            self.have += len(data)
+            while True:
+                if not self.need:
+                    if self.have < 4:
+                        return
+                    head = self.parts[0] if len(self.parts[0]) >= 4 else b"".join(self.parts)
+                    self.need = 4 + int.from_bytes(head[:4], "little")
+                if self.have < self.need:
+                    return
+                buf = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+                need, self.need = self.need, 0
+                if len(buf) == need:  # the usual case: one frame in flight
+                    self.tr.write(buf)
+                    self.parts, self.have = [], 0
+                    return
+                self.tr.write(memoryview(buf)[:need])
+                self.parts, self.have = [buf[need:]], len(buf) - need
+
+        def connection_lost(self, exc):
+            if not done.done():
+                done.set_result(None)
+
+    class BufferedEcho(asyncio.BufferedProtocol):
+        """The same echo reading straight into one reused buffer (as ``ours`` reads TCP)."""
+
+        def connection_made(self, tr):
+            _nodelay(tr)
+            self.tr, self.have, self.need = tr, 0, 0
+            self.mv = memoryview(bytearray(8 << 20))
+
+        def get_buffer(self, sizehint):
+            return self.mv[self.have:]
+
+        def buffer_updated(self, nbytes):
+            self.have += nbytes
+            if not self.need and self.have >= 4:
+                self.need = 4 + int.from_bytes(self.mv[:4], "little")
+            if self.need and self.have >= self.need:
+                # one frame in flight: the next one cannot arrive before this echo has left,
+                # so the buffer may be reused while the transport still holds the view
+                self.tr.write(self.mv[:self.need])
+                self.have = self.need = 0
+
+        def connection_lost(self, exc):
+            if not done.done():
+                done.set_result(None)
+
+    server = await loop.create_server(BufferedEcho if kind == "tcp-buf" else StreamEcho, host, 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await done
+    server.close()
+
+
+async def asyncio_client(kind: str, host: str, port: int, quick: bool, case: str, sizes: list[int]) -> None:
+    """Round trips through the running (uvloop) loop, shaped as ``ours_client``'s."""
+    from ringd.net.loop import loop_name
+
+    loop = asyncio.get_running_loop()
+    waiter: list[asyncio.Future] = []
+
+    if kind == "udp":
+        class DgramClient(asyncio.DatagramProtocol):
+            def datagram_received(self, data, addr):
+                if waiter and not waiter[0].done():
+                    waiter[0].set_result(data)
+
+        s = _udp_socket(host)
+        s.connect((host, port))  # as floor-udp: a datagram above the MTU is IP-fragmented
+        tr, _ = await loop.create_datagram_endpoint(DgramClient, sock=s)
+        sizes = [x for x in sizes if x <= 32 * KiB]
+    else:
+        class StreamClient(asyncio.Protocol):
+            """Resolves the waiter with the echoed frame once ``need`` bytes have arrived."""
+
+            def connection_made(self, tr):
+                _nodelay(tr)
+                self.parts, self.have, self.need = [], 0, 0
+
+            def data_received(self, data):
+                self.parts.append(data)
+                self.have += len(data)
+                if self.have >= self.need and waiter and not waiter[0].done():
+                    frame = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+                    self.parts, self.have = [], 0
+                    waiter[0].set_result(frame)
+
+        class BufferedClient(asyncio.BufferedProtocol):
+            """Reads into one reused buffer; resolves the waiter with a view of the echoed frame."""
+
+            def connection_made(self, tr):
+                _nodelay(tr)
+                self.have, self.need = 0, 0
+                self.mv = memoryview(bytearray(8 << 20))
+
+            def get_buffer(self, sizehint):
+                return self.mv[self.have:]
+
+            def buffer_updated(self, nbytes):
+                self.have += nbytes
+                if self.have >= self.need and waiter and not waiter[0].done():
+                    self.have = 0
+                    waiter[0].set_result(self.mv[:self.need])
+
+        tr, proto = await loop.create_connection(BufferedClient if kind == "tcp-buf" else StreamClient, host, port)
+    for size in sizes:
+        data = os.urandom(size) if kind == "udp" else size.to_bytes(4, "little") + os.urandom(size)
+        n = iters_for(size, case, quick)
+        w = warmup(n)
+        ts = []
+        f0 = 0
+        if kind != "udp":
+            proto.need = len(data)
+        send = tr.sendto if kind == "udp" else tr.write
+        for i in range(w + n):
+            if i == w:
+                f0 = faults()
+            fut = loop.create_future()
+            waiter[:] = [fut]
+            t0 = time.perf_counter()
+            send(data)
+            await fut
+            ts.append(time.perf_counter() - t0)
+        report(case, size, ts[w:], (faults() - f0) / n, loop=loop_name(loop))
+    if kind == "udp":
+        tr.sendto(b"x")
+        await asyncio.sleep(0.01)
+    tr.close()
 
 
 # ============================================================ ours
 def _settings(variant: dict):
     """Variant keys: ``host`` (bind address, 127.0.0.1), ``encrypt`` (True), ``datagram``
-    (``datagram_size``, 1400; 0 = follow the path MTU), ``tcp`` (everything over TCP), ``gso``."""
+    (``datagram_size``, the default 0 = follow the path MTU), ``tcp`` (everything over TCP), ``gso``."""
     from ringd.config import Settings
 
     return Settings(bind_host=variant.get("host", "127.0.0.1"), port=0, encrypt=variant.get("encrypt", True),
-                    datagram_size=variant.get("datagram", 1400),
+                    datagram_size=variant.get("datagram", Settings().datagram_size),
                     tcp_threshold=0 if variant.get("tcp") else Settings().tcp_threshold)
 
 
@@ -217,10 +418,11 @@ async def ours_client(variant: dict, host: str, port: int, quick: bool, case: st
     for size in sizes:
         msg = _activation(size)
         n = iters_for(size, case, quick)
+        w = warmup(n)
         ts = []
         f0 = 0
-        for i in range(n + n // 10):
-            if i == n // 10:
+        for i in range(w + n):
+            if i == w:
                 f0 = faults()
             fut = loop.create_future()
             waiter[:] = [fut]
@@ -229,7 +431,7 @@ async def ours_client(variant: dict, host: str, port: int, quick: bool, case: st
             await fut
             ts.append(time.perf_counter() - t0)
         st = t.stats()
-        report(case, size, ts[n // 10:], (faults() - f0) / n,
+        report(case, size, ts[w:], (faults() - f0) / n,
                lost=st["udp"].get("packets_lost", 0), gso=st["udp"].get("gso"))
     t.send(server, Cancel("stop", ""))
     await asyncio.sleep(0.05)  # let the stop message leave before closing
@@ -307,8 +509,9 @@ async def grpc_client(port: int, quick: bool) -> None:
     for size in SIZES:
         arr = np.frombuffer(os.urandom(size), dtype=np.float16).reshape(1, size // 2)
         n = iters_for(size, "grpc-exo", quick)
+        w = warmup(n)
         ts = []
-        for i in range(n + n // 10):
+        for i in range(w + n):
             t0 = time.perf_counter()
             req = TensorRequest(shard=Shard(model_id="m", start_layer=0, end_layer=10, n_layers=30),
                                 tensor=Tensor(tensor_data=arr.tobytes(), shape=list(arr.shape),
@@ -316,7 +519,7 @@ async def grpc_client(port: int, quick: bool) -> None:
             resp = await call(req)
             np.frombuffer(resp.tensor_data, dtype=np.dtype(resp.dtype)).reshape(resp.shape)
             ts.append(time.perf_counter() - t0)
-        report("grpc-exo", size, ts[n // 10:], 0)
+        report("grpc-exo", size, ts[w:], 0)
     await channel.close()
 
 
@@ -401,8 +604,9 @@ def adapter_client(mode: str, port: int, quick: bool) -> None:
     seg = os.urandom(ADAPTER_SEG)
     buf = bytearray(65536)
     n = iters_for(ADAPTER_TOTAL, "adapter", quick)
+    w = warmup(n)
     ts = []
-    for i in range(n + n // 10):
+    for i in range(w + n):
         t0 = time.perf_counter()
         for _ in range(nseg):
             s.send(seg)
@@ -410,7 +614,7 @@ def adapter_client(mode: str, port: int, quick: bool) -> None:
         while got < (ADAPTER_TOTAL if mode == "gso" else nseg * ADAPTER_SEG):
             got += s.recv_into(buf)
         ts.append(time.perf_counter() - t0)
-    report(f"adapter-{mode}", ADAPTER_TOTAL, ts[n // 10:], 0)
+    report(f"adapter-{mode}", ADAPTER_TOTAL, ts[w:], 0)
     s.send(b"x")
 
 
@@ -519,17 +723,19 @@ def run_case(server_args: list[str], client_args: list[str], *, stdin: bool = Fa
         return [{"case": case, "size": s, "error": msg} for s in sizes]
 
     srv = spawn(1, ["--role", "server", *server_args], ns and ns[1], stdin=subprocess.PIPE if stdin else None)
+    # the client starts (and imports what it needs) while the server does, then reads the port
+    cli = spawn(0, ["--role", "client", *client_args], ns and ns[0], stdin=subprocess.PIPE)
     first = srv.stdout.readline().strip()  # type: ignore[union-attr]
     if not first.isdigit():
-        srv.kill()
-        srv.wait()
+        for proc in (cli, srv):
+            proc.kill()
+            proc.wait()
         try:
             return errors(json.loads(first)["error"])
         except (ValueError, KeyError, TypeError):
             return errors(f"server exited ({srv.returncode}) {first[:200]}")
-    cli = spawn(0, ["--role", "client", "--port", first, *client_args], ns and ns[0])
     try:
-        out, _ = cli.communicate(timeout=timeout)
+        out, _ = cli.communicate(first + "\n", timeout=timeout)
     except subprocess.TimeoutExpired:
         cli.kill()
         out, _ = cli.communicate()
@@ -615,13 +821,13 @@ def veth_cases(mtu: int) -> list[tuple[str, list[str], list[str]]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer round trips, one pass")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="passes over all cases, interleaved; each figure is the pass with the best p50 "
-                         "(robust to other load on the machine)")
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="short passes over all cases, interleaved; each figure is the pass with the best p50 "
+                         "(robust to other load on the machine); --quick makes one")
     ap.add_argument("--role", choices=["server", "client"], help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="{}", help=argparse.SUPPRESS)
-    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)  # else read from stdin
     ap.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -633,37 +839,49 @@ def main() -> None:
     print(f"# loopback, server on CPU 1, client on CPU 0, python {sys.version.split()[0]}, "
           f"{passes} pass(es), load average {os.getloadavg()[0]:.1f}", flush=True)
     best: dict[tuple[str, int], dict] = {}
+    every: list[dict] = []  # all rows of all passes, with "pass"
 
-    def keep(rows: list[dict]) -> None:
+    def keep(rows: list[dict], p: int) -> None:
         for r in rows:
+            r["pass"] = p
+            every.append(r)
             k = (r["case"], r["size"])
             old = best.get(k)
             if old is None or ("error" not in r and ("error" in old or r["p50"] < old["p50"])):
                 best[k] = r
 
+    # one pass: (veth MTU or None, server args, client args, run_case keywords)
+    plan: list[tuple[int | None, list[str], list[str], dict]] = []
+    for k in ("udp", "tcp"):
+        plan.append((None, ["--case", f"floor-{k}"], ["--case", f"floor-{k}"], {}))
+    for c in ASYNCIO_FLOORS:
+        plan.append((None, ["--case", c], ["--case", c], {}))
+    for name, v in [("ours", {}), ("ours-tcp", {"tcp": True}), ("ours-clear", {"encrypt": False})]:
+        vj = json.dumps(v)
+        plan.append((None, ["--case", "ours", "--variant", vj], ["--case", name, "--variant", vj], {}))
+    plan.append((None, ["--case", "grpc-exo"], ["--case", "grpc-exo"], {"stdin": True}))
+    for gso in (True, False):
+        for size in (1400, 8192, 32768, 65000):
+            v = json.dumps({"datagram": size, "gso": gso})
+            plan.append((None, ["--case", "ours", "--variant", v],
+                         ["--case", f"dgram-{size}-{'gso' if gso else 'nogso'}", "--variant", v,
+                          "--sizes", str(32 * KiB)], {}))
+    for mode in ("dgram", "protocol", "gso"):
+        plan.append((None, ["--case", f"adapter-{mode}"], ["--case", f"adapter-{mode}"], {}))
     veth_skip = veth_setup()
+    if veth_skip is None:
+        for mtu in VETH_MTUS:
+            for _case, srv_args, cli_args in veth_cases(mtu):
+                plan.append((mtu, srv_args, cli_args, {"ns": VETH_NS, "timeout": 30}))
     try:
-        ours = [("ours", {}), ("ours-tcp", {"tcp": True}), ("ours-clear", {"encrypt": False})]
-        for _ in range(passes):
-            keep(run_case(["--case", "floor-udp"], ["--case", "floor-udp", *q]))
-            keep(run_case(["--case", "floor-tcp"], ["--case", "floor-tcp", *q]))
-            for name, v in ours:
-                vj = json.dumps(v)
-                keep(run_case(["--case", "ours", "--variant", vj], ["--case", name, "--variant", vj, *q]))
-            keep(run_case(["--case", "grpc-exo"], ["--case", "grpc-exo", *q], stdin=True))
-            for gso in (True, False):
-                for size in (1400, 8192, 32768, 65000):
-                    v = json.dumps({"datagram": size, "gso": gso})
-                    keep(run_case(["--case", "ours", "--variant", v],
-                                  ["--case", f"dgram-{size}-{'gso' if gso else 'nogso'}", "--variant", v,
-                                   "--sizes", str(32 * KiB), *q]))
-            for mode in ("dgram", "protocol", "gso"):
-                keep(run_case(["--case", f"adapter-{mode}"], ["--case", f"adapter-{mode}", *q]))
-            if veth_skip is None:
-                for mtu in VETH_MTUS:
+        mtu_now = None
+        for p in range(passes):
+            # every other pass in reverse, so no case always runs right after the same neighbour
+            for mtu, srv_args, cli_args, kw in (plan if p % 2 == 0 else plan[::-1]):
+                if mtu is not None and mtu != mtu_now:
                     veth_set_mtu(mtu)
-                    for _case, srv_args, cli_args in veth_cases(mtu):
-                        keep(run_case(srv_args, [*cli_args, *q], ns=VETH_NS, timeout=30))
+                    mtu_now = mtu
+                keep(run_case(srv_args, [*cli_args, *q], **kw), p)
     finally:
         if veth_skip is None:
             veth_cleanup()
@@ -675,7 +893,20 @@ def main() -> None:
                  [r for r in rows if r["case"].startswith("adapter-")],
                  [json.loads(x) for x in micro_out.splitlines() if x.startswith("{")],
                  [r for r in rows if r["case"].startswith("veth-")], veth_skip)
+    print_summary(rows, every, passes)
     print(f"\n# load average at the end {os.getloadavg()[0]:.1f}")
+
+
+def _preimport(case: str) -> None:
+    """Import what a client case needs before it waits for the server's port."""
+    if case == "grpc-exo":
+        import grpc  # noqa: F401
+        import numpy  # noqa: F401
+
+        _proto()
+    elif not case.startswith(("asyncio-", "adapter-")) and "floor-" not in case:
+        import ringd.core.wire
+        import ringd.net.transport  # noqa: F401
 
 
 def role_main(a: argparse.Namespace) -> None:
@@ -687,6 +918,8 @@ def role_main(a: argparse.Namespace) -> None:
     if a.role == "server":
         if case.startswith("floor-"):
             floor_server(case.split("-")[1], a.host)
+        elif case.startswith("asyncio-"):
+            run(asyncio_server(case.split("-", 1)[1], a.host))
         elif case == "ours":
             run(ours_server(variant))
         elif case == "grpc-exo":
@@ -694,14 +927,23 @@ def role_main(a: argparse.Namespace) -> None:
         elif case.startswith("adapter-"):
             run(adapter_server(case.split("-")[1]))
         return
-    if "floor-" in case:  # floor-udp, veth-1500-floor-tcp, ...
+    if case == "micro":
+        micro()
+        return
+    if a.port is None:
+        _preimport(case)
+        line = sys.stdin.readline().strip()  # the server's port, once it listens
+        if not line.isdigit():
+            return
+        a.port = int(line)
+    if case.startswith("asyncio-"):
+        run(asyncio_client(case.split("-", 1)[1], a.host, a.port, a.quick, case, sizes))
+    elif "floor-" in case:  # floor-udp, veth-1500-floor-tcp, ...
         floor_client(case.rsplit("-", 1)[-1], a.host, a.port, a.quick, case, sizes)
     elif case == "grpc-exo":
         run(grpc_client(a.port, a.quick))
     elif case.startswith("adapter-"):
         adapter_client(case.split("-")[1], a.port, a.quick)
-    elif case == "micro":
-        micro()
     else:
         run(ours_client(variant, a.host, a.port, a.quick, case, sizes))
 
@@ -710,34 +952,56 @@ def fmt_size(n: int) -> str:
     return f"{n // (1024 * KiB)} MiB" if n >= 1024 * KiB else f"{n // KiB} KiB"
 
 
+RAW_FLOORS = ("floor-udp", "floor-tcp")
+ASYNCIO_FLOORS = ("asyncio-udp", "asyncio-tcp", "asyncio-tcp-buf")
+MAIN_CASES = [*RAW_FLOORS, *ASYNCIO_FLOORS, "ours", "ours-tcp", "ours-clear", "grpc-exo"]
+
+
+def _floor(by: dict, size: int, cases: tuple[str, ...] = RAW_FLOORS) -> float | None:
+    """The fastest p50 of ``cases`` at ``size`` (the raw floor, or with ASYNCIO_FLOORS the asyncio one)."""
+    fs = [by[(c, size)]["p50"] for c in cases if (c, size) in by and "error" not in by[(c, size)]]
+    return min(fs) if fs else None
+
+
+def _ratio(num: dict | None, den: float | None) -> float | None:
+    return num["p50"] / den if num and "error" not in num and den else None
+
+
+def _x(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}x"
+
+
 def print_tables(results: list[dict], dg: list[dict], adapters: list[dict], micro_rows: list[dict],
                  veth: list[dict], veth_skip: str | None) -> None:
     by = {(r["case"], r["size"]): r for r in results}
 
     def floor(size: int) -> float:
-        fs = [by[(c, size)]["p50"] for c in ("floor-udp", "floor-tcp") if (c, size) in by]
-        return min(fs)
+        return _floor(by, size) or float("nan")
 
-    cases = ["floor-udp", "floor-tcp", "ours", "ours-tcp", "ours-clear", "grpc-exo"]
-    print("\n## Round trip per hop, p50 / p99 in µs (x = p50 / floor p50)\n")
+    print("\n## Round trip per hop, p50 / p99 in µs (x = p50 / raw floor p50)\n")
     print("| case | " + " | ".join(fmt_size(s) for s in SIZES) + " |")
     print("|---|" + "---|" * len(SIZES))
-    for c in cases:
+    for c in MAIN_CASES:
         cells = []
         for s in SIZES:
             r = by.get((c, s))
-            cells.append("—" if r is None else f"{r['p50']:.0f} / {r['p99']:.0f} ({r['p50'] / floor(s):.2f}x)")
+            cells.append("—" if r is None else f"error: {r['error']}" if "error" in r
+                         else f"{r['p50']:.0f} / {r['p99']:.0f} ({r['p50'] / floor(s):.2f}x)")
         print(f"| {c} | " + " | ".join(cells) + " |")
-    big = 4 * 1024 * KiB
-    print("\n4 MiB effective throughput (one way = p50 / 2), minor page faults per round trip (client):")
-    for c in ("floor-tcp", "ours", "ours-tcp", "ours-clear", "grpc-exo"):
-        r = by.get((c, big))
-        if r:
-            print(f"  {c:11s} {big / (r['p50'] / 2 / 1e6) / 1e9:6.2f} GB/s   {r['minflt']:8.0f} faults")
-    g, o = by.get(("grpc-exo", 32 * KiB)), by.get(("ours", 32 * KiB))
-    if g and o:
-        print(f"\nours vs exo-style gRPC at 32 KiB: {g['p50'] / o['p50']:.1f}x faster (p50)")
-    print("\n## 32 KiB frame, datagram size (ours, AES-GCM on), p50 / p99 µs\n")
+    loops = {r.get("loop") for r in results if r["case"].startswith("asyncio-") and "error" not in r}
+    if loops - {"uvloop"}:
+        print(f"\n(asyncio floor ran on: {', '.join(sorted(map(str, loops)))} -- not uvloop)")
+    print("\np50 ratios to the asyncio floor (the fastest of asyncio-udp, asyncio-tcp and asyncio-tcp-buf "
+          "at each size):\n")
+    print("| ratio | " + " | ".join(fmt_size(s) for s in SIZES) + " |")
+    print("|---|" + "---|" * len(SIZES))
+    for c in ("ours", "ours-tcp", "ours-clear", "grpc-exo"):
+        print(f"| {c} / asyncio floor | "
+              + " | ".join(_x(_ratio(by.get((c, s)), _floor(by, s, ASYNCIO_FLOORS))) for s in SIZES) + " |")
+    print("| asyncio floor / raw floor | " + " | ".join(
+        _x(a / f if (a := _floor(by, s, ASYNCIO_FLOORS)) and (f := _floor(by, s)) else None) for s in SIZES) + " |")
+    print("\n## 32 KiB frame, datagram size (ours, AES-128-OCB3 on; default on loopback: 65000 B), "
+          "p50 / p99 µs (x raw floor)\n")
     print("| datagram | GSO/GRO on | GSO/GRO off |")
     print("|---|---|---|")
     dby = {r["case"]: r for r in dg}
@@ -757,6 +1021,43 @@ def print_tables(results: list[dict], dg: list[dict], adapters: list[dict], micr
         print(f"\n## {m['micro']} (in process, µs per call{', GB/s' if nbytes else ''})\n")
         for k, v in m["rows"].items():
             print(f"  {k:48s} {v:9.1f}" + (f"  {nbytes / v / 1e3:6.2f} GB/s" if nbytes else ""))
+
+
+def print_summary(rows: list[dict], every: list[dict], passes: int) -> None:
+    """32 KiB ratios (best p50s, and their spread within passes) and 4 MiB throughput."""
+    by = {(r["case"], r["size"]): r for r in rows}
+    per_pass: dict[int, dict] = {}
+    for r in every:
+        per_pass.setdefault(r["pass"], {})[(r["case"], r["size"])] = r
+    mid, big = 32 * KiB, 4 * 1024 * KiB
+
+    def asyncio_over_raw(b: dict) -> float | None:
+        a, f = _floor(b, mid, ASYNCIO_FLOORS), _floor(b, mid)
+        return a / f if a and f else None
+
+    def grpc_over_ours(b: dict) -> float | None:
+        o = b.get(("ours", mid))
+        return _ratio(b.get(("grpc-exo", mid)), o["p50"] if o and "error" not in o else None)
+
+    lines = [("ours / raw floor", lambda b: _ratio(b.get(("ours", mid)), _floor(b, mid))),
+             ("ours / asyncio floor", lambda b: _ratio(b.get(("ours", mid)), _floor(b, mid, ASYNCIO_FLOORS))),
+             ("asyncio floor / raw floor", asyncio_over_raw),
+             ("gRPC (exo-style) / ours", grpc_over_ours)]
+    print("\n## Summary\n")
+    print("32 KiB round trip, p50 ratios: of the best p50s"
+          + (f" of {passes} passes; then the range and the median of the same ratio within each pass:"
+             if passes > 1 else ":"))
+    for name, f in lines:
+        line = f"  {name:26s} {_x(f(by)):>7s}"
+        vals = sorted(v for v in (f(b) for b in per_pass.values()) if v is not None)
+        if passes > 1 and vals:
+            line += f"   per pass {vals[0]:.2f}-{vals[-1]:.2f}x, median {statistics.median(vals):.2f}x"
+        print(line)
+    print("\n4 MiB effective throughput (one way = p50 / 2), minor page faults per round trip (client):")
+    for c in ("floor-tcp", "asyncio-tcp", "asyncio-tcp-buf", "ours", "ours-tcp", "ours-clear", "grpc-exo"):
+        r = by.get((c, big))
+        if r and "error" not in r:
+            print(f"  {c:15s} {big / (r['p50'] / 2 / 1e6) / 1e9:6.2f} GB/s   {r['minflt']:8.0f} faults")
 
 
 def print_veth(rows: list[dict], skip: str | None) -> None:
