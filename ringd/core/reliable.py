@@ -352,6 +352,10 @@ class Endpoint:
         else:
             self._receive_segment(mv, addr, now)
 
+    def has_data(self) -> bool:
+        """Whether :meth:`datagrams_to_send` may have something (a cheap check)."""
+        return bool(self._dirty)
+
     def datagrams_to_send(self, now: float) -> list[Transmit]:
         out: list[Transmit] = []
         if self._dirty:
