@@ -689,7 +689,7 @@ def micro() -> None:
             kk = 2000 if n < 100000 else 50
             name = f"{str(dt).split('.')[-1]} {a.nbytes // KiB} KiB"
             rows[f"to_wire {name}"] = timeit(lambda a=a: to_wire(a), kk)
-            rows[f"from_wire {name}"] = timeit(lambda w2=w2: mx.eval(from_wire(w2)), kk)
+            rows[f"from_wire + eval {name}"] = timeit(lambda w2=w2: mx.eval(from_wire(w2)), kk)
     msg = _activation(32 * KiB)
     head, body = encode(msg)
     whole = head + bytes(body)

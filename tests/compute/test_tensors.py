@@ -39,6 +39,17 @@ def test_contiguous_arrays_are_sent_without_a_copy() -> None:
     assert isinstance(t.data, memoryview) and t.data.obj is arr  # a view of MLX's own buffer
 
 
+def test_bfloat16_is_exported_as_is_without_a_view_op() -> None:
+    arr = mx.arange(8, dtype=mx.float32).astype(mx.bfloat16).reshape(2, 4)
+    mx.eval(arr)
+    t = to_wire(arr)
+    # MLX's own buffer of the array itself: no uint16 view op was built (and evaluated)
+    assert isinstance(t.data, memoryview) and t.data.obj is arr and t.dtype == "bfloat16"
+    strided = arr.T
+    back = from_wire(to_wire(strided))
+    assert back.dtype == mx.bfloat16 and mx.array_equal(back, strided).item()
+
+
 def test_strided_arrays_are_copied_once() -> None:
     arr = mx.arange(12, dtype=mx.float32).reshape(3, 4).T
     t = to_wire(arr)
