@@ -333,25 +333,33 @@ async def asyncio_client(kind: str, host: str, port: int, quick: bool, case: str
         data = os.urandom(size) if kind == "udp" else size.to_bytes(4, "little") + os.urandom(size)
         n = iters_for(size, case, quick)
         w = warmup(n)
-        ts = []
-        f0 = 0
         if kind != "udp":
             proto.need = len(data)
         send = tr.sendto if kind == "udp" else tr.write
-        for i in range(w + n):
-            if i == w:
-                f0 = faults()
-            fut = loop.create_future()
-            waiter[:] = [fut]
-            t0 = time.perf_counter()
-            send(data)
-            await fut
-            ts.append(time.perf_counter() - t0)
-        report(case, size, ts[w:], (faults() - f0) / n, loop=loop_name(loop))
+        ts, flt = await timed_round_trips(loop, waiter, lambda send=send, data=data: send(data), w, n)
+        report(case, size, ts, flt, loop=loop_name(loop))
     if kind == "udp":
         tr.sendto(b"x")
         await asyncio.sleep(0.01)
     tr.close()
+
+
+async def timed_round_trips(loop, waiter: list, send, warm: int, n: int) -> tuple[list[float], float]:
+    """``warm`` + ``n`` round trips, each: a future in ``waiter[0]``, ``send()``, await it.
+    The one client loop of every asyncio case (ours and the asyncio floor): same shape,
+    same costs. Returns the last ``n`` times and minor page faults per round trip."""
+    ts: list[float] = []
+    f0 = 0
+    for i in range(warm + n):
+        if i == warm:
+            f0 = faults()
+        fut = loop.create_future()
+        waiter[:] = [fut]
+        t0 = time.perf_counter()
+        send()
+        await fut
+        ts.append(time.perf_counter() - t0)
+    return ts[warm:], (faults() - f0) / n
 
 
 # ============================================================ ours
@@ -419,19 +427,9 @@ async def ours_client(variant: dict, host: str, port: int, quick: bool, case: st
         msg = _activation(size)
         n = iters_for(size, case, quick)
         w = warmup(n)
-        ts = []
-        f0 = 0
-        for i in range(w + n):
-            if i == w:
-                f0 = faults()
-            fut = loop.create_future()
-            waiter[:] = [fut]
-            t0 = time.perf_counter()
-            t.send(server, msg)
-            await fut
-            ts.append(time.perf_counter() - t0)
+        ts, flt = await timed_round_trips(loop, waiter, lambda msg=msg: t.send(server, msg), w, n)
         st = t.stats()
-        report(case, size, ts[w:], (faults() - f0) / n,
+        report(case, size, ts, flt,
                lost=st["udp"].get("packets_lost", 0), gso=st["udp"].get("gso"))
     t.send(server, Cancel("stop", ""))
     await asyncio.sleep(0.05)  # let the stop message leave before closing
