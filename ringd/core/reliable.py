@@ -422,7 +422,8 @@ class Endpoint:
         return {f"{a[0]}:{a[1]}": {
             "node": p.remote_node or None, "smoothed_rtt": p.smoothed_rtt if p.has_rtt else None,
             "rttvar": p.rttvar, "min_rtt": p.min_rtt if p.has_rtt else None,
-            "in_flight": p.in_flight, "queued": p.queued, "segments_per_packet": p.seg_limit,
+            "in_flight": p.in_flight, "queued": p.queued, "datagram_size": p.datagram_size,
+            "segments_per_packet": p.seg_limit,
             "pto_count": p.pto_count} for a, p in self._peers.items()}
 
     # ---------------------------------------------------------------- sending

@@ -161,6 +161,7 @@ async def test_loopback_datagrams_follow_the_path(offload: bool) -> None:
         [ev] = inbox.items
         assert isinstance(ev, FrameReceived) and bytes(ev.data) == data
         assert a.datagram_size(addr(b)) == MAX_BURST == 65000
+        assert a.endpoint.peer_stats()["%s:%d" % addr(b)]["datagram_size"] == 65000  # shown in status
         sent = a.endpoint.totals
         assert sent["frames_sent"] == 1
         assert sent["segments_sent"] == sent["packets_sent"]  # one segment per packet
