@@ -864,7 +864,9 @@ class Endpoint:
                 if f.done:
                     continue
                 n = len(f.data)
-                if ln == n or (f.acked.add(off, off + ln) or f.acked.total == n):
+                if ln != n:
+                    f.acked.add(off, off + ln)
+                if ln == n or f.acked.total == n:
                     f.done = True
                     f.out.unacked.pop(f.seq, None)
                     peer.queued -= n
