@@ -439,19 +439,21 @@ class Endpoint:
         peer.last_activity = now
         return peer
 
+    def _geometry(self, size: int) -> tuple[int, int, int]:
+        """``(segment payload, segments per packet, ack ranges)`` for datagrams of ``size``."""
+        seg_payload = size - SEGMENT.size
+        # an ACK chunk always fits in one segment next to the unit's overhead
+        room = seg_payload - self._sealer.overhead - ACK.size
+        return (seg_payload, max(1, min(MAX_SEGMENTS, MAX_BURST // size)),
+                max(1, min(MAX_ACK_RANGES, room // ACK_RANGE.size)))
+
     def _size(self, peer: _Peer, size: int) -> None:
         peer.datagram_size = size
-        peer.seg_payload = size - SEGMENT.size
-        peer.max_segs = max(1, min(MAX_SEGMENTS, MAX_BURST // size))
+        peer.seg_payload, peer.max_segs, peer.ack_ranges = self._geometry(size)
         peer.seg_limit = peer.max_segs
-        # an ACK chunk always fits in one segment next to the unit's overhead
-        room = peer.seg_payload - self._sealer.overhead - ACK.size
-        peer.ack_ranges = max(1, min(MAX_ACK_RANGES, room // ACK_RANGE.size))
 
     def _oneshot_room(self, size: int) -> int:
-        seg_payload = size - SEGMENT.size
-        max_segs = max(1, min(MAX_SEGMENTS, MAX_BURST // size))
-        ack_ranges = max(1, min(MAX_ACK_RANGES, (seg_payload - self._sealer.overhead - ACK.size) // ACK_RANGE.size))
+        seg_payload, max_segs, ack_ranges = self._geometry(size)
         return (max_segs * seg_payload - self._sealer.overhead - ONESHOT.size - ACK.size
                 - ack_ranges * ACK_RANGE.size)
 

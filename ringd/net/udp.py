@@ -30,7 +30,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from ringd.core.reliable import Endpoint, Event, Transmit
+from ringd.core.reliable import MAX_BURST, Endpoint, Event, Transmit
 from ringd.net.pmtu import udp_payload_limit
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class UdpChannel:
         (still lowered to a smaller path MTU)."""
         self.sock = sock
         self.endpoint = endpoint
-        self._cap = datagram_size or 65000
+        self._cap = datagram_size or MAX_BURST
         self._configured = datagram_size
         self._paths: dict[tuple[str, int], int] = {}  # peers whose datagram size is set
         self._on_event = on_event
