@@ -17,8 +17,9 @@ the plaintext travels in clear and the tag is a GMAC (AES-GCM over no plaintext)
 whole unit (authentication only). Why OCB3: on the CPUs measured (``bench/transport.py``)
 it encrypts *and* authenticates 32 KiB in about the time GMAC only authenticates it, and
 ~1.5-2x faster than AES-GCM (whose CTR half is the slow part of OpenSSL's AVX2 path), so
-encryption costs nothing over authentication and stays on by default. Nothing is msgpack-parsed before the
-tag has been checked; every length is bounded before anything is allocated.
+encryption costs nothing over authentication and stays on by default. Nothing is
+msgpack-parsed before the tag has been checked; every length is bounded before anything is
+allocated.
 
 Peers' bad input raises :class:`Dropped` (a :class:`ringd.errors.RemoteProtocolError`) with
 a ``reason`` that the network layer counts; it never crashes anything.
