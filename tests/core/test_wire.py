@@ -268,16 +268,23 @@ def test_stream_decoder_reassembles_any_split() -> None:
         assert all(f.sender == "tx" for f in got) and sum(c.values()) == 0
 
 
+def _feed_buffered(d: StreamDecoder, data: bytes, chunk: int) -> list:
+    """Feed ``data`` as a BufferedProtocol would: reads of at most ``chunk`` bytes into the
+    decoder's own buffer. Returns the frames decoded."""
+    got, pos = [], 0
+    while pos < len(data):
+        buf = d.get_buffer(-1)
+        n = min(len(buf), len(data) - pos, chunk)
+        buf[:n] = data[pos:pos + n]
+        pos += n
+        got += d.buffer_updated(n)
+    return got
+
+
 def test_stream_decoder_buffered_protocol_api_and_buffer_reuse() -> None:
     d, c = _decoder()
     big = bytes(seal_tcp_frame(Sealer(KEY, "tx", 42), 1, encode_bytes(Gossip(os.urandom(500_000)))))
-    got, pos = [], 0
-    while pos < len(big):
-        buf = d.get_buffer(-1)
-        n = min(len(buf), len(big) - pos, 65536)
-        buf[:n] = big[pos:pos + n]
-        pos += n
-        got += d.buffer_updated(n)
+    got = _feed_buffered(d, big, 65536)
     assert len(got) == 1 and len(decode(got[0].data).payload) == 500_000
     first = d._buf
     got = d.receive_data(big[:])
@@ -449,13 +456,7 @@ def test_records_through_the_buffered_protocol_api_into_a_pooled_buffer() -> Non
     d = StreamDecoder(Sealer(KEY, "rx", 1), ReplayGuard(), new_counters(), pool=pool)
     parts = _big_message(300_000)
     stream = _records(parts, record=64 * 1024) + _records(parts, record=64 * 1024, first_seq=500)
-    got, pos = [], 0
-    while pos < len(stream):
-        buf = d.get_buffer(-1)
-        n = min(len(buf), len(stream) - pos, 40_000)
-        buf[:n] = stream[pos:pos + n]
-        pos += n
-        got += d.buffer_updated(n)
+    got = _feed_buffered(d, stream, 40_000)
     assert [bytes(f.data) for f in got] == [b"".join(parts)] * 2
     assert got[0].data.obj in pool._bufs and got[1].data.obj is not got[0].data.obj  # held: not reused
     assert len(d._buf) < 100_000  # the read buffer holds one record, not the message
