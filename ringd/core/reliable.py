@@ -265,7 +265,7 @@ class Endpoint:
 
     def __init__(self, sealer: Sealer, guard: ReplayGuard, *, config: ReliableConfig | None = None,
                  counters: dict[str, int] | None = None) -> None:
-        self.config = cfg = config or ReliableConfig()
+        self.config = config or ReliableConfig()
         self._sealer = sealer
         self._guard = guard
         self.counters = counters if counters is not None else new_counters()
