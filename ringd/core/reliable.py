@@ -352,6 +352,10 @@ class Endpoint:
         else:
             self._receive_segment(mv, addr, now)
 
+    def has_peer(self, addr: Addr) -> bool:
+        """Whether ``addr`` is a peer: it was sent to, or sent a packet that authenticated."""
+        return addr in self._peers
+
     def has_data(self) -> bool:
         """Whether :meth:`datagrams_to_send` may have something (a cheap check)."""
         return bool(self._dirty)

@@ -256,10 +256,12 @@ class UdpChannel:
                 continue
             self.totals["reads"] += 1
             addr = addr[:2]
-            if addr not in self._paths:
-                self._learn_path(addr)
             # a fresh reading per read: handlers of earlier reads may have sent since
             ep.receive_datagram(view[:n], addr, clock(), seg)
+            if addr not in self._paths and ep.has_peer(addr):
+                # only once a packet from it authenticated: a flood of forged sources must
+                # not cost a route lookup each
+                self._learn_path(addr)
             self._dispatch()
             if i % ACK_EVERY_READS == 0:
                 self.flush()

@@ -139,6 +139,8 @@ async def test_foreign_and_garbage_datagrams_are_counted_and_dropped() -> None:
         c = b.endpoint.counters
         assert c["wrong_cluster"] >= 1 and c["truncated"] == 1
         assert c["malformed"] + c["wrong_cluster"] >= 3
+        # only the authenticated peer cost a route lookup; forged sources did not
+        assert set(b._paths) == {addr(a)}
     finally:
         for ch in (a, b, intruder):
             ch.close()
