@@ -530,30 +530,6 @@ class Sealer:
             mv[h + p + n:] = aead.encrypt(_nonce(pn), b"", mv[h:h + p + n])
         return out if len(out) == total else mv
 
-    def seal_parts(self, channel: int, pn: int, parts: tuple[Buffer, ...], *, head: bytes,
-                   out: bytearray) -> memoryview:
-        """:meth:`seal` of the concatenated ``parts`` into ``out`` (a reused buffer), for
-        large frames: the parts are copied once into place and sealed there (in place; the
-        tests check the result equals :meth:`seal` of the joined parts), so no fresh
-        multi-megabyte buffer is faulted in for the join."""
-        h, p = len(head), len(self.prefix)
-        n = sum(memoryview(x).nbytes for x in parts)
-        total = h + p + n + TAG_SIZE
-        mv = memoryview(out)[:total]
-        mv[:h] = head
-        mv[h:h + p] = self.prefix
-        pos = h + p
-        for part in parts:
-            k = memoryview(part).nbytes
-            mv[pos:pos + k] = memoryview(part).cast("B")
-            pos += k
-        body = mv[h + p:h + p + n]
-        if self.encrypt:
-            self._own[channel].encrypt_into(_nonce(pn), body, self.prefix, mv[h + p:])
-        else:
-            mv[h + p + n:] = self._own[channel].encrypt(_nonce(pn), b"", mv[h:h + p + n])
-        return mv
-
     def open(self, channel: int, session: int, pn: int, unit: Buffer,
              out: bytearray | None = None) -> tuple[str, memoryview, bool]:
         """Check the tag; return ``(sender node id, plaintext, owned)``.
@@ -763,14 +739,6 @@ def seal_tcp_frame(sealer: Sealer, seq: int, plaintext: Buffer, *,
     head = TCP_RECORD_HEADER.pack(length, TCP_MAGIC, WIRE_VERSION, flags, sealer.cluster_tag,
                                   sealer.session, seq)
     return sealer.seal(CHANNEL_TCP, _tcp_pn(seq, flags), plaintext, head=head, out=out)  # type: ignore[arg-type]
-
-
-def seal_tcp_frame_parts(sealer: Sealer, seq: int, parts: tuple[Buffer, ...], *,
-                         out: bytearray) -> memoryview:
-    """:func:`seal_tcp_frame` of the concatenated ``parts``, streamed into ``out``."""
-    length = TCP_HEADER.size - 4 + sealer.overhead + sum(memoryview(x).nbytes for x in parts)
-    head = TCP_HEADER.pack(length, TCP_MAGIC, WIRE_VERSION, sealer.cluster_tag, sealer.session, seq)
-    return sealer.seal_parts(CHANNEL_TCP, _tcp_pn(seq, 0), parts, head=head, out=out)
 
 
 def _byte_view(x: Buffer) -> memoryview:

@@ -30,7 +30,7 @@ from ringd.core.wire import Message, ReplayGuard, Sealer
 from ringd.errors import ConfigError, LocalProtocolError
 from ringd.net.loop import loop_name
 from ringd.net.tcp import TcpChannel
-from ringd.net.udp import UdpChannel
+from ringd.net.udp import UNKNOWN_PATH_DATAGRAM, UdpChannel
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,9 @@ class Transport:
         self.sealer = Sealer(key, node_id, session, encrypt=settings.encrypt)
         self.counters = wire.new_counters()
         self.guard = ReplayGuard()
-        # datagram_size 0: each peer's path MTU (the UDP adapter sets it); until known, 1200 B
-        self._reliable_cfg = reliable or ReliableConfig(datagram_size=settings.datagram_size or 1200)
+        # datagram_size 0: each peer's path MTU (the UDP adapter sets it); until known, a safe size
+        self._reliable_cfg = reliable or ReliableConfig(
+            datagram_size=settings.datagram_size or UNKNOWN_PATH_DATAGRAM)
         self._udp_limit = min(settings.tcp_threshold, self._reliable_cfg.max_frame)
         self._max_tcp_frame = max_tcp_frame
         self._udp_retry = udp_retry

@@ -374,21 +374,6 @@ def test_core_imports_stay_pure() -> None:
             assert banned not in src, (mod.__name__, banned)
 
 
-@pytest.mark.parametrize("encrypt", [True, False])
-def test_sealing_parts_streams_the_same_unit(encrypt: bool) -> None:
-    a = Sealer(KEY, "node-a", 11, encrypt=encrypt)
-    b = Sealer(KEY, "node-b", 22)
-    parts = (b"head", os.urandom(300_000), b"", b"tail")
-    out = bytearray(400_000)
-    frame = wire.seal_tcp_frame_parts(a, 7, parts, out=out)
-    assert frame.obj is out  # written into the reused buffer
-    d, c = _decoder()
-    d._sealer = b
-    [f] = d.receive_data(bytes(frame))
-    assert f.sender == "node-a" and bytes(f.data) == b"".join(parts) and sum(c.values()) == 0
-    assert bytes(frame) == bytes(wire.seal_tcp_frame(a, 7, b"".join(parts)))
-
-
 def test_large_frames_decode_into_pooled_buffers_kept_while_referenced() -> None:
     s = Sealer(KEY, "tx", 42)
     pool = wire.BufferPool(min_size=1000)
