@@ -921,17 +921,23 @@ class StreamDecoder:
                     out.append(frame)
                 continue
             try:
-                if not self._guard.fresh(CHANNEL_TCP, session, seq):
-                    raise Dropped("replay")
                 dest = self._pool.get(len(unit)) if self._pool and len(unit) >= self._pool.min_size else None
-                sender, plain, owned = self._sealer.open(CHANNEL_TCP, session, seq, unit, dest)
-                if not self._guard.accept(CHANNEL_TCP, sender, session, seq, self._clock()):
-                    raise Dropped("replay")
+                sender, plain, owned = self._open(0, session, seq, unit, dest)
             except Dropped as e:
                 self._counters[e.reason] += 1
                 continue
             out.append(StreamFrame(sender, session, plain if owned else memoryview(bytes(plain))))
         return out
+
+    def _open(self, flags: int, session: int, seq: int, unit: memoryview,
+              dest: bytearray | memoryview | None) -> tuple[str, memoryview, bool]:
+        """Authenticate and open one record (replay-checked before and after); raises Dropped."""
+        if not self._guard.fresh(CHANNEL_TCP, session, seq):
+            raise Dropped("replay")
+        opened = self._sealer.open(CHANNEL_TCP, session, seq | flags << 56, unit, dest)  # type: ignore[arg-type]
+        if not self._guard.accept(CHANNEL_TCP, opened[0], session, seq, self._clock()):
+            raise Dropped("replay")
+        return opened
 
     def _record(self, flags: int, session: int, seq: int, unit: memoryview) -> StreamFrame | None:
         """One record of a message sent in several (or, mid-message, whatever came instead)."""
@@ -951,11 +957,7 @@ class StreamDecoder:
                 return None
             dest = memoryview(asm.buf)[asm.got:]
         try:
-            if not self._guard.fresh(CHANNEL_TCP, session, seq):
-                raise Dropped("replay")
-            sender, plain, _ = self._sealer.open(CHANNEL_TCP, session, seq | flags << 56, unit, dest)  # type: ignore[arg-type]
-            if not self._guard.accept(CHANNEL_TCP, sender, session, seq, self._clock()):
-                raise Dropped("replay")
+            sender, plain, _ = self._open(flags, session, seq, unit, dest)
         except Dropped as e:
             self._fail(e.reason)
             return None
