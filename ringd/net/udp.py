@@ -147,8 +147,7 @@ class UdpChannel:
 
     def max_oneshot(self, addr: tuple[str, int]) -> int:
         """Largest unreliable message to ``addr`` (one packet on its path)."""
-        if addr not in self._paths:
-            self._learn_path(addr)
+        self.datagram_size(addr)  # looks the path up on first contact
         return self.endpoint.max_oneshot_to(addr)
 
     # ---------------------------------------------------------------- sending
