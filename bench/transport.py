@@ -3,7 +3,8 @@
     .venv/bin/python bench/transport.py            # full run, 5 passes (~2-4 minutes)
     .venv/bin/python bench/transport.py --quick    # fewer round trips, one pass (~15-30 s)
 
-Every case runs an echo server pinned to CPU 1 and a client pinned to CPU 0 (``taskset``),
+Every case carries the same float16 activation bytes (:func:`activation_bytes`) and runs an
+echo server pinned to CPU 1 and a client pinned to CPU 0 (``taskset``),
 on loopback, side by side in one run. The run makes ``--repeat`` (5) passes over all cases
 (each pass short: 400 round trips per size up to 32 KiB, 20 at 4 MiB; the order of the cases
 reversed every other pass) and keeps, per case and size, the pass with the best p50: on a
@@ -23,6 +24,11 @@ asyncio floor (the fastest of the three ``asyncio-*`` cases). Cases:
   sends, and awaits the future resolved from ``datagram_received`` / ``data_received`` /
   ``buffer_updated`` (the client shape of ``ours``). UDP up to 32 KiB as one datagram, TCP at
   every size. The best any asyncio-based data plane could do.
+- ``bare-codec`` / ``bare-sealed``: ours' message codec (``wire.encode``/``decode`` of the
+  ``Activation``) / codec and frame protection (``Sealer.seal``/``open``, AES-128-OCB3), one
+  datagram per message on a readiness callback, with no reliability at all (no acks,
+  retransmission, ordering, fragmentation); up to 32 KiB. Between the asyncio floor and
+  ``ours`` they price each layer: the codec, the AEAD, then the reliability layer.
 - ``ours``: :class:`ringd.net.transport.Transport` with default settings (AES-128-OCB3 on,
   datagrams sized from the path MTU: 65000 B on loopback, UDP up to ``tcp_threshold``, TCP
   above) carrying an ``Activation``.
@@ -69,6 +75,22 @@ sys.path.insert(0, str(ROOT))
 KiB = 1024
 SIZES = [1 * KiB, 8 * KiB, 16 * KiB, 32 * KiB, 4 * 1024 * KiB]
 KEY = bytes(range(32))
+
+
+def activation_bytes(size: int) -> bytes:
+    """``size`` bytes of a float16 activation: values drawn from N(0, 1), seeded by the size.
+
+    Every case carries these bytes. What they hold matters only to gRPC's gzip: random bytes
+    don't compress and cost zlib far less work (at 32 KiB, 0.6 ms to deflate and 14 µs to
+    inflate, against 0.9 ms and 0.14 ms for these, measured here), while float16 hidden states
+    shrink to ~92% (the figure issue 3 quotes), as these do.
+    """
+    import random
+
+    rng = random.Random(size)
+    n = min(size, 64 * KiB) // 2  # larger sizes repeat it: a period beyond deflate's 32 KiB window
+    block = struct.pack(f"<{n}e", *[rng.gauss(0.0, 1.0) for _ in range(n)])
+    return (block * -(-size // len(block)))[:size]
 
 
 def iters_for(size: int, case: str, quick: bool) -> int:
@@ -146,7 +168,7 @@ def floor_client(kind: str, host: str, port: int, quick: bool, case: str, sizes:
         s.connect((host, port))  # default PMTU mode: a datagram above the MTU is IP-fragmented
         buf = bytearray(65536)
         for size in [x for x in sizes if x <= 32 * KiB]:
-            data = os.urandom(size)
+            data = activation_bytes(size)
             n = iters_for(size, "floor", quick)
             w = warmup(n)
             ts = []
@@ -163,7 +185,7 @@ def floor_client(kind: str, host: str, port: int, quick: bool, case: str, sizes:
     buf = bytearray(8 << 20)
     mv = memoryview(buf)
     for size in sizes:
-        data = size.to_bytes(4, "little") + os.urandom(size)
+        data = size.to_bytes(4, "little") + activation_bytes(size)
         n = iters_for(size, "floor", quick)
         w = warmup(n)
         ts = []
@@ -330,7 +352,7 @@ async def asyncio_client(kind: str, host: str, port: int, quick: bool, case: str
 
         tr, proto = await loop.create_connection(BufferedClient if kind == "tcp-buf" else StreamClient, host, port)
     for size in sizes:
-        data = os.urandom(size) if kind == "udp" else size.to_bytes(4, "little") + os.urandom(size)
+        data = activation_bytes(size) if kind == "udp" else size.to_bytes(4, "little") + activation_bytes(size)
         n = iters_for(size, case, quick)
         w = warmup(n)
         if kind != "udp":
@@ -362,6 +384,87 @@ async def timed_round_trips(loop, waiter: list, send, warm: int, n: int) -> tupl
     return ts[warm:], (faults() - f0) / n
 
 
+# ============================================================ bare: ours' codec and sealing, no reliability
+class BareChannel:
+    """One datagram per message, on a readiness callback as ``ours``' UDP adapter reads:
+    ``wire.encode`` (then ``Sealer.seal`` when ``sealed``) out, ``Sealer.open`` and
+    ``wire.decode`` in. No acks, retransmission, ordering or fragmentation: what a data plane
+    with ours' message codec and frame protection costs before it is made reliable."""
+
+    def __init__(self, sock: socket.socket, sealed: bool, on_message) -> None:
+        from ringd.core import wire
+
+        self.wire, self.sock, self.on_message = wire, sock, on_message
+        self.sealer = wire.Sealer(KEY, "bare", wire.new_session(1, 1)) if sealed else None
+        self.pn = 0
+        self.buf = bytearray(65536)
+        self.view = memoryview(self.buf)
+
+    def send(self, addr: tuple[str, int], msg) -> None:
+        head, body = self.wire.encode(msg)
+        data = b"".join((head, body))
+        if self.sealer is None:
+            self.sock.sendto(data, addr)
+            return
+        self.pn += 1
+        unit = self.sealer.seal(self.wire.CHANNEL_UDP, self.pn, data)
+        self.sock.sendmsg([self.pn.to_bytes(8, "little"), unit], (), 0, addr)
+
+    def readable(self) -> None:
+        try:
+            n, addr = self.sock.recvfrom_into(self.buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        data = self.view[:n]
+        if self.sealer is not None:
+            pn = int.from_bytes(data[:8], "little")
+            _sender, data, _owned = self.sealer.open(self.wire.CHANNEL_UDP, self.sealer.session, pn, data[8:])
+        self.on_message(addr, self.wire.decode(data))
+
+
+def _bare(host: str, sealed: bool, on_message) -> BareChannel:
+    sock = _udp_socket(host)
+    sock.setblocking(False)
+    ch = BareChannel(sock, sealed, on_message)
+    asyncio.get_running_loop().add_reader(sock.fileno(), ch.readable)
+    return ch
+
+
+async def bare_server(sealed: bool, host: str) -> None:
+    done = asyncio.get_running_loop().create_future()
+
+    def on_message(addr, msg):
+        if getattr(msg, "request_id", "") == "stop":
+            done.set_result(None)
+        else:
+            ch.send(addr, msg)
+
+    ch = _bare(host, sealed, on_message)
+    print(ch.sock.getsockname()[1], flush=True)
+    await done
+
+
+async def bare_client(sealed: bool, host: str, port: int, quick: bool, case: str, sizes: list[int]) -> None:
+    from ringd.core.wire import Cancel
+
+    loop = asyncio.get_running_loop()
+    waiter: list[asyncio.Future] = []
+
+    def on_message(addr, msg):
+        if waiter and not waiter[0].done():
+            waiter[0].set_result(msg)
+
+    ch = _bare(host, sealed, on_message)
+    server = (host, port)
+    for size in [x for x in sizes if x <= 32 * KiB]:  # one datagram each
+        msg = _activation(size)
+        n = iters_for(size, case, quick)
+        ts, flt = await timed_round_trips(loop, waiter, lambda msg=msg: ch.send(server, msg), warmup(n), n)
+        report(case, size, ts, flt)
+    ch.send(server, Cancel("stop", ""))
+    await asyncio.sleep(0.01)
+
+
 # ============================================================ ours
 def _settings(variant: dict):
     """Variant keys: ``host`` (bind address, 127.0.0.1), ``encrypt`` (True), ``datagram``
@@ -381,7 +484,7 @@ def _activation(size: int, i: int = 0):
     from ringd.core.wire import Activation, Sampling, Tensor
 
     return Activation("bench-request", i, i, 1, 0, 10, "client", Sampling(), True,
-                      Tensor("float16", (1, size // 2), os.urandom(size)))
+                      Tensor("float16", (1, size // 2), activation_bytes(size)))
 
 
 async def ours_server(variant: dict) -> None:
@@ -505,7 +608,7 @@ async def grpc_client(port: int, quick: bool) -> None:
                                response_deserializer=Tensor.FromString)
     await channel.channel_ready()
     for size in SIZES:
-        arr = np.frombuffer(os.urandom(size), dtype=np.float16).reshape(1, size // 2)
+        arr = np.frombuffer(activation_bytes(size), dtype=np.float16).reshape(1, size // 2)
         n = iters_for(size, "grpc-exo", quick)
         w = warmup(n)
         ts = []
@@ -852,7 +955,7 @@ def main() -> None:
     plan: list[tuple[int | None, list[str], list[str], dict]] = []
     for k in ("udp", "tcp"):
         plan.append((None, ["--case", f"floor-{k}"], ["--case", f"floor-{k}"], {}))
-    for c in ASYNCIO_FLOORS:
+    for c in (*ASYNCIO_FLOORS, *BARE_CASES):
         plan.append((None, ["--case", c], ["--case", c], {}))
     for name, v in [("ours", {}), ("ours-tcp", {"tcp": True}), ("ours-clear", {"encrypt": False})]:
         vj = json.dumps(v)
@@ -920,6 +1023,8 @@ def role_main(a: argparse.Namespace) -> None:
             run(asyncio_server(case.split("-", 1)[1], a.host))
         elif case == "ours":
             run(ours_server(variant))
+        elif case in BARE_CASES:
+            run(bare_server(case == "bare-sealed", a.host))
         elif case == "grpc-exo":
             run(grpc_server())
         elif case.startswith("adapter-"):
@@ -942,6 +1047,8 @@ def role_main(a: argparse.Namespace) -> None:
         run(grpc_client(a.port, a.quick))
     elif case.startswith("adapter-"):
         adapter_client(case.split("-")[1], a.port, a.quick)
+    elif case in BARE_CASES:
+        run(bare_client(case == "bare-sealed", a.host, a.port, a.quick, case, sizes))
     else:
         run(ours_client(variant, a.host, a.port, a.quick, case, sizes))
 
@@ -952,7 +1059,8 @@ def fmt_size(n: int) -> str:
 
 RAW_FLOORS = ("floor-udp", "floor-tcp")
 ASYNCIO_FLOORS = ("asyncio-udp", "asyncio-tcp", "asyncio-tcp-buf")
-MAIN_CASES = [*RAW_FLOORS, *ASYNCIO_FLOORS, "ours", "ours-tcp", "ours-clear", "grpc-exo"]
+BARE_CASES = ("bare-codec", "bare-sealed")
+MAIN_CASES = [*RAW_FLOORS, *ASYNCIO_FLOORS, *BARE_CASES, "ours", "ours-tcp", "ours-clear", "grpc-exo"]
 
 
 def _floor(by: dict, size: int, cases: tuple[str, ...] = RAW_FLOORS) -> float | None:
@@ -963,6 +1071,10 @@ def _floor(by: dict, size: int, cases: tuple[str, ...] = RAW_FLOORS) -> float | 
 
 def _ratio(num: dict | None, den: float | None) -> float | None:
     return num["p50"] / den if num and "error" not in num and den else None
+
+
+def _p50(r: dict | None) -> float | None:
+    return r["p50"] if r and "error" not in r else None
 
 
 def _x(v: float | None) -> str:
@@ -993,7 +1105,7 @@ def print_tables(results: list[dict], dg: list[dict], adapters: list[dict], micr
           "at each size):\n")
     print("| ratio | " + " | ".join(fmt_size(s) for s in SIZES) + " |")
     print("|---|" + "---|" * len(SIZES))
-    for c in ("ours", "ours-tcp", "ours-clear", "grpc-exo"):
+    for c in (*BARE_CASES, "ours", "ours-tcp", "ours-clear", "grpc-exo"):
         print(f"| {c} / asyncio floor | "
               + " | ".join(_x(_ratio(by.get((c, s)), _floor(by, s, ASYNCIO_FLOORS))) for s in SIZES) + " |")
     print("| asyncio floor / raw floor | " + " | ".join(
@@ -1034,12 +1146,13 @@ def print_summary(rows: list[dict], every: list[dict], passes: int) -> None:
         return a / f if a and f else None
 
     def grpc_over_ours(b: dict) -> float | None:
-        o = b.get(("ours", mid))
-        return _ratio(b.get(("grpc-exo", mid)), o["p50"] if o and "error" not in o else None)
+        return _ratio(b.get(("grpc-exo", mid)), _p50(b.get(("ours", mid))))
 
     lines = [("ours / raw floor", lambda b: _ratio(b.get(("ours", mid)), _floor(b, mid))),
              ("ours / asyncio floor", lambda b: _ratio(b.get(("ours", mid)), _floor(b, mid, ASYNCIO_FLOORS))),
              ("asyncio floor / raw floor", asyncio_over_raw),
+             ("bare-sealed / raw floor", lambda b: _ratio(b.get(("bare-sealed", mid)), _floor(b, mid))),
+             ("ours / bare-sealed", lambda b: _ratio(b.get(("ours", mid)), _p50(b.get(("bare-sealed", mid))))),
              ("gRPC (exo-style) / ours", grpc_over_ours)]
     print("\n## Summary\n")
     print("32 KiB round trip, p50 ratios: of the best p50s"
