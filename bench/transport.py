@@ -95,11 +95,17 @@ def activation_bytes(size: int) -> bytes:
 
 def iters_for(size: int, case: str, quick: bool) -> int:
     """Measured round trips of one pass (each pass is short; the full run makes 5)."""
-    if size >= 1 << 20:
+    if "-idle-" in case:
+        n = IDLE_ROUND_TRIPS
+    elif size >= 1 << 20:
         n = 4 if case == "grpc-exo" else 20
     else:
         n = 100 if case == "grpc-exo" else 400
     return max(3, n // 2) if quick else n
+
+
+IDLE_GAP = 0.3  # s between round trips in the idle cases: a token of a 405B ring (~3.5/s)
+IDLE_ROUND_TRIPS = 40
 
 
 def warmup(n: int) -> int:
@@ -161,7 +167,8 @@ def _recv_exact(c: socket.socket, mv: memoryview) -> bool:
     return True
 
 
-def floor_client(kind: str, host: str, port: int, quick: bool, case: str, sizes: list[int]) -> None:
+def floor_client(kind: str, host: str, port: int, quick: bool, case: str, sizes: list[int],
+                 gap: float = 0.0) -> None:
     if kind == "udp":
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -169,7 +176,7 @@ def floor_client(kind: str, host: str, port: int, quick: bool, case: str, sizes:
         buf = bytearray(65536)
         for size in [x for x in sizes if x <= 32 * KiB]:
             data = activation_bytes(size)
-            n = iters_for(size, "floor", quick)
+            n = iters_for(size, case, quick)
             w = warmup(n)
             ts = []
             for i in range(w + n):
@@ -186,13 +193,15 @@ def floor_client(kind: str, host: str, port: int, quick: bool, case: str, sizes:
     mv = memoryview(buf)
     for size in sizes:
         data = size.to_bytes(4, "little") + activation_bytes(size)
-        n = iters_for(size, "floor", quick)
+        n = iters_for(size, case, quick)
         w = warmup(n)
         ts = []
         f0 = 0
         for i in range(w + n):
             if i == w:
                 f0 = faults()
+            if gap:
+                time.sleep(gap)  # the link idles as between two tokens of a ring
             t0 = time.perf_counter()
             c.sendall(data)
             _recv_exact(c, mv[:4 + size])
@@ -366,15 +375,19 @@ async def asyncio_client(kind: str, host: str, port: int, quick: bool, case: str
     tr.close()
 
 
-async def timed_round_trips(loop, waiter: list, send, warm: int, n: int) -> tuple[list[float], float]:
+async def timed_round_trips(loop, waiter: list, send, warm: int, n: int,
+                            gap: float = 0.0) -> tuple[list[float], float]:
     """``warm`` + ``n`` round trips, each: a future in ``waiter[0]``, ``send()``, await it.
     The one client loop of every asyncio case (ours and the asyncio floor): same shape,
-    same costs. Returns the last ``n`` times and minor page faults per round trip."""
+    same costs. ``gap``: seconds of idle before each (untimed). Returns the last ``n`` times
+    and minor page faults per round trip."""
     ts: list[float] = []
     f0 = 0
     for i in range(warm + n):
         if i == warm:
             f0 = faults()
+        if gap:
+            await asyncio.sleep(gap)
         fut = loop.create_future()
         waiter[:] = [fut]
         t0 = time.perf_counter()
@@ -511,7 +524,8 @@ async def ours_server(variant: dict) -> None:
     await t.close()
 
 
-async def ours_client(variant: dict, host: str, port: int, quick: bool, case: str, sizes: list[int]) -> None:
+async def ours_client(variant: dict, host: str, port: int, quick: bool, case: str, sizes: list[int],
+                      gap: float = 0.0) -> None:
     from ringd.core.wire import Cancel
     from ringd.net.transport import Transport
 
@@ -530,7 +544,7 @@ async def ours_client(variant: dict, host: str, port: int, quick: bool, case: st
         msg = _activation(size)
         n = iters_for(size, case, quick)
         w = warmup(n)
-        ts, flt = await timed_round_trips(loop, waiter, lambda msg=msg: t.send(server, msg), w, n)
+        ts, flt = await timed_round_trips(loop, waiter, lambda msg=msg: t.send(server, msg), w, n, gap)
         st = t.stats()
         report(case, size, ts, flt,
                lost=st["udp"].get("packets_lost", 0), gso=st["udp"].get("gso"))
@@ -912,10 +926,28 @@ def veth_cases(mtu: int) -> list[tuple[str, list[str], list[str]]]:
     common = ["--host", host, "--sizes", str(32 * KiB)]
     out = [(f"veth-{mtu}-floor-{k}", ["--case", f"floor-{k}", "--host", host],
             ["--case", f"veth-{mtu}-floor-{k}", *common]) for k in ("udp", "tcp")]
-    for label, dgram in (("1400", 1400), ("mtu", mtu - 28), ("auto", 0)):
-        srv, cli = json.dumps({"host": VETH_ADDR[1], "datagram": dgram}), json.dumps({"host": VETH_ADDR[0], "datagram": dgram})
+    for label, extra in (("1400", {"datagram": 1400}), ("mtu", {"datagram": mtu - 28}), ("auto", {}),
+                         ("tcp", {"tcp": True})):
+        srv, cli = json.dumps({"host": VETH_ADDR[1], **extra}), json.dumps({"host": VETH_ADDR[0], **extra})
         out.append((f"veth-{mtu}-ours-{label}", ["--case", "ours", "--variant", srv],
                     ["--case", f"veth-{mtu}-ours-{label}", "--variant", cli, *common]))
+    return out
+
+
+IDLE_KINDS = ("floor-tcp", "ours-auto", "ours-tcp")
+
+
+def idle_cases(mtu: int) -> list[tuple[list[str], list[str]]]:
+    """The MTU-``mtu`` veth cases of :data:`IDLE_KINDS`, each round trip after ``IDLE_GAP`` of
+    idle: an idle TCP connection restarts slow start (``tcp_slow_start_after_idle``), so a
+    32 KiB frame no longer fits its first flight; the UDP channel sends all segments at once."""
+    out = []
+    for case, srv_args, cli_args in veth_cases(mtu):
+        kind = case.split("-", 2)[2]
+        if kind in IDLE_KINDS:
+            cli = [*cli_args, "--gap", str(IDLE_GAP)]
+            cli[cli.index("--case") + 1] = f"veth-{mtu}-idle-{kind}"
+            out.append((srv_args, cli))
     return out
 
 
@@ -931,6 +963,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)  # else read from stdin
     ap.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--gap", type=float, default=0.0, help=argparse.SUPPRESS)  # idle s before each round trip
     a = ap.parse_args()
     if a.role:
         role_main(a)
@@ -983,6 +1016,10 @@ def main() -> None:
                     veth_set_mtu(mtu)
                     mtu_now = mtu
                 keep(run_case(srv_args, [*cli_args, *q], **kw), p)
+        if veth_skip is None:  # once, not per pass: each takes IDLE_ROUND_TRIPS x IDLE_GAP
+            veth_set_mtu(VETH_MTUS[0])
+            for srv_args, cli_args in idle_cases(VETH_MTUS[0]):
+                keep(run_case(srv_args, [*cli_args, *q], ns=VETH_NS, timeout=120), passes)
     finally:
         if veth_skip is None:
             veth_cleanup()
@@ -1042,7 +1079,7 @@ def role_main(a: argparse.Namespace) -> None:
     if case.startswith("asyncio-"):
         run(asyncio_client(case.split("-", 1)[1], a.host, a.port, a.quick, case, sizes))
     elif "floor-" in case:  # floor-udp, veth-1500-floor-tcp, ...
-        floor_client(case.rsplit("-", 1)[-1], a.host, a.port, a.quick, case, sizes)
+        floor_client(case.rsplit("-", 1)[-1], a.host, a.port, a.quick, case, sizes, a.gap)
     elif case == "grpc-exo":
         run(grpc_client(a.port, a.quick))
     elif case.startswith("adapter-"):
@@ -1050,7 +1087,7 @@ def role_main(a: argparse.Namespace) -> None:
     elif case in BARE_CASES:
         run(bare_client(case == "bare-sealed", a.host, a.port, a.quick, case, sizes))
     else:
-        run(ours_client(variant, a.host, a.port, a.quick, case, sizes))
+        run(ours_client(variant, a.host, a.port, a.quick, case, sizes, a.gap))
 
 
 def fmt_size(n: int) -> str:
@@ -1184,7 +1221,7 @@ def print_veth(rows: list[dict], skip: str | None) -> None:
     print("|---|" + "---|" * len(VETH_MTUS))
     labels = [("floor-udp", "floor-udp"), ("floor-tcp", "floor-tcp"), ("ours-1400", "ours, 1400-B datagrams"),
               ("ours-mtu", "ours, MTU-28 datagrams (" + " / ".join(str(m - 28) for m in VETH_MTUS) + " B)"),
-              ("ours-auto", "ours, datagram_size=0 (auto)")]
+              ("ours-auto", "ours, datagram_size=0 (auto)"), ("ours-tcp", "ours over TCP")]
     errors: dict[str, list[str]] = {}
     for key, label in labels:
         cells = []
@@ -1205,6 +1242,22 @@ def print_veth(rows: list[dict], skip: str | None) -> None:
         print(f"| {label} | " + " | ".join(cells) + " |")
     for i, (msg, cases) in enumerate(errors.items(), 1):
         print(f"\n[{i}] {', '.join(cases)}: {msg}")
+    mtu = VETH_MTUS[0]
+    if not any(f"veth-{mtu}-idle-{k}" in vby for k in IDLE_KINDS):
+        return
+    print(f"\n## 32 KiB after {IDLE_GAP * 1e3:.0f} ms idle (a token's time in a 405B ring), veth MTU {mtu}, µs\n")
+    print(f"Each of {IDLE_ROUND_TRIPS} round trips follows {IDLE_GAP * 1e3:.0f} ms of silence; "
+          "back-to-back = the same case in the table above.\n")
+    print("| case | back-to-back p50 | after idle p50 / p99 | idle - back-to-back |")
+    print("|---|---|---|---|")
+    for k in IDLE_KINDS:
+        b2b, idle = _p50(vby.get(f"veth-{mtu}-{k}")), vby.get(f"veth-{mtu}-idle-{k}")
+        if idle is None or "error" in idle:
+            cell, delta = ("—" if idle is None else f"error: {idle['error']}"), "—"
+        else:
+            cell = f"{idle['p50']:.0f} / {idle['p99']:.0f}"
+            delta = "—" if b2b is None else f"{idle['p50'] - b2b:+.0f}"
+        print(f"| {k} | {'—' if b2b is None else f'{b2b:.0f}'} | {cell} | {delta} |")
 
 
 if __name__ == "__main__":
