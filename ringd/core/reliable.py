@@ -62,6 +62,13 @@ K_TIME_THRESHOLD = 9 / 8
 K_GRANULARITY = 0.001
 
 
+def closes_packet(datagram: Buffer) -> bool:
+    """Whether ``datagram`` is the last segment of its packet (or no segment at all). An
+    adapter that gathers a packet's datagrams before handing them over (GRO done in user
+    space, where the kernel has none) ends a run there."""
+    return len(datagram) < SEGMENT.size or datagram[2] + 1 >= datagram[3]
+
+
 @dataclass(frozen=True)
 class ReliableConfig:
     """Tunables of the UDP reliability layer."""

@@ -11,7 +11,10 @@ link -- capped by ``datagram_size`` when one is configured. A send refused with 
 
 Reads drain the socket in one readiness callback (then acks go out once per batch); on
 Linux, UDP GRO hands a whole packet's segments over in one read and UDP GSO sends them with
-one ``sendmsg``. Measured on loopback, a 32 KiB frame cut into 1400-byte segments costs
+one ``sendmsg``. Where the kernel does not coalesce (macOS; links without GRO) the adapter
+does it: consecutive datagrams of one size from one peer, up to the last segment of a
+packet, go to the core as one GRO-style read, so a packet costs the core one whole-packet
+check instead of a pass through reassembly per segment. Measured on loopback, a 32 KiB frame cut into 1400-byte segments costs
 about what one 32 KiB datagram costs with GSO/GRO, and ~3x more without (see
 ``bench/transport.py``). A readiness callback on a raw socket is used instead of a
 ``DatagramProtocol`` because the protocol API can't pass the GSO/GRO control messages.
@@ -30,7 +33,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from ringd.core.reliable import MAX_BURST, Endpoint, Event, Transmit
+from ringd.core.reliable import MAX_BURST, MAX_SEGMENTS, Endpoint, Event, Transmit, closes_packet
 from ringd.net.pmtu import udp_payload_limit
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)  # linux/in.h
 IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 WARN_EVERY = 60.0  # seconds between repeated warnings about one peer
 READ_SIZE = 65536
+BUFFER_SIZE = 4 * READ_SIZE  # room for a gathered packet (<= MAX_BURST + headers) and one more read
 MAX_READS_PER_WAKEUP = 256
 ACK_EVERY_READS = 32  # within a long read batch, flush acks this often
 MAX_BACKLOG = 4096  # transmits waiting for the socket to drain
@@ -63,7 +67,7 @@ class UdpChannel:
         self._paths: dict[tuple[str, int], int] = {}  # peers whose datagram size is set
         self._on_event = on_event
         self._loop = asyncio.get_running_loop()
-        self._buf = bytearray(READ_SIZE)
+        self._buf = bytearray(BUFFER_SIZE)
         self._view = memoryview(self._buf)
         # "more to read?" as a poll instead of a read failing with EAGAIN: a raised
         # BlockingIOError costs ~3 µs per wakeup, poll(0) ~0.7 µs (measured here)
@@ -94,7 +98,9 @@ class UdpChannel:
                 sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
             except OSError:
                 pass
-        self.totals = {"send_errors": 0, "backlog_dropped": 0, "reads": 0}
+        # reads: datagrams or GRO bursts read; gathered: datagrams the adapter handed over
+        # together with others of their packet (its own GRO)
+        self.totals = {"send_errors": 0, "backlog_dropped": 0, "reads": 0, "gathered": 0}
 
     def start(self) -> None:
         self.resume_reading()
@@ -233,21 +239,25 @@ class UdpChannel:
 
     # ---------------------------------------------------------------- receiving
     def _on_readable(self) -> None:
-        ep, buf, view, sock, clock = self.endpoint, self._buf, self._view, self.sock, time.monotonic
-        poll = self._poll.poll
+        view, sock, poll = self._view, self.sock, self._poll.poll
+        start = end = seg = 0  # a run being gathered: view[start:end], datagrams of seg bytes
+        run_addr: tuple[str, int] | None = None
         for i in range(1, MAX_READS_PER_WAKEUP + 1):
             if i > 1 and not poll(0):
                 break
+            if end + READ_SIZE > BUFFER_SIZE:  # no room to read after the run: hand it over
+                self._hand_run(view[start:end], run_addr, seg)  # type: ignore[arg-type]
+                start = end = 0
             try:
                 if self.gro:
-                    n, anc, _flags, addr = sock.recvmsg_into([buf], 64)
-                    seg = 0
+                    n, anc, _flags, addr = sock.recvmsg_into([view[end:end + READ_SIZE]], 64)
+                    burst = 0
                     for level, kind, data in anc:
                         if level == SOL_UDP and kind == UDP_GRO:
-                            seg = int.from_bytes(data[:4], sys.byteorder)
+                            burst = int.from_bytes(data[:4], sys.byteorder)
                 else:
-                    n, addr = sock.recvfrom_into(buf)
-                    seg = 0
+                    n, addr = sock.recvfrom_into(view[end:end + READ_SIZE])
+                    burst = 0
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:  # e.g. ICMP errors reported on the socket
@@ -255,18 +265,43 @@ class UdpChannel:
                 continue
             self.totals["reads"] += 1
             addr = addr[:2]
-            # a fresh reading per read: handlers of earlier reads may have sent since
-            ep.receive_datagram(view[:n], addr, clock(), seg)
-            if addr not in self._paths and ep.has_peer(addr):
-                # only once a packet from it authenticated: a flood of forged sources must
-                # not cost a route lookup each
-                self._learn_path(addr)
-            self._dispatch()
+            if (end > start and addr == run_addr and not burst and n <= seg
+                    and end - start < MAX_SEGMENTS * seg):  # the next datagram of the run
+                end += n
+                if n < seg or closes_packet(view[end - n:end]):
+                    self._hand_run(view[start:end], addr, seg)
+                    start = end = 0
+            else:
+                if end > start:
+                    self._hand_run(view[start:end], run_addr, seg)  # type: ignore[arg-type]
+                start, end, seg, run_addr = end, end + n, n, addr
+                if burst or closes_packet(view[start:end]):
+                    self._deliver(view[start:end], addr, burst)
+                    start = end = 0
             if i % ACK_EVERY_READS == 0:
                 self.flush()
+        if end > start:
+            self._hand_run(view[start:end], run_addr, seg)  # type: ignore[arg-type]
         # Acks go out in this loop iteration, after the callbacks the frames woke up: a reply
         # they send carries the ack instead of a packet of its own.
         self._schedule_flush()
+
+    def _hand_run(self, run: memoryview, addr: tuple[str, int], seg: int) -> None:
+        """Hand a gathered run of ``seg``-byte datagrams (the last may be shorter) to the core."""
+        if len(run) > seg:
+            self.totals["gathered"] += -(-len(run) // seg)
+        self._deliver(run, addr, seg)
+
+    def _deliver(self, data: memoryview, addr: tuple[str, int], seg: int) -> None:
+        """Hand one datagram, or several ``seg`` bytes apart (GRO's or our own), to the core."""
+        ep = self.endpoint
+        # a fresh reading per read: handlers of earlier reads may have sent since
+        ep.receive_datagram(data, addr, time.monotonic(), seg if len(data) > seg else 0)
+        if addr not in self._paths and ep.has_peer(addr):
+            # only once a packet from it authenticated: a flood of forged sources must
+            # not cost a route lookup each
+            self._learn_path(addr)
+        self._dispatch()
 
     def _schedule_flush(self) -> None:
         if not self._flush_soon:

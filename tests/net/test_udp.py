@@ -147,6 +147,41 @@ async def test_foreign_and_garbage_datagrams_are_counted_and_dropped() -> None:
         raw.close()
 
 
+@on_both_loops
+async def test_without_gro_a_packets_datagrams_are_handed_over_together() -> None:
+    """No UDP GRO (macOS, links without it): the adapter gathers each packet's datagrams
+    itself. Runs end at a packet's last segment and at another sender, garbage included."""
+    a, _ = channel("a", offload=False, datagram_size=1400)
+    c, _ = channel("cc", offload=False, datagram_size=1400)  # another session than a's
+    b, inbox = channel("b", offload=False, datagram_size=1400)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    b.pause_reading()  # everything below queues up in b's socket, interleaved by sender
+    try:
+        sent: dict[str, list[bytes]] = {"a": [], "cc": []}
+        for i in range(3):
+            for name, ch in (("a", a), ("cc", c)):
+                data = os.urandom(20_000 + 1000 * i)  # 15-17 datagrams each
+                ch.send_frame(addr(b), data)
+                ch.flush()
+                sent[name].append(data)
+            raw.sendto(os.urandom(1400), addr(b))  # as long as a segment, from a third address
+        b.resume_reading()
+        await inbox.wait(lambda xs: len(xs) == 6)
+        got: dict[str, list[bytes]] = {"a": [], "cc": []}
+        for ev in inbox.items:
+            got[ev.sender].append(bytes(ev.data))
+        assert got == sent
+        segments = b.endpoint.totals["segments_received"]
+        assert segments >= 6 * 15
+        assert b.totals["gathered"] == segments  # every packet went over in one piece
+        assert b.totals["reads"] >= segments + 3
+        assert b.endpoint.counters["malformed"] == 3
+    finally:
+        for ch in (a, b, c):
+            ch.close()
+        raw.close()
+
+
 # --- datagram size per peer, from the path MTU ------------------------------------------
 
 @pytest.mark.parametrize("offload", [True, False])
