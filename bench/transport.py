@@ -1,6 +1,6 @@
 """Per-hop round trips of activation frames: our channels against raw and asyncio floors and exo-style gRPC.
 
-    .venv/bin/python bench/transport.py            # full run, 5 passes (~2-4 minutes)
+    .venv/bin/python bench/transport.py            # full run, 5 passes (~8-10 minutes with the veth cases)
     .venv/bin/python bench/transport.py --quick    # fewer round trips, one pass (~15-30 s)
 
 Every case carries the same float16 activation bytes (:func:`activation_bytes`) and runs an
@@ -104,7 +104,7 @@ def iters_for(size: int, case: str, quick: bool) -> int:
     return max(3, n // 2) if quick else n
 
 
-IDLE_GAP = 0.3  # s between round trips in the idle cases: a token of a 405B ring (~3.5/s)
+IDLE_GAP = 0.3  # s between round trips in the LAN idle cases: a token of a 405B ring (~3.5/s)
 IDLE_ROUND_TRIPS = 40
 
 
@@ -920,6 +920,7 @@ def veth_set_mtu(mtu: int) -> None:
         _ip("-n", ns, "link", "set", dev, "mtu", str(mtu))
 
 
+
 def veth_cases(mtu: int) -> list[tuple[str, list[str], list[str]]]:
     """(case, server args, client args) at one MTU; every case at 32 KiB."""
     host = VETH_ADDR[1]
@@ -934,21 +935,67 @@ def veth_cases(mtu: int) -> list[tuple[str, list[str], list[str]]]:
     return out
 
 
-IDLE_KINDS = ("floor-tcp", "ours-auto", "ours-tcp")
+# ------------------------------------------------------------ the veth link with loss, after idle
+LAN_MTU = 1500
+LAN_LOSS = 1  # percent of packets dropped on arrival, each way
+LAN_CONDITIONS = ("clean", "loss", "idle")
+LAN_KINDS = ("floor-tcp", "ours-auto", "ours-tcp")
 
 
-def idle_cases(mtu: int) -> list[tuple[list[str], list[str]]]:
-    """The MTU-``mtu`` veth cases of :data:`IDLE_KINDS`, each round trip after ``IDLE_GAP`` of
-    idle: an idle TCP connection restarts slow start (``tcp_slow_start_after_idle``), so a
-    32 KiB frame no longer fits its first flight; the UDP channel sends all segments at once."""
+def lan_loss(loss: int) -> str | None:
+    """Drop ``loss`` % of the packets arriving at each end of the veth link (nftables
+    ``numgen random``; ``tc netem`` is not in this kernel). Returns why not, or None.
+
+    Segmenting in software before the link instead (``gso_max_segs 1``), so that single wire
+    packets are dropped, was tried: raw TCP then took ~1.5 ms per 32 KiB round trip even
+    without loss, so that setup measures the veth, not the protocols."""
+    try:
+        for ns in VETH_NS:
+            subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "rbench"],
+                           capture_output=True, check=False, timeout=30)
+            if loss:
+                _ip("netns", "exec", ns, "nft", "add", "table", "inet", "rbench")
+                _ip("netns", "exec", ns, "nft", "add", "chain", "inet", "rbench", "in",
+                    "{ type filter hook input priority 0; }")
+                _ip("netns", "exec", ns, "nft", "add", "rule", "inet", "rbench", "in",
+                    "numgen", "random", "mod", "100", "<", str(loss), "drop")
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+        err = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
+        return f"`{' '.join(map(str, getattr(e, 'cmd', [])))}` failed: {err[-1] if err else e}"
+    return None
+
+
+def lan_cases(cond: str) -> list[tuple[list[str], list[str]]]:
+    """(server args, client args) of :data:`LAN_KINDS`: the veth cases at ``LAN_MTU`` renamed
+    ``lan-<cond>-<kind>``; ``idle``: ``IDLE_GAP`` of silence before each round trip (an idle
+    TCP connection restarts slow start, so a 32 KiB frame no longer fits its first flight;
+    the UDP channel sends all its segments at once)."""
     out = []
-    for case, srv_args, cli_args in veth_cases(mtu):
+    for case, srv_args, cli_args in veth_cases(LAN_MTU):
         kind = case.split("-", 2)[2]
-        if kind in IDLE_KINDS:
-            cli = [*cli_args, "--gap", str(IDLE_GAP)]
-            cli[cli.index("--case") + 1] = f"veth-{mtu}-idle-{kind}"
+        if kind in LAN_KINDS:
+            cli = [*cli_args, *(["--gap", str(IDLE_GAP)] if cond == "idle" else [])]
+            cli[cli.index("--case") + 1] = f"lan-{cond}-{kind}"
             out.append((srv_args, cli))
     return out
+
+
+def run_lan(q: list[str], keep, p: int) -> str | None:
+    """Every LAN case once (not per pass: the idle ones take IDLE_ROUND_TRIPS x IDLE_GAP each).
+    Returns why they could not run, or None."""
+    if not shutil.which("nft"):
+        return "no `nft` command (Debian package nftables)"
+    veth_set_mtu(LAN_MTU)
+    try:
+        for cond in LAN_CONDITIONS:
+            why = lan_loss(LAN_LOSS if cond == "loss" else 0)
+            if why:
+                return why
+            for srv_args, cli_args in lan_cases(cond):
+                keep(run_case(srv_args, [*cli_args, *q], ns=VETH_NS, timeout=300), p)
+    finally:
+        lan_loss(0)
+    return None
 
 
 def main() -> None:
@@ -1016,21 +1063,20 @@ def main() -> None:
                     veth_set_mtu(mtu)
                     mtu_now = mtu
                 keep(run_case(srv_args, [*cli_args, *q], **kw), p)
-        if veth_skip is None:  # once, not per pass: each takes IDLE_ROUND_TRIPS x IDLE_GAP
-            veth_set_mtu(VETH_MTUS[0])
-            for srv_args, cli_args in idle_cases(VETH_MTUS[0]):
-                keep(run_case(srv_args, [*cli_args, *q], ns=VETH_NS, timeout=120), passes)
+        lan_skip = veth_skip if veth_skip is not None else run_lan(q, keep, passes)
     finally:
         if veth_skip is None:
             veth_cleanup()
     micro_out = subprocess.run([sys.executable, __file__, "--role", "client", "--case", "micro"],
                                capture_output=True, text=True, cwd=ROOT, check=False).stdout
     rows = list(best.values())
-    print_tables([r for r in rows if not r["case"].startswith(("dgram-", "adapter-", "veth-"))],
+    lan_rows = [r for r in rows if r["case"].startswith("lan-")]
+    print_tables([r for r in rows if not r["case"].startswith(("dgram-", "adapter-", "veth-", "lan-"))],
                  [r for r in rows if r["case"].startswith("dgram-")],
                  [r for r in rows if r["case"].startswith("adapter-")],
                  [json.loads(x) for x in micro_out.splitlines() if x.startswith("{")],
                  [r for r in rows if r["case"].startswith("veth-")], veth_skip)
+    print_lan(lan_rows, lan_skip)
     print_summary(rows, every, passes)
     print(f"\n# load average at the end {os.getloadavg()[0]:.1f}")
 
@@ -1242,22 +1288,34 @@ def print_veth(rows: list[dict], skip: str | None) -> None:
         print(f"| {label} | " + " | ".join(cells) + " |")
     for i, (msg, cases) in enumerate(errors.items(), 1):
         print(f"\n[{i}] {', '.join(cases)}: {msg}")
-    mtu = VETH_MTUS[0]
-    if not any(f"veth-{mtu}-idle-{k}" in vby for k in IDLE_KINDS):
+
+
+def print_lan(rows: list[dict], skip: str | None) -> None:
+    if skip is not None:
+        print(f"\n(loss and idle cases skipped: {skip})")
         return
-    print(f"\n## 32 KiB after {IDLE_GAP * 1e3:.0f} ms idle (a token's time in a 405B ring), veth MTU {mtu}, µs\n")
-    print(f"Each of {IDLE_ROUND_TRIPS} round trips follows {IDLE_GAP * 1e3:.0f} ms of silence; "
-          "back-to-back = the same case in the table above.\n")
-    print("| case | back-to-back p50 | after idle p50 / p99 | idle - back-to-back |")
-    print("|---|---|---|---|")
-    for k in IDLE_KINDS:
-        b2b, idle = _p50(vby.get(f"veth-{mtu}-{k}")), vby.get(f"veth-{mtu}-idle-{k}")
-        if idle is None or "error" in idle:
-            cell, delta = ("—" if idle is None else f"error: {idle['error']}"), "—"
-        else:
-            cell = f"{idle['p50']:.0f} / {idle['p99']:.0f}"
-            delta = "—" if b2b is None else f"{idle['p50'] - b2b:+.0f}"
-        print(f"| {k} | {'—' if b2b is None else f'{b2b:.0f}'} | {cell} | {delta} |")
+    by = {r["case"]: r for r in rows}
+    print(f"\n## 32 KiB over veth (MTU {LAN_MTU}) with loss and after idle, p50 / p99 µs\n")
+    print(f"loss: {LAN_LOSS}% of packets dropped on arrival, each way (nftables); idle: {IDLE_ROUND_TRIPS} "
+          f"round trips, each after {IDLE_GAP * 1e3:.0f} ms of silence\n(a token's time in a 405B ring). "
+          "Run once, not per pass. A UDP GSO or TCP TSO burst crosses the veth as one buffer, so a drop\n"
+          "takes a whole burst (up to a 32 KiB frame): burst loss. The link has no wire time: an extra "
+          "round trip costs microseconds.\n")
+    print("| case | " + " | ".join(LAN_CONDITIONS) + " |")
+    print("|---|" + "---|" * len(LAN_CONDITIONS))
+    for kind, label in (("floor-tcp", "floor-tcp"), ("ours-auto", "ours (UDP, default)"),
+                        ("ours-tcp", "ours over TCP")):
+        cells = []
+        for c in LAN_CONDITIONS:
+            r = by.get(f"lan-{c}-{kind}")
+            if r is None:
+                cells.append("—")
+            elif "error" in r:
+                cells.append(f"error: {r['error']}")
+            else:
+                lost = f", {r['lost']} lost" if r.get("lost") else ""
+                cells.append(f"{r['p50']:.0f} / {r['p99']:.0f}{lost}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
