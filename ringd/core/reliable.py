@@ -16,8 +16,9 @@ Layers, bottom up:
 - **Packet**: the concatenated segment payloads form one sealed unit
   (:meth:`ringd.core.wire.Sealer.seal`): one AEAD tag per packet, nonce = packet number
   (never reused: a retransmission is a new packet). Nothing is parsed before the tag checks
-  out, and a forged segment can at most make its packet fail (and be sent again); it never
-  enters reassembly. The plaintext is a list of chunks: ACK (selective, newest ranges
+  out, and a forged segment can at most make its packet fail (and be sent again). Replays of
+  captured packets are turned away before the AEAD, by the replay window of the node the
+  unit claims to be from (of the node known at that address, for segments before reassembly). The plaintext is a list of chunks: ACK (selective, newest ranges
   first), DATA (a byte range of a frame on a stream), ONESHOT (an unreliable message).
 - **Frames** are byte strings delivered exactly once, in order per ``(peer, stream)``.
 
@@ -591,16 +592,18 @@ class Endpoint:
         first = SEGMENT.unpack_from(mv, 0)
         last = SEGMENT.unpack_from(mv, (n - 1) * ss)
         if (first[3] != n or first[2] != 0 or last[2] != n - 1 or first[6] != last[6]
-                or first[5] != last[5] or not self._segment_ok(first)):
+                or first[5] != last[5] or not self._segment_ok(first, addr)):
             return False
         self.totals["segments_received"] += n
         unit = b"".join([mv[off + SEGMENT.size:off + ss] for off in range(0, len(mv), ss)])
         self._receive_packet(unit, addr, first[5], first[6], now, owned=True)
         return True
 
-    def _segment_ok(self, h: tuple) -> bool:
+    def _segment_ok(self, h: tuple, addr: Addr) -> bool:
+        """The header checks of a segment of a packet in several (before reassembly)."""
         magic, version, index, count, tag, session, pn = h
         reason = None
+        peer = self._peers.get(addr)
         if magic != SEGMENT_MAGIC:
             reason = "malformed"
         elif version != WIRE_VERSION:
@@ -609,7 +612,8 @@ class Endpoint:
             reason = "wrong_cluster"
         elif not 0 < count <= MAX_SEGMENTS or index >= count:
             reason = "malformed"
-        elif not self._guard.fresh(CHANNEL_UDP, session, pn):
+        elif (peer is not None and peer.remote_session == session  # its node is known: pre-check
+              and not self._guard.fresh(CHANNEL_UDP, peer.remote_node, session, pn)):
             reason = "replay"
         if reason:
             self.counters[reason] += 1
@@ -624,13 +628,10 @@ class Endpoint:
         magic, version, index, count, tag, session, pn = h
         if count == 1 and magic == SEGMENT_MAGIC and version == WIRE_VERSION and index == 0 \
                 and tag == self._sealer.cluster_tag:  # the common case, checked in one go
-            if not self._guard.fresh(CHANNEL_UDP, session, pn):
-                self.counters["replay"] += 1
-                return
             self.totals["segments_received"] += 1
             self._receive_packet(mv[SEGMENT.size:], addr, session, pn, now, owned=False)
             return
-        if not self._segment_ok(h):
+        if not self._segment_ok(h, addr):
             return
         self.totals["segments_received"] += 1
         key = (addr, session, pn)
@@ -663,6 +664,11 @@ class Endpoint:
     def _receive_packet(self, unit: Buffer, addr: Addr, session: int, pn: int, now: float,
                         *, owned: bool) -> None:
         try:
+            # replays of captured packets are turned away before the AEAD (after reassembly:
+            # only the first segment carries the sender's id)
+            if not self._guard.fresh(CHANNEL_UDP, self._sealer.claimed_sender(unit), session, pn):
+                self.counters["replay"] += 1
+                return
             sender, plain, plain_owned = self._sealer.open(CHANNEL_UDP, session, pn, unit)
         except Dropped as e:
             self.counters[e.reason] += 1

@@ -530,6 +530,21 @@ class Sealer:
             mv[h + p + n:] = aead.encrypt(_nonce(pn), b"", mv[h:h + p + n])
         return out if len(out) == total else mv
 
+    @staticmethod
+    def claimed_sender(unit: Buffer) -> str:
+        """The node id a unit's clear prefix claims (authenticated only by :meth:`open`), for
+        the replay pre-check. Raises :class:`Dropped` (``truncated``, ``malformed``)."""
+        mv = memoryview(unit)
+        if len(mv) < 2 + TAG_SIZE:
+            raise Dropped("truncated", "sealed unit too short")
+        id_len = mv[1]
+        if not 0 < id_len <= MAX_NODE_ID or 2 + id_len + TAG_SIZE > len(mv):
+            raise Dropped("malformed", "bad unit prefix")
+        try:
+            return str(mv[2:2 + id_len], "utf-8")
+        except UnicodeDecodeError:
+            raise Dropped("malformed", "node id is not UTF-8") from None
+
     def open(self, channel: int, session: int, pn: int, unit: Buffer,
              out: bytearray | None = None) -> tuple[str, memoryview, bool]:
         """Check the tag; return ``(sender node id, plaintext, owned)``.
@@ -625,15 +640,17 @@ class ReplayGuard:
     def __init__(self, *, window: int = 4096, max_senders: int = 4096,
                  session_timeout: float = 30.0) -> None:
         self._by_node: OrderedDict[str, _SenderState] = OrderedDict()
-        self._by_session: dict[int, _SenderState] = {}
         self._window = window
         self._max = max_senders
         self._timeout = session_timeout
 
-    def fresh(self, channel: int, session: int, pn: int) -> bool:
-        """Cheap pre-check before authentication (never updates state)."""
-        st = self._by_session.get(session)
-        w = st.windows.get(channel) if st else None
+    def fresh(self, channel: int, sender: str, session: int, pn: int) -> bool:
+        """Cheap pre-check before authentication (never updates state), of the sender the
+        unit claims (:meth:`Sealer.claimed_sender`). Keyed by node, not by session: two nodes
+        may draw the same session (started in the same millisecond, 1 in 65,536), and one's
+        window must not turn the other's packets away."""
+        st = self._by_node.get(sender)
+        w = st.windows.get(channel) if st is not None and st.session == session else None
         return w is None or w.fresh(pn)
 
     def accept(self, channel: int, sender: str, session: int, pn: int, now: float) -> bool:
@@ -641,14 +658,10 @@ class ReplayGuard:
         st = self._by_node.get(sender)
         if st is None or (session != st.session
                           and (session > st.session or now - st.last_seen > self._timeout)):
-            if st is not None:
-                self._by_session.pop(st.session, None)
             st = _SenderState(sender, session, now)
             self._by_node[sender] = st
-            self._by_session[session] = st
             if len(self._by_node) > self._max:
-                _, old = self._by_node.popitem(last=False)
-                self._by_session.pop(old.session, None)
+                self._by_node.popitem(last=False)
         elif session != st.session:
             return False
         self._by_node.move_to_end(sender)
@@ -932,7 +945,7 @@ class StreamDecoder:
     def _open(self, flags: int, session: int, seq: int, unit: memoryview,
               dest: bytearray | memoryview | None) -> tuple[str, memoryview, bool]:
         """Authenticate and open one record (replay-checked before and after); raises Dropped."""
-        if not self._guard.fresh(CHANNEL_TCP, session, seq):
+        if not self._guard.fresh(CHANNEL_TCP, self._sealer.claimed_sender(unit), session, seq):
             raise Dropped("replay")
         opened = self._sealer.open(CHANNEL_TCP, session, seq | flags << 56, unit, dest)  # type: ignore[arg-type]
         if not self._guard.accept(CHANNEL_TCP, opened[0], session, seq, self._clock()):

@@ -321,6 +321,26 @@ def test_forged_segment_fails_its_packet_and_never_enters_a_frame() -> None:
     assert a.totals["packets_lost"] + a.totals["probes"] >= 1
 
 
+@pytest.mark.parametrize("size", [500, 20_000])  # one packet of one segment / of many
+def test_nodes_sharing_a_session_number_both_get_through(size: int) -> None:
+    """Two nodes that drew the same session number (started in the same millisecond): each
+    one's packet numbers are replay-checked against its own window, never the other's."""
+    c_addr = ("10.0.0.3", 7411)
+    a, c = endpoint("a", session=5, datagram_size=1400), endpoint("c", session=5, datagram_size=1400)
+    b = endpoint("b", datagram_size=1400)
+    net = Net({A: a, B: b, c_addr: c})
+    for i in range(20):
+        a.send_frame(B, bytes([i]) * size, net.now)
+        if i >= 10:  # c starts later: its packet numbers are ones a has used already
+            c.send_frame(B, bytes([100 + i]) * size, net.now)
+        net.flush()
+    net.run_until(lambda: len(net.frames(B)) == 30)
+    got = {who: [bytes(e.data)[0] for e in net.frames(B) if e.sender == who] for who in ("a", "c")}
+    assert got == {"a": list(range(20)), "c": list(range(110, 120))}
+    assert b.counters["replay"] == 0
+    assert a.totals["packets_lost"] == c.totals["packets_lost"] == 0
+
+
 def test_datagram_rejections_are_counted() -> None:
     a, b = endpoint("a"), endpoint("b")
     other = endpoint("x", key=bytes(32))

@@ -219,11 +219,25 @@ def test_replay_guard_sessions() -> None:
     assert g.accept(1, "a", 100, 1, now=0.0)
     assert not g.accept(1, "a", 100, 1, now=0.0)
     assert g.accept(2, "a", 100, 1, now=0.0)  # channels have their own windows
-    assert not g.fresh(1, 100, 1) and g.fresh(1, 100, 2)
+    assert not g.fresh(1, "a", 100, 1) and g.fresh(1, "a", 100, 2)
     assert g.accept(1, "a", 200, 1, now=1.0)  # restarted: a newer session
     assert not g.accept(1, "a", 100, 2, now=2.0)  # the old session is a replay now
     assert g.accept(1, "a", 50, 1, now=40.0)  # silent for longer than the timeout: clock moved back
     assert g.accept(1, "b", 100, 1, now=40.0)  # other nodes are independent
+
+
+def test_replay_guard_nodes_sharing_a_session() -> None:
+    """Two nodes that drew the same session number keep separate windows, and the pre-check
+    (before authentication) asks the window of the node a unit claims to come from."""
+    g = ReplayGuard()
+    for pn in range(1, 101):
+        assert g.accept(1, "a", 7, pn, now=0.0)
+    assert g.fresh(1, "b", 7, 1)  # b's first packet: a saw a pn 1, b never spoke
+    for pn in range(1, 151):
+        assert g.accept(1, "b", 7, pn, now=0.0)
+    assert g.fresh(1, "a", 7, 101)  # a's next packet: b saw a pn 101, a did not
+    assert not g.fresh(1, "a", 7, 100) and not g.fresh(1, "b", 7, 100)
+    assert not g.accept(1, "b", 7, 100, now=0.0)
 
 
 # ------------------------------------------------------------------------ TCP frames
@@ -266,6 +280,22 @@ def test_stream_decoder_reassembles_any_split() -> None:
             got += d.receive_data(stream[i:i + step])
         assert [decode(f.data).payload for f in got] == [bytes([i]) * 300 for i in range(5)]
         assert all(f.sender == "tx" for f in got) and sum(c.values()) == 0
+
+
+def test_tcp_streams_of_nodes_sharing_a_session_are_both_accepted() -> None:
+    """Two nodes' connections to one node, same session number: one replay guard, each
+    node's sequence numbers checked against its own window."""
+    guard, c = ReplayGuard(), new_counters()
+    rx = Sealer(KEY, "rx", 1)
+    got = []
+    for name in ("tx-a", "tx-c"):  # c's sequence numbers are the ones a used
+        d = StreamDecoder(rx, guard, c)
+        s = Sealer(KEY, name, 42)
+        got += d.receive_data(b"".join(bytes(seal_tcp_frame(s, i + 1, encode_bytes(Gossip(bytes([i])))))
+                                       for i in range(5)))
+    assert [(f.sender, decode(f.data).payload) for f in got] == [
+        (name, bytes([i])) for name in ("tx-a", "tx-c") for i in range(5)]
+    assert sum(c.values()) == 0
 
 
 def _feed_buffered(d: StreamDecoder, data: bytes, chunk: int) -> list:

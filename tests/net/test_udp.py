@@ -152,14 +152,14 @@ async def test_without_gro_a_packets_datagrams_are_handed_over_together() -> Non
     """No UDP GRO (macOS, links without it): the adapter gathers each packet's datagrams
     itself. Runs end at a packet's last segment and at another sender, garbage included."""
     a, _ = channel("a", offload=False, datagram_size=1400)
-    c, _ = channel("cc", offload=False, datagram_size=1400)  # another session than a's
+    c, _ = channel("c", offload=False, datagram_size=1400)  # a's session number too (a 1-char name)
     b, inbox = channel("b", offload=False, datagram_size=1400)
     raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     b.pause_reading()  # everything below queues up in b's socket, interleaved by sender
     try:
-        sent: dict[str, list[bytes]] = {"a": [], "cc": []}
+        sent: dict[str, list[bytes]] = {"a": [], "c": []}
         for i in range(3):
-            for name, ch in (("a", a), ("cc", c)):
+            for name, ch in (("a", a), ("c", c)):
                 data = os.urandom(20_000 + 1000 * i)  # 15-17 datagrams each
                 ch.send_frame(addr(b), data)
                 ch.flush()
@@ -167,7 +167,7 @@ async def test_without_gro_a_packets_datagrams_are_handed_over_together() -> Non
             raw.sendto(os.urandom(1400), addr(b))  # as long as a segment, from a third address
         b.resume_reading()
         await inbox.wait(lambda xs: len(xs) == 6)
-        got: dict[str, list[bytes]] = {"a": [], "cc": []}
+        got: dict[str, list[bytes]] = {"a": [], "c": []}
         for ev in inbox.items:
             got[ev.sender].append(bytes(ev.data))
         assert got == sent
