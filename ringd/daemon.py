@@ -104,7 +104,8 @@ class Node:
         self.usable, self.total = usable, total
         self.tokenizer = await asyncio.to_thread(Tokenizer.load, self.model_dir)
 
-        self.transport = Transport(s, node_id=self.node_id, key=self.key, on_message=self._on_message)
+        self.transport = Transport(s, node_id=self.node_id, key=self.key, on_message=self._on_message,
+                                   on_stale=self._on_stale)
         self.port = (await self.transport.start())[1]
         host = s.advertise_host or _default_advertise(s)
         self.addr: Addr = (host, self.port)
@@ -377,6 +378,10 @@ class Node:
             self._pump(now)
         else:
             self.runner.on_message(msg, sender)
+
+    def _on_stale(self, sender: str, addr: Addr, msg: wire.Message) -> None:
+        if self._accepting:
+            self.runner.on_stale(msg, sender, self.agreement.epoch)
 
     def _on_peer(self, peer: Any) -> None:
         if not self._accepting:

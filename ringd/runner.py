@@ -23,6 +23,7 @@ import logging
 import struct
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator
 
@@ -32,7 +33,7 @@ from ringd.compute.tokenizer import Tokenizer
 from ringd.config import Settings
 from ringd.core import wire
 from ringd.core.pipeline import (RequestTable, Route, StopMatcher, check_activation, check_complete,
-                                 chunks)
+                                 chunks, epoch_error)
 from ringd.core.proof import name_nodes
 from ringd.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from ringd.errors import RequestError
@@ -40,6 +41,7 @@ from ringd.errors import RequestError
 log = logging.getLogger(__name__)
 
 Send = Callable[[str, wire.Message], None]
+STALE_TOLD = 1024  # request ids remembered as told of a stale epoch (one Error each)
 
 
 @dataclass
@@ -88,6 +90,7 @@ class RingRunner:
         # overtaken by a small one on UDP): request id -> position -> (message, sender).
         self._early: dict[str, dict[int, tuple[wire.Activation, str]]] = {}
         self._entries: dict[str, _Entry] = {}
+        self._stale_told: OrderedDict[str, None] = OrderedDict()  # requests told of their stale epoch
         self.idle = asyncio.Event()  # set while no request has this node as its entry
         self.idle.set()
         self.counters = {"requests_served": 0, "requests_failed": 0, "tokens_generated": 0,
@@ -302,6 +305,17 @@ class RingRunner:
             self._on_cancel(msg)
         elif isinstance(msg, wire.Error):
             self._on_error(msg, sender)
+
+    def on_stale(self, msg: wire.Message, sender: str, serving: int) -> None:
+        """An Activation of another plan epoch than ``serving``, dropped by the transport's
+        filter: tell its entry why, once per request, so the request fails now and says so
+        instead of running into request_timeout."""
+        if not isinstance(msg, wire.Activation) or msg.request_id in self._stale_told:
+            return
+        self._stale_told[msg.request_id] = None
+        if len(self._stale_told) > STALE_TOLD:
+            self._stale_told.popitem(last=False)
+        self._fail(msg.request_id, msg.entry, epoch_error(sender, self.node_id, msg.epoch, serving))
 
     def _fail(self, rid: str, entry_node: str, err: RequestError) -> None:
         """A stage cannot go on with ``rid``: free it here, tell the entry."""

@@ -79,16 +79,20 @@ class Route:
         return None
 
 
+def epoch_error(sender: str, self_id: str, epoch: int, serving: int) -> RequestError:
+    """``sender`` routed an activation of plan ``epoch`` to ``self_id``, which serves ``serving``."""
+    return RequestError(
+        "coverage",
+        f"node {sender} sent an activation of plan epoch {epoch} to node {self_id}, which serves epoch {serving}",
+        hint="a node is routing with another plan; the request was stopped before it produced a token",
+    )
+
+
 def check_activation(route: Route, self_id: str, *, epoch: int, layer_lo: int, layer_hi: int,
                      sender: str) -> Stage:
     """Validate an incoming activation at ``self_id``; return our stage or raise ``coverage``."""
     if epoch != route.epoch:
-        raise RequestError(
-            "coverage",
-            f"node {sender} sent an activation of plan epoch {epoch} to node {self_id}, "
-            f"which serves epoch {route.epoch}",
-            hint="a node is routing with another plan; the request was stopped before it produced a token",
-        )
+        raise epoch_error(sender, self_id, epoch, route.epoch)
     stage = route.stage_of(self_id)
     if stage is None:
         raise RequestError("coverage", f"node {sender} sent an activation to node {self_id}, "

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 Addr = tuple[str, int]
 OnMessage = Callable[[str, Addr, Message], None]
+#: Gets the Activation or Token of another plan epoch that the epoch filter dropped.
+OnStale = Callable[[str, Addr, Message], None]
 
 
 def stream_of(msg: Message) -> int:
@@ -49,12 +51,14 @@ class Transport:
 
     def __init__(self, settings: Settings, *, node_id: str, key: bytes, on_message: OnMessage,
                  on_channel_change: Callable[[Addr, str], None] | None = None,
+                 on_stale: OnStale | None = None,
                  reliable: ReliableConfig | None = None, max_tcp_frame: int = wire.TCP_MAX_FRAME,
                  udp_retry: float = 30.0, udp_offload: bool = True) -> None:
         self.settings = settings
         self.node_id = node_id
         self._on_message = on_message
         self._on_channel_change = on_channel_change
+        self._on_stale = on_stale
         session = wire.new_session(time.time_ns() // 1_000_000, int.from_bytes(os.urandom(2), "little"))
         self.sealer = Sealer(key, node_id, session, encrypt=settings.encrypt)
         self.counters = wire.new_counters()
@@ -183,6 +187,9 @@ class Transport:
             msg = wire.decode(data, epoch=self._epoch)
         except wire.Dropped as e:
             self.counters[e.reason] += 1
+            if e.reason == "stale_epoch" and self._on_stale is not None:
+                # rare: decoded again, whole, so the sender can be told why (not a silent drop)
+                self._on_stale(sender, addr, wire.decode(data))
             return
         self.delivered += 1
         self._on_message(sender, addr, msg)

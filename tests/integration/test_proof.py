@@ -167,11 +167,17 @@ def test_a_node_on_a_stale_plan_fails_the_request(tiny: Path, tmp_path: Path,
     stopped_cleanly(ring)
     statuses = ring.wait_ready(90)
     epoch = statuses[0]["plan"]["epoch"]
-    for entry in (0, 2):  # (node2's own requests carry its stale epoch: peers drop those frames)
+    for entry in (0, 2):
         e = refused(ring, entry)
         assert e.code == "coverage", e
         assert f"sent an activation of plan epoch {epoch} to node node2" in e.message, e.message
         assert f"which serves epoch {epoch - 1}" in e.message
+    # node2's own requests carry its stale epoch: the next node's transport drops the
+    # activation and tells node2 why at once (before, the request waited out request_timeout)
+    e = refused(ring, 1)
+    assert e.code == "coverage", e
+    assert f"sent an activation of plan epoch {epoch - 1} to node node" in e.message, e.message
+    assert e.message.count("node2") == 1 and f"which serves epoch {epoch}" in e.message
 
 
 # ----------------------------------------------------------------------------- refused at load time

@@ -83,7 +83,8 @@ async def test_small_frames_use_udp_large_ones_tcp() -> None:
 @on_both_loops
 async def test_epoch_filter_drops_other_epochs() -> None:
     a, _ = await transport("a")
-    b, inbox = await transport("b")
+    stale: list = []
+    b, inbox = await transport("b", on_stale=lambda s, addr, m: stale.append((s, addr, m)))
     try:
         b.set_epoch(5)
         a.send(b.local_addr, act(1024, epoch=4))
@@ -94,6 +95,9 @@ async def test_epoch_filter_drops_other_epochs() -> None:
         assert [type(m) for _, _, m in inbox.items] == [Gossip, Activation]
         assert inbox.items[1][2].epoch == 5
         assert b.stats()["drops"]["stale_epoch"] == 2 and b.stats()["epoch"] == 5
+        # what was dropped is handed over whole, so the sender can be told why
+        assert [(s, addr, type(m), m.epoch) for s, addr, m in stale] == [
+            ("a", a.local_addr, Activation, 4), ("a", a.local_addr, Token, 6)]
     finally:
         await a.close()
         await b.close()
