@@ -243,7 +243,9 @@ class UdpChannel:
         start = end = seg = 0  # a run being gathered: view[start:end], datagrams of seg bytes
         run_addr: tuple[str, int] | None = None
         for i in range(1, MAX_READS_PER_WAKEUP + 1):
-            if i > 1 and not poll(0):
+            # in a run the rest of its packet is most likely queued already: read on (an empty
+            # socket ends the loop with EAGAIN), else ask first (cheaper than a failed read)
+            if i > 1 and end == start and not poll(0):
                 break
             if end + READ_SIZE > BUFFER_SIZE:  # no room to read after the run: hand it over
                 self._hand_run(view[start:end], run_addr, seg)  # type: ignore[arg-type]
