@@ -18,8 +18,9 @@ Layers, bottom up:
   (never reused: a retransmission is a new packet). Nothing is parsed before the tag checks
   out, and a forged segment can at most make its packet fail (and be sent again). Replays of
   captured packets are turned away before the AEAD, by the replay window of the node the
-  unit claims to be from (of the node known at that address, for segments before reassembly). The plaintext is a list of chunks: ACK (selective, newest ranges
-  first), DATA (a byte range of a frame on a stream), ONESHOT (an unreliable message).
+  unit claims to be from (of the node known at that address, for segments before
+  reassembly). The plaintext is a list of chunks: ACK (selective, newest ranges first),
+  DATA (a byte range of a frame on a stream), ONESHOT (an unreliable message).
 - **Frames** are byte strings delivered exactly once, in order per ``(peer, stream)``.
 
 Loss recovery follows RFC 9002: RTT estimate (smoothed, variance, min), packet threshold 3

@@ -189,7 +189,11 @@ class Transport:
             self.counters[e.reason] += 1
             if e.reason == "stale_epoch" and self._on_stale is not None:
                 # rare: decoded again, whole, so the sender can be told why (not a silent drop)
-                self._on_stale(sender, addr, wire.decode(data))
+                try:
+                    stale = wire.decode(data)
+                except wire.Dropped:  # malformed too: counted once, as stale
+                    return
+                self._on_stale(sender, addr, stale)
             return
         self.delivered += 1
         self._on_message(sender, addr, msg)

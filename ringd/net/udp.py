@@ -14,9 +14,9 @@ Linux, UDP GRO hands a whole packet's segments over in one read and UDP GSO send
 one ``sendmsg``. Where the kernel does not coalesce (macOS; links without GRO) the adapter
 does it: consecutive datagrams of one size from one peer, up to the last segment of a
 packet, go to the core as one GRO-style read, so a packet costs the core one whole-packet
-check instead of a pass through reassembly per segment. Measured on loopback, a 32 KiB frame cut into 1400-byte segments costs
-about what one 32 KiB datagram costs with GSO/GRO, and ~3x more without (see
-``bench/transport.py``). A readiness callback on a raw socket is used instead of a
+check instead of a pass through reassembly per segment. Measured on loopback, a 32 KiB
+frame cut into 1400-byte segments costs about what one 32 KiB datagram costs with GSO/GRO,
+and ~2x more without (see ``bench/transport.py``). A readiness callback on a raw socket is used instead of a
 ``DatagramProtocol`` because the protocol API can't pass the GSO/GRO control messages.
 """
 

@@ -7,6 +7,7 @@ import os
 import socket
 import time
 
+import msgpack
 import pytest
 
 from ringd.config import Settings
@@ -98,6 +99,14 @@ async def test_epoch_filter_drops_other_epochs() -> None:
         # what was dropped is handed over whole, so the sender can be told why
         assert [(s, addr, type(m), m.epoch) for s, addr, m in stale] == [
             ("a", a.local_addr, Activation, 4), ("a", a.local_addr, Token, 6)]
+        # stale and malformed (a negative step): counted once, as stale, not handed over, and
+        # no exception out of the frame handler (the channels' entry point)
+        meta = msgpack.packb(("req-9", -1, 0, 4, 0, 0, "a", (0.0, 1.0, 0, None, 8, False), True,
+                              "float16", (1, 2)), use_bin_type=True)
+        b._on_frame("a", a.local_addr, bytes([wire.MsgType.ACTIVATION]) + len(meta).to_bytes(4, "little")
+                    + meta + bytes(4))
+        assert b.stats()["drops"]["stale_epoch"] == 3 and b.stats()["drops"]["malformed"] == 0
+        assert len(stale) == 2
     finally:
         await a.close()
         await b.close()
