@@ -16,8 +16,9 @@ does it: consecutive datagrams of one size from one peer, up to the last segment
 packet, go to the core as one GRO-style read, so a packet costs the core one whole-packet
 check instead of a pass through reassembly per segment. Measured on loopback, a 32 KiB
 frame cut into 1400-byte segments costs about what one 32 KiB datagram costs with GSO/GRO,
-and ~2x more without (see ``bench/transport.py``). A readiness callback on a raw socket is used instead of a
-``DatagramProtocol`` because the protocol API can't pass the GSO/GRO control messages.
+and ~2x more without (see ``bench/transport.py``). A readiness callback on a raw socket is
+used instead of a ``DatagramProtocol`` because the protocol API can't pass the GSO/GRO
+control messages.
 """
 
 from __future__ import annotations
