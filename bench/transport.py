@@ -878,6 +878,12 @@ def _ip(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=True, timeout=30)
 
 
+def _failed(e: BaseException) -> str:
+    """Why a setup command failed: the command and the last line it printed."""
+    err = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
+    return f"`{' '.join(map(str, getattr(e, 'cmd', [])))}` failed: {err[-1] if err else e}"
+
+
 def veth_cleanup() -> None:
     """Delete every namespace and root-namespace link named rbench* (ours, or left by a killed run)."""
     for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout.splitlines():
@@ -910,8 +916,7 @@ def veth_setup() -> str | None:
         _ip("netns", "exec", VETH_NS[0], sys.executable, "-c", "")
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
         veth_cleanup()
-        err = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
-        return f"`{' '.join(map(str, getattr(e, 'cmd', [])))}` failed: {err[-1] if err else e}"
+        return _failed(e)
     return None
 
 
@@ -960,8 +965,7 @@ def lan_loss(loss: int) -> str | None:
                 _ip("netns", "exec", ns, "nft", "add", "rule", "inet", "rbench", "in",
                     "numgen", "random", "mod", "100", "<", str(loss), "drop")
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
-        err = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
-        return f"`{' '.join(map(str, getattr(e, 'cmd', [])))}` failed: {err[-1] if err else e}"
+        return _failed(e)
     return None
 
 
