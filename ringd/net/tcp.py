@@ -17,7 +17,7 @@ import logging
 import socket
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, Iterator
 
 from ringd import PROTOCOL_VERSION, __version__
 from ringd.core import wire
@@ -48,8 +48,12 @@ class _Conn(asyncio.BufferedProtocol):
                                      pool=channel.pool)
         self.retiring = False
         self.closed = asyncio.get_running_loop().create_future()
-        self._writable = asyncio.Event()
+        self._writable = asyncio.Event()  # the transport takes more and nothing is queued
         self._writable.set()
+        self._paused = False  # the transport asked us to stop writing (pause_writing)
+        # messages waiting to be sealed, each an iterator of sealed chunks to write in order
+        self._queue: deque[tuple[Iterator[memoryview], int]] = deque()
+        self._pumping: asyncio.Handle | None = None
         self._sendbuf: bytearray | None = None
         self._records = BufferPool(max_buffers=4, min_size=0)  # send buffers of large messages
 
@@ -94,15 +98,24 @@ class _Conn(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.ch.conns_all.discard(self)
         self.ch.forget(self)
+        if self._queue:  # unsent messages are lost, like those in the socket buffer
+            self.ch.counters["overflow"] += len(self._queue)
+            self._queue.clear()
+        if self._pumping is not None:
+            self._pumping.cancel()
+            self._pumping = None
         self._writable.set()
         if not self.closed.done():
             self.closed.set_result(None)
 
     def pause_writing(self) -> None:
+        self._paused = True
         self._writable.clear()
 
     def resume_writing(self) -> None:
-        self._writable.set()
+        self._paused = False
+        self._schedule()
+        self._update_writable()
 
     # ----------------------------------------------------------- helpers
     def _handshake(self, frame: wire.StreamFrame) -> bool:
@@ -130,26 +143,27 @@ class _Conn(asyncio.BufferedProtocol):
         return True
 
     def write(self, parts: tuple[Buffer, ...]) -> None:
-        """Seal and write one message (the concatenation of ``parts``).
+        """Seal and write one message (the concatenation of ``parts``), after those queued.
 
-        Small messages go as one frame; the send buffer is reused once the transport has
-        handed the previous frame to the kernel (uvloop keeps a reference to what it could
-        not write yet). From ``LARGE_FRAME`` bytes the message goes in records of ``RECORD``
-        bytes sealed from slices of the parts (no join) into pooled buffers, each written
-        as soon as it is sealed (see :func:`ringd.core.wire.seal_tcp_records`).
+        A small message with nothing queued before it is sealed and written at once, as one
+        frame; the send buffer is reused once the transport has handed the previous frame to
+        the kernel (uvloop keeps a reference to what it could not write yet).
+
+        From ``LARGE_FRAME`` bytes the message goes in records of ``RECORD`` bytes sealed from
+        slices of the parts (no join) into pooled buffers (see
+        :func:`ringd.core.wire.seal_tcp_records`), and not all at once: one record per turn
+        of the event loop, and none while the transport is above its high-water mark. So a
+        64 MiB prefill neither stalls the loop (decode steps on UDP, probes and timers go on
+        between its records) nor lands sealed in the transport's buffer whole. Messages sent
+        while one is queued wait behind it: the stream keeps their order. ``parts`` must not
+        change until the message is written (the daemon never reuses a sent tensor).
         """
         t = self.transport
         if t is None or t.is_closing():
             self.ch.counters["overflow"] += 1
             return
         size = sum(memoryview(x).nbytes for x in parts)
-        if size >= LARGE_FRAME:
-            n = 0
-            for chunk in wire.seal_tcp_records(self.ch.sealer, self.ch.next_seq, parts, record=RECORD,
-                                               buffer=self._record_buffer):
-                t.write(chunk)
-                n += len(chunk)
-        else:
+        if size < LARGE_FRAME and not self._queue:
             n = wire.TCP_HEADER.size + self.ch.sealer.overhead + size
             buf = self._sendbuf
             if buf is None or len(buf) < n or t.get_write_buffer_size():
@@ -158,19 +172,67 @@ class _Conn(asyncio.BufferedProtocol):
                                         b"".join(parts) if len(parts) > 1 else parts[0], out=buf)
             t.write(frame)
             self._sendbuf = buf
-        self.ch.totals["frames_sent"] += 1
-        self.ch.totals["bytes_sent"] += n
+            self.ch.totals["frames_sent"] += 1
+            self.ch.totals["bytes_sent"] += n
+            return
+        chunks = wire.seal_tcp_records(self.ch.sealer, self.ch.next_seq, parts, record=RECORD,
+                                       buffer=self._record_buffer)
+        self._queue.append((chunks, size))
+        self._writable.clear()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._queue and self._pumping is None and not self._paused:
+            self._pumping = self.ch.loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Write the next sealed chunk of the queue (one record, or small messages up to one
+        record's worth), then give the loop back."""
+        self._pumping = None
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        budget = RECORD
+        while self._queue and budget > 0 and not self._paused:
+            chunks, _size = self._queue[0]
+            chunk = next(chunks, None)
+            if chunk is None:
+                self._queue.popleft()
+                self.ch.totals["frames_sent"] += 1
+                continue
+            t.write(chunk)  # may call pause_writing
+            self.ch.totals["bytes_sent"] += len(chunk)
+            budget -= len(chunk)
+        self._schedule()
+        self._update_writable()
+
+    def _update_writable(self) -> None:
+        if self._queue or self._paused:
+            self._writable.clear()
+            return
+        self._writable.set()
+        if self.retiring:
+            self._close_if_ours()
+
+    def queued_bytes(self) -> int:
+        """Plaintext bytes of the messages queued behind the transport (not yet all written)."""
+        return sum(size for _, size in self._queue)
 
     def _record_buffer(self, n: int) -> bytearray:
         # one size for all (a short first record rides with a full one): free buffers fit
         return self._records.get(max(n, RECORD + 16384))
 
     async def drain(self) -> None:
+        """Wait until everything queued is written and the transport takes more."""
         await self._writable.wait()
 
     def retire(self) -> None:
-        """Stop sending on it; close it (after buffered writes) if we opened it."""
+        """Stop sending on it; close it (after queued and buffered writes) if we opened it."""
         self.retiring = True
+        if not self._queue:
+            self._close_if_ours()
+
+    def _close_if_ours(self) -> None:
         if self.initiator == self.ch.node_id and self.transport is not None:
             self.transport.close()
 
@@ -350,4 +412,5 @@ class TcpChannel:
     def stats(self) -> dict[str, object]:
         return {**self.totals, "connections": len(self.conns_all),
                 "peers": sorted(f"{a[0]}:{a[1]}" for a in self.conns),
-                "pending_frames": sum(len(q) for q in self._pending.values())}
+                "pending_frames": sum(len(q) for q in self._pending.values()),
+                "queued_bytes": sum(c.queued_bytes() for c in self.conns_all)}

@@ -171,17 +171,47 @@ async def test_backpressure_drain_and_pause_reading() -> None:
         b.pause_reading()
         chunk = activation(os.urandom(1 << 20))
         conn = a.conns[ba]
-        sent = 0
-        while conn._writable.is_set():  # fill the socket buffers until the transport pushes back
+        sent = 64  # far more than the socket buffers of both ends hold
+        for _ in range(sent):
             a.send_frame(ba, chunk)
-            sent += 1
-            assert sent < 200
         drain = asyncio.ensure_future(a.drain(ba))
         done, _ = await asyncio.wait([drain], timeout=0.2)
         assert not done  # the receiver is not reading: the sender must wait
+        # ... and what waits is not sealed into the transport's buffer, but queued unsealed
+        assert conn.transport.get_write_buffer_size() <= tcp.WRITE_HIGH + 2 * tcp.RECORD
+        assert conn.queued_bytes() > 32 * len(chunk)
+        assert a.stats()["queued_bytes"] == conn.queued_bytes()
         b.resume_reading()
         await asyncio.wait_for(drain, 10)
         await inb.wait(lambda xs: len(xs) == 1 + sent)
+        assert all(d == chunk for _, _, d in inb.items[1:])
+        assert conn.queued_bytes() == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+@on_both_loops
+async def test_a_large_message_does_not_hold_the_loop() -> None:
+    """A 16 MiB message is sealed record by record across turns of the loop: send_frame
+    returns before it is written, a callback scheduled after it runs before it is all
+    written, and a small frame sent after it still arrives after it."""
+    a, _, _ = await node("a")
+    b, inb, ba = await node("b")
+    try:
+        a.send_frame(ba, gossip(b"hi"))
+        await inb.wait(lambda xs: len(xs) == 1)
+        big = activation(os.urandom(16 << 20))
+        before = a.totals["bytes_sent"]
+        a.send_frame(ba, big)
+        a.send_frame(ba, gossip(b"after"))
+        assert a.totals["bytes_sent"] - before < tcp.RECORD  # nothing sealed yet
+        written_when_called = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(lambda: written_when_called.set_result(a.totals["bytes_sent"] - before))
+        assert await written_when_called <= 2 * tcp.RECORD + 4096
+        await inb.wait(lambda xs: len(xs) == 3, timeout=20)
+        assert inb.items[1][2] == big and inb.items[2][2] == gossip(b"after")
+        assert a.totals["bytes_sent"] - before > len(big)
     finally:
         await a.close()
         await b.close()
