@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,18 +24,27 @@ from ringd.client import Client, DaemonNotRunning
 from ringd.errors import RingdError
 
 
+#: Ports handed to local daemons come from below every common ephemeral range (Linux
+#: 32768-60999, macOS and Windows 49152-65535). A port the kernel picked with ``bind(0)`` is
+#: ephemeral: between this check and the daemon's bind, any outgoing connection on the
+#: machine may be given it ("address already in use", seen in the suite); below the range
+#: only another explicit bind can take it.
+LOCAL_PORTS = range(20000, 32768)
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port free for both TCP and UDP on 127.0.0.1 right now."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind(("127.0.0.1", 0))
-            port = t.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
+    """A port free for both TCP and UDP on 127.0.0.1 right now, outside the ephemeral range."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.choice(LOCAL_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            try:
+                t.bind(("127.0.0.1", port))
+                u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
     raise RingdError("could not find a free port on 127.0.0.1")
 
 
