@@ -15,6 +15,12 @@ UDP and raw blocking TCP carrying the same bytes); a second table gives p50 rati
 asyncio floor (the fastest of the three ``asyncio-*`` cases). Cases:
 
 - ``floor-udp`` / ``floor-tcp``: blocking sockets, one datagram / one length-prefixed send.
+- ``floor-aead`` / ``floor-sealed``: lower bounds, blocking UDP as ``floor-udp`` plus only the
+  work an encrypted ringd frame cannot do without, up to 32 KiB: ``floor-aead`` opens and
+  seals each datagram with AES-128-OCB3 straight from ``cryptography`` into buffers made once
+  (no codec: what any implementation, in any language, that encrypts with the fastest AEAD
+  this CPU has must spend); ``floor-sealed`` adds ours' codec and ``Sealer`` (the
+  ``bare-sealed`` work without an event loop). Not counted in "the raw floor".
 - ``asyncio-udp`` / ``asyncio-tcp`` / ``asyncio-tcp-buf``: the same bytes through two uvloop
   event loops doing no protocol work: the server a ``DatagramProtocol`` echo
   (``transport.sendto(data, addr)``) / a ``Protocol`` echo with 4-byte length framing
@@ -33,6 +39,9 @@ asyncio floor (the fastest of the three ``asyncio-*`` cases). Cases:
   datagrams sized from the path MTU: 65000 B on loopback, UDP up to ``tcp_threshold``, TCP
   above) carrying an ``Activation``.
 - ``ours-tcp``: the same forced onto TCP; ``ours-clear``: authentication only (GMAC).
+- ``prefill-ours`` / ``prefill-ours-tcp``: ``ours`` / ``ours-tcp`` at 32 KiB while the same
+  client keeps one 4 MiB activation (and the server's echo of it) in flight at all times: a
+  request's prefill crossing the link while another request decodes.
 - ``grpc-exo``: a grpc.aio unary call with a protobuf tensor message (bytes + shape +
   dtype) on a gzip channel, the way exo's ``GRPCPeerHandle.send_tensor`` does it.
 - datagram table: ``ours`` at 32 KiB with 1400/8192/32768/65000-byte datagrams, with and
@@ -57,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import resource
@@ -155,6 +165,97 @@ def floor_server(kind: str, host: str) -> None:
         n = int.from_bytes(mv[:4], "little")
         _recv_exact(c, mv[4:4 + n])
         c.sendall(mv[:4 + n])
+
+
+# ----- lower bounds: blocking UDP plus the work any encrypted ringd frame needs, nothing else
+AEAD_NONCE = 12
+
+
+def _floor_aead():
+    """AES-128-OCB3 (ours' cipher) with buffers made once: ``(aead, plain, out)``."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
+
+    return AESOCB3(KEY[:16]), bytearray(65536), bytearray(65536)
+
+
+def _aead_reply(aead, plain: bytearray, out: bytearray, data: memoryview, nonce: bytes) -> memoryview:
+    """Open ``nonce | ciphertext`` into ``plain`` and seal that again under ``nonce`` into ``out``."""
+    m = len(data) - AEAD_NONCE - 16
+    aead.decrypt_into(bytes(data[:AEAD_NONCE]), data[AEAD_NONCE:], None, memoryview(plain)[:m])
+    return _aead_seal(aead, memoryview(plain)[:m], out, nonce)
+
+
+def _aead_seal(aead, data, out: bytearray, nonce: bytes) -> memoryview:
+    n = len(data) + AEAD_NONCE + 16
+    mv = memoryview(out)[:n]
+    mv[:AEAD_NONCE] = nonce
+    aead.encrypt_into(nonce, data, None, mv[AEAD_NONCE:])
+    return mv
+
+
+def floor_bound_server(kind: str, host: str) -> None:
+    """``floor-aead``: open and seal each datagram again (AES-128-OCB3 straight from
+    ``cryptography``, into buffers made once); ``floor-sealed``: ours' ``Sealer.open`` and
+    ``wire.decode``, then ``wire.encode`` and ``Sealer.seal`` (a :class:`BareChannel` on a
+    blocking socket)."""
+    s = _udp_socket(host)
+    print(s.getsockname()[1], flush=True)
+    if kind == "sealed":
+        stop: list[bool] = []
+
+        def on_message(addr, msg):
+            if getattr(msg, "request_id", "") == "stop":
+                stop.append(True)
+            else:
+                ch.send(addr, msg)
+
+        ch = BareChannel(s, True, on_message)
+        while not stop:
+            ch.readable()
+        return
+    aead, plain, out = _floor_aead()
+    buf = bytearray(65536)
+    pn = 1 << 63  # the server's nonces, apart from the client's
+    while True:
+        n, a = s.recvfrom_into(buf)
+        if n == 1:
+            return
+        pn += 1
+        s.sendto(_aead_reply(aead, plain, out, memoryview(buf)[:n], pn.to_bytes(AEAD_NONCE, "little")), a)
+
+
+def floor_bound_client(kind: str, host: str, port: int, quick: bool, case: str, sizes: list[int]) -> None:
+    s = _udp_socket(host)
+    server = (host, port)
+    got: list[object] = []
+    ch = BareChannel(s, True, lambda addr, msg: got.append(msg))
+    aead, plain, out = _floor_aead()
+    buf = bytearray(65536)
+    pn = 0
+    for size in [x for x in sizes if x <= 32 * KiB]:
+        data, msg = activation_bytes(size), _activation(size)
+        n = iters_for(size, case, quick)
+        w = warmup(n)
+        ts = []
+        for i in range(w + n):
+            t0 = time.perf_counter()
+            if kind == "sealed":
+                ch.send(server, msg)
+                ch.readable()
+            else:
+                pn += 1
+                s.sendto(_aead_seal(aead, data, out, pn.to_bytes(AEAD_NONCE, "little")), server)
+                k = s.recv_into(buf)
+                v = memoryview(buf)[:k]
+                aead.decrypt_into(bytes(v[:AEAD_NONCE]), v[AEAD_NONCE:], None, memoryview(plain)[:k - AEAD_NONCE - 16])
+            ts.append(time.perf_counter() - t0)
+        report(case, size, ts[w:], 0)
+    if kind == "sealed":
+        from ringd.core.wire import Cancel
+
+        ch.send(server, Cancel("stop", ""))
+    else:
+        s.sendto(b"x", server)
 
 
 def _recv_exact(c: socket.socket, mv: memoryview) -> bool:
@@ -531,10 +632,22 @@ async def ours_client(variant: dict, host: str, port: int, quick: bool, case: st
 
     loop = asyncio.get_running_loop()
     waiter: list[asyncio.Future] = []
+    prefill: list[asyncio.Future] = []  # variant "prefill": the echo of the 4 MiB frame in flight
 
     def on_message(sender, addr, msg):
-        if waiter and not waiter[0].done():
-            waiter[0].set_result(msg)
+        w = prefill if getattr(msg, "request_id", "") == "prefill" else waiter
+        if w and not w[0].done():
+            w[0].set_result(msg)
+
+    async def prefills(count: list[int], stop: list[bool]) -> None:
+        """One 4 MiB prefill frame (and its echo) in flight to the server at all times, as
+        when a request's prefill crosses the link while another request decodes."""
+        big = dataclasses.replace(_activation(4 * 1024 * KiB), request_id="prefill")
+        while not stop[0]:
+            prefill[:] = [loop.create_future()]
+            t.send(server, big)
+            await prefill[0]
+            count[0] += 1
 
     t = Transport(_settings(variant), node_id="client", key=KEY, on_message=on_message,
                   udp_offload=variant.get("gso", True))
@@ -544,10 +657,19 @@ async def ours_client(variant: dict, host: str, port: int, quick: bool, case: st
         msg = _activation(size)
         n = iters_for(size, case, quick)
         w = warmup(n)
+        count, stop = [0], [False]
+        bg = loop.create_task(prefills(count, stop)) if variant.get("prefill") else None
+        while bg is not None and not prefill:
+            await asyncio.sleep(0)  # the first prefill frame is on its way
         ts, flt = await timed_round_trips(loop, waiter, lambda msg=msg: t.send(server, msg), w, n, gap)
+        extra = {}
+        if bg is not None:
+            stop[0] = True
+            await bg  # the last prefill's echo, so the next size starts unloaded
+            extra["prefills"] = count[0]
         st = t.stats()
         report(case, size, ts, flt,
-               lost=st["udp"].get("packets_lost", 0), gso=st["udp"].get("gso"))
+               lost=st["udp"].get("packets_lost", 0), gso=st["udp"].get("gso"), **extra)
     t.send(server, Cancel("stop", ""))
     await asyncio.sleep(0.05)  # let the stop message leave before closing
     await t.close()
@@ -1039,12 +1161,16 @@ def main() -> None:
     plan: list[tuple[int | None, list[str], list[str], dict]] = []
     for k in ("udp", "tcp"):
         plan.append((None, ["--case", f"floor-{k}"], ["--case", f"floor-{k}"], {}))
-    for c in (*ASYNCIO_FLOORS, *BARE_CASES):
+    for c in (*BOUND_FLOORS, *ASYNCIO_FLOORS, *BARE_CASES):
         plan.append((None, ["--case", c], ["--case", c], {}))
     for name, v in [("ours", {}), ("ours-tcp", {"tcp": True}), ("ours-clear", {"encrypt": False})]:
         vj = json.dumps(v)
         plan.append((None, ["--case", "ours", "--variant", vj], ["--case", name, "--variant", vj], {}))
     plan.append((None, ["--case", "grpc-exo"], ["--case", "grpc-exo"], {"stdin": True}))
+    for name, v in PREFILL_CASES:
+        vj = json.dumps(v)
+        plan.append((None, ["--case", "ours", "--variant", vj],
+                     ["--case", name, "--variant", vj, "--sizes", str(32 * KiB)], {}))
     for gso in (True, False):
         for size in (1400, 8192, 32768, 65000):
             v = json.dumps({"datagram": size, "gso": gso})
@@ -1075,11 +1201,12 @@ def main() -> None:
                                capture_output=True, text=True, cwd=ROOT, check=False).stdout
     rows = list(best.values())
     lan_rows = [r for r in rows if r["case"].startswith("lan-")]
-    print_tables([r for r in rows if not r["case"].startswith(("dgram-", "adapter-", "veth-", "lan-"))],
+    print_tables([r for r in rows if not r["case"].startswith(("dgram-", "adapter-", "veth-", "lan-", "prefill-"))],
                  [r for r in rows if r["case"].startswith("dgram-")],
                  [r for r in rows if r["case"].startswith("adapter-")],
                  [json.loads(x) for x in micro_out.splitlines() if x.startswith("{")],
                  [r for r in rows if r["case"].startswith("veth-")], veth_skip)
+    print_prefill(rows)
     print_lan(lan_rows, lan_skip)
     print_summary(rows, every, passes)
     print(f"\n# load average at the end {os.getloadavg()[0]:.1f}")
@@ -1104,7 +1231,9 @@ def role_main(a: argparse.Namespace) -> None:
     sizes = [int(x) for x in a.sizes.split(",")] if a.sizes else SIZES
     case = a.case
     if a.role == "server":
-        if case.startswith("floor-"):
+        if case in BOUND_FLOORS:
+            floor_bound_server(case.split("-")[1], a.host)
+        elif case.startswith("floor-"):
             floor_server(case.split("-")[1], a.host)
         elif case.startswith("asyncio-"):
             run(asyncio_server(case.split("-", 1)[1], a.host))
@@ -1128,6 +1257,8 @@ def role_main(a: argparse.Namespace) -> None:
         a.port = int(line)
     if case.startswith("asyncio-"):
         run(asyncio_client(case.split("-", 1)[1], a.host, a.port, a.quick, case, sizes))
+    elif case in BOUND_FLOORS:
+        floor_bound_client(case.split("-")[1], a.host, a.port, a.quick, case, sizes)
     elif "floor-" in case:  # floor-udp, veth-1500-floor-tcp, ...
         floor_client(case.rsplit("-", 1)[-1], a.host, a.port, a.quick, case, sizes, a.gap)
     elif case == "grpc-exo":
@@ -1145,9 +1276,12 @@ def fmt_size(n: int) -> str:
 
 
 RAW_FLOORS = ("floor-udp", "floor-tcp")
+BOUND_FLOORS = ("floor-aead", "floor-sealed")
+PREFILL_CASES = [("prefill-ours", {"prefill": True}), ("prefill-ours-tcp", {"prefill": True, "tcp": True})]
 ASYNCIO_FLOORS = ("asyncio-udp", "asyncio-tcp", "asyncio-tcp-buf")
 BARE_CASES = ("bare-codec", "bare-sealed")
-MAIN_CASES = [*RAW_FLOORS, *ASYNCIO_FLOORS, *BARE_CASES, "ours", "ours-tcp", "ours-clear", "grpc-exo"]
+MAIN_CASES = [*RAW_FLOORS, *BOUND_FLOORS, *ASYNCIO_FLOORS, *BARE_CASES, "ours", "ours-tcp", "ours-clear",
+              "grpc-exo"]
 
 
 def _floor(by: dict, size: int, cases: tuple[str, ...] = RAW_FLOORS) -> float | None:
@@ -1238,7 +1372,10 @@ def print_summary(rows: list[dict], every: list[dict], passes: int) -> None:
     lines = [("ours / raw floor", lambda b: _ratio(b.get(("ours", mid)), _floor(b, mid))),
              ("ours / asyncio floor", lambda b: _ratio(b.get(("ours", mid)), _floor(b, mid, ASYNCIO_FLOORS))),
              ("asyncio floor / raw floor", asyncio_over_raw),
+             ("floor-aead / raw floor", lambda b: _ratio(b.get(("floor-aead", mid)), _floor(b, mid))),
+             ("floor-sealed / raw floor", lambda b: _ratio(b.get(("floor-sealed", mid)), _floor(b, mid))),
              ("bare-sealed / raw floor", lambda b: _ratio(b.get(("bare-sealed", mid)), _floor(b, mid))),
+             ("ours / floor-aead", lambda b: _ratio(b.get(("ours", mid)), _p50(b.get(("floor-aead", mid))))),
              ("ours / bare-sealed", lambda b: _ratio(b.get(("ours", mid)), _p50(b.get(("bare-sealed", mid))))),
              ("gRPC (exo-style) / ours", grpc_over_ours)]
     print("\n## Summary\n")
@@ -1256,6 +1393,26 @@ def print_summary(rows: list[dict], every: list[dict], passes: int) -> None:
         r = by.get((c, big))
         if r and "error" not in r:
             print(f"  {c:15s} {big / (r['p50'] / 2 / 1e6) / 1e9:6.2f} GB/s   {r['minflt']:8.0f} faults")
+
+
+def print_prefill(rows: list[dict]) -> None:
+    """32 KiB round trips with a 4 MiB prefill always in flight on the same link."""
+    by = {(r["case"], r["size"]): r for r in rows}
+    mid = 32 * KiB
+    print("\n## 32 KiB round trip while 4 MiB prefill frames cross the same link, p50 / p99 µs\n")
+    print("One 4 MiB activation and its echo in flight at all times (a request's prefill), while another\n"
+          "request's decode steps are timed. UDP (default): decode steps go by UDP, prefills by TCP;\n"
+          "TCP: both share the one connection, and a decode step waits behind the prefill's records.\n")
+    print("| channel | idle link | under prefill (x idle) | prefills during the run |")
+    print("|---|---|---|---|")
+    for label, idle, loaded in (("UDP (default)", "ours", "prefill-ours"), ("TCP", "ours-tcp", "prefill-ours-tcp")):
+        a, b = by.get((idle, mid)), by.get((loaded, mid))
+
+        def cell(r: dict | None) -> str:
+            return "—" if r is None else f"error: {r['error']}" if "error" in r else f"{r['p50']:.0f} / {r['p99']:.0f}"
+
+        x = f" ({b['p50'] / a['p50']:.1f}x)" if a and b and "error" not in a and "error" not in b else ""
+        print(f"| {label} | {cell(a)} | {cell(b)}{x} | {b.get('prefills', '—') if b else '—'} |")
 
 
 def print_veth(rows: list[dict], skip: str | None) -> None:
