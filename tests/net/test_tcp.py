@@ -217,6 +217,27 @@ async def test_a_large_message_does_not_hold_the_loop() -> None:
         await b.close()
 
 
+@on_both_loops
+async def test_a_retired_connection_closes_only_after_its_queue_is_written() -> None:
+    a, _, _ = await node("a")
+    b, inb, ba = await node("b")
+    try:
+        a.send_frame(ba, gossip(b"hi"))
+        await inb.wait(lambda xs: len(xs) == 1)
+        conn = a.conns[ba]
+        big = activation(os.urandom(8 << 20))
+        a.send_frame(ba, big)
+        a.send_frame(ba, gossip(b"last"))
+        conn.retire()  # e.g. it lost a simultaneous-connect tie: a opened it, a closes it
+        assert conn.queued_bytes() > 0 and not conn.transport.is_closing()
+        await inb.wait(lambda xs: len(xs) == 3, timeout=20)
+        assert inb.items[1][2] == big and inb.items[2][2] == gossip(b"last")
+        await asyncio.wait_for(conn.closed, 10)
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def _raw_conn(addr) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection(*addr)
 
