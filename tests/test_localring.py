@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 from ringd.localring import LOCAL_PORTS, free_port
 
 
 def _ephemeral() -> range:
     try:
-        lo, hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     except OSError:
         lo, hi = 49152, 65535
     return range(lo, hi + 1)
