@@ -23,7 +23,6 @@ from typing import Any, Sequence
 from ringd.client import Client, DaemonNotRunning
 from ringd.errors import RingdError
 
-
 #: Ports handed to local daemons come from below every common ephemeral range (Linux
 #: 32768-60999, macOS and Windows 49152-65535). A port the kernel picked with ``bind(0)`` is
 #: ephemeral: between this check and the daemon's bind, any outgoing connection on the
