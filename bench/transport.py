@@ -21,6 +21,8 @@ asyncio floor (the fastest of the three ``asyncio-*`` cases). Cases:
   (no codec: what any implementation, in any language, that encrypts with the fastest AEAD
   this CPU has must spend); ``floor-sealed`` adds ours' codec and ``Sealer`` (the
   ``bare-sealed`` work without an event loop). Not counted in "the raw floor".
+- ``asyncio-aead``: ``floor-aead``'s work on the ``asyncio-udp`` echo: the least any
+  encrypting data plane on an event loop (a compiled one included) could cost.
 - ``asyncio-udp`` / ``asyncio-tcp`` / ``asyncio-tcp-buf``: the same bytes through two uvloop
   event loops doing no protocol work: the server a ``DatagramProtocol`` echo
   (``transport.sendto(data, addr)``) / a ``Protocol`` echo with 4-byte length framing
@@ -67,6 +69,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import os
 import resource
@@ -331,7 +334,10 @@ async def asyncio_server(kind: str, host: str) -> None:
     (kind ``tcp``) or ``BufferedProtocol`` (kind ``tcp-buf``)."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
-    if kind == "udp":
+    if kind in ("udp", "aead"):
+        aead = _floor_aead() if kind == "aead" else None
+        nonces = itertools.count(1 << 63)  # the server's, apart from the client's
+
         class DgramEcho(asyncio.DatagramProtocol):
             def connection_made(self, tr):
                 self.tr = tr
@@ -340,6 +346,8 @@ async def asyncio_server(kind: str, host: str) -> None:
                 if len(data) == 1:
                     done.set_result(None)
                     return
+                if aead is not None:  # asyncio-aead: open it, seal it again
+                    data = _aead_reply(*aead, memoryview(data), next(nonces).to_bytes(AEAD_NONCE, "little"))
                 self.tr.sendto(data, addr)
 
         tr, _ = await loop.create_datagram_endpoint(DgramEcho, sock=_udp_socket(host))
@@ -417,9 +425,14 @@ async def asyncio_client(kind: str, host: str, port: int, quick: bool, case: str
     loop = asyncio.get_running_loop()
     waiter: list[asyncio.Future] = []
 
-    if kind == "udp":
+    aead = _floor_aead() if kind == "aead" else None
+    if kind in ("udp", "aead"):
         class DgramClient(asyncio.DatagramProtocol):
             def datagram_received(self, data, addr):
+                if aead is not None:
+                    mv = memoryview(data)
+                    aead[0].decrypt_into(bytes(mv[:AEAD_NONCE]), mv[AEAD_NONCE:], None,
+                                         memoryview(aead[1])[:len(mv) - AEAD_NONCE - 16])
                 if waiter and not waiter[0].done():
                     waiter[0].set_result(data)
 
@@ -461,16 +474,20 @@ async def asyncio_client(kind: str, host: str, port: int, quick: bool, case: str
                     waiter[0].set_result(self.mv[:self.need])
 
         tr, proto = await loop.create_connection(BufferedClient if kind == "tcp-buf" else StreamClient, host, port)
+    nonces = itertools.count(1)
     for size in sizes:
-        data = activation_bytes(size) if kind == "udp" else size.to_bytes(4, "little") + activation_bytes(size)
+        data = activation_bytes(size) if kind in ("udp", "aead") else size.to_bytes(4, "little") + activation_bytes(size)
         n = iters_for(size, case, quick)
         w = warmup(n)
-        if kind != "udp":
+        if kind in ("tcp", "tcp-buf"):
             proto.need = len(data)
-        send = tr.sendto if kind == "udp" else tr.write
+        send = tr.write if kind in ("tcp", "tcp-buf") else tr.sendto
+        if aead is not None:  # seal each datagram (into the buffer made once) as it is sent
+            def send(data, a=aead[0], out=aead[2]):
+                tr.sendto(_aead_seal(a, data, out, next(nonces).to_bytes(AEAD_NONCE, "little")))
         ts, flt = await timed_round_trips(loop, waiter, lambda send=send, data=data: send(data), w, n)
         report(case, size, ts, flt, loop=loop_name(loop))
-    if kind == "udp":
+    if kind in ("udp", "aead"):
         tr.sendto(b"x")
         await asyncio.sleep(0.01)
     tr.close()
@@ -1161,7 +1178,7 @@ def main() -> None:
     plan: list[tuple[int | None, list[str], list[str], dict]] = []
     for k in ("udp", "tcp"):
         plan.append((None, ["--case", f"floor-{k}"], ["--case", f"floor-{k}"], {}))
-    for c in (*BOUND_FLOORS, *ASYNCIO_FLOORS, *BARE_CASES):
+    for c in (*BOUND_FLOORS, *ASYNCIO_FLOORS, *ASYNCIO_BOUNDS, *BARE_CASES):
         plan.append((None, ["--case", c], ["--case", c], {}))
     for name, v in [("ours", {}), ("ours-tcp", {"tcp": True}), ("ours-clear", {"encrypt": False})]:
         vj = json.dumps(v)
@@ -1279,8 +1296,9 @@ RAW_FLOORS = ("floor-udp", "floor-tcp")
 BOUND_FLOORS = ("floor-aead", "floor-sealed")
 PREFILL_CASES = [("prefill-ours", {"prefill": True}), ("prefill-ours-tcp", {"prefill": True, "tcp": True})]
 ASYNCIO_FLOORS = ("asyncio-udp", "asyncio-tcp", "asyncio-tcp-buf")
+ASYNCIO_BOUNDS = ("asyncio-aead",)  # the asyncio UDP floor + floor-aead's work: not a floor
 BARE_CASES = ("bare-codec", "bare-sealed")
-MAIN_CASES = [*RAW_FLOORS, *BOUND_FLOORS, *ASYNCIO_FLOORS, *BARE_CASES, "ours", "ours-tcp", "ours-clear",
+MAIN_CASES = [*RAW_FLOORS, *BOUND_FLOORS, *ASYNCIO_FLOORS, *ASYNCIO_BOUNDS, *BARE_CASES, "ours", "ours-tcp", "ours-clear",
               "grpc-exo"]
 
 
@@ -1374,6 +1392,9 @@ def print_summary(rows: list[dict], every: list[dict], passes: int) -> None:
              ("asyncio floor / raw floor", asyncio_over_raw),
              ("floor-aead / raw floor", lambda b: _ratio(b.get(("floor-aead", mid)), _floor(b, mid))),
              ("floor-sealed / raw floor", lambda b: _ratio(b.get(("floor-sealed", mid)), _floor(b, mid))),
+             ("asyncio-aead / raw floor", lambda b: _ratio(b.get(("asyncio-aead", mid)), _floor(b, mid))),
+             ("gRPC / floor-aead", lambda b: _ratio(b.get(("grpc-exo", mid)), _p50(b.get(("floor-aead", mid))))),
+             ("gRPC / asyncio-aead", lambda b: _ratio(b.get(("grpc-exo", mid)), _p50(b.get(("asyncio-aead", mid))))),
              ("bare-sealed / raw floor", lambda b: _ratio(b.get(("bare-sealed", mid)), _floor(b, mid))),
              ("ours / floor-aead", lambda b: _ratio(b.get(("ours", mid)), _p50(b.get(("floor-aead", mid))))),
              ("ours / bare-sealed", lambda b: _ratio(b.get(("ours", mid)), _p50(b.get(("bare-sealed", mid))))),
