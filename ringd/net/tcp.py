@@ -29,6 +29,10 @@ Addr = tuple[str, int]
 WRITE_HIGH = 1 << 20
 WRITE_LOW = 256 << 10
 MAX_PENDING = 64 << 20  # bytes queued per peer while (re)connecting
+#: Bytes of messages queued per connection behind the transport (not yet sealed). A peer
+#: that stops reading fills it; past it messages are dropped (counted ``overflow``, one
+#: warning a minute) rather than held without bound. Four of the largest TCP messages.
+MAX_QUEUED = 4 * wire.TCP_MAX_FRAME
 #: From this size a message is sent in records of ``RECORD`` bytes, each sealed and written
 #: as soon as it is ready, so the peer opens one record while the next is being sealed.
 LARGE_FRAME = 256 << 10
@@ -53,6 +57,7 @@ class _Conn(asyncio.BufferedProtocol):
         self._paused = False  # the transport asked us to stop writing (pause_writing)
         # messages waiting to be sealed, each an iterator of sealed chunks to write in order
         self._queue: deque[tuple[Iterator[memoryview], int]] = deque()
+        self._queued = 0  # bytes of the messages in _queue
         self._pumping: asyncio.Handle | None = None
         self._sendbuf: bytearray | None = None
         self._records = BufferPool(max_buffers=4, min_size=0)  # send buffers of large messages
@@ -101,6 +106,7 @@ class _Conn(asyncio.BufferedProtocol):
         if self._queue:  # unsent messages are lost, like those in the socket buffer
             self.ch.counters["overflow"] += len(self._queue)
             self._queue.clear()
+            self._queued = 0
         if self._pumping is not None:
             self._pumping.cancel()
             self._pumping = None
@@ -175,9 +181,15 @@ class _Conn(asyncio.BufferedProtocol):
             self.ch.totals["frames_sent"] += 1
             self.ch.totals["bytes_sent"] += n
             return
+        if self._queued + size > self.ch.max_queued:
+            self.ch.counters["overflow"] += 1
+            self.ch.warn(("queue", self.addr), "peer %s is not reading: dropped a message of %d bytes with %d "
+                         "already queued for it", self.peer or self.addr, size, self._queued)
+            return
         chunks = wire.seal_tcp_records(self.ch.sealer, self.ch.next_seq, parts, record=RECORD,
                                        buffer=self._record_buffer)
         self._queue.append((chunks, size))
+        self._queued += size
         self._writable.clear()
         self._schedule()
 
@@ -194,10 +206,11 @@ class _Conn(asyncio.BufferedProtocol):
             return
         budget = RECORD
         while self._queue and budget > 0 and not self._paused:
-            chunks, _size = self._queue[0]
+            chunks, size = self._queue[0]
             chunk = next(chunks, None)
             if chunk is None:
                 self._queue.popleft()
+                self._queued -= size
                 self.ch.totals["frames_sent"] += 1
                 continue
             t.write(chunk)  # may call pause_writing
@@ -216,7 +229,7 @@ class _Conn(asyncio.BufferedProtocol):
 
     def queued_bytes(self) -> int:
         """Plaintext bytes of the messages queued behind the transport (not yet all written)."""
-        return sum(size for _, size in self._queue)
+        return self._queued
 
     def _record_buffer(self, n: int) -> bytearray:
         # one size for all (a short first record rides with a full one): free buffers fit
@@ -247,13 +260,14 @@ class TcpChannel:
     def __init__(self, sealer: Sealer, guard: ReplayGuard, counters: dict[str, int], *,
                  port: int, on_frame: Callable[[str, Addr, memoryview], None],
                  max_frame: int = wire.TCP_MAX_FRAME, connect_timeout: float = 3.0,
-                 connect_attempts: int = 6) -> None:
+                 connect_attempts: int = 6, max_queued: int = MAX_QUEUED) -> None:
         self.sealer = sealer
         self.guard = guard
         self.counters = counters
         self.node_id = sealer.node_id
         self.port = port
         self.max_frame = max_frame
+        self.max_queued = max_queued
         self.loop = asyncio.get_running_loop()
         self.pool = BufferPool(min_size=LARGE_FRAME)
         self._on_frame = on_frame

@@ -192,6 +192,33 @@ async def test_backpressure_drain_and_pause_reading() -> None:
 
 
 @on_both_loops
+async def test_the_queue_for_a_peer_that_does_not_read_is_bounded() -> None:
+    a, _, _ = await node("a", max_queued=8 << 20)
+    b, inb, ba = await node("b")
+    try:
+        a.send_frame(ba, gossip(b"hi"))
+        await inb.wait(lambda xs: len(xs) == 1)
+        b.pause_reading()
+        conn = a.conns[ba]
+        chunks = [activation(bytes([i]) * (1 << 20)) for i in range(64)]
+        for c in chunks:
+            a.send_frame(ba, c)
+        # all sent in one turn of the loop: none written yet, the queue takes what fits in 8 MiB
+        fit = (8 << 20) // len(chunks[0])
+        assert conn.queued_bytes() == fit * len(chunks[0])
+        dropped = a.counters["overflow"]
+        assert dropped == 64 - fit
+        b.resume_reading()
+        await asyncio.wait_for(a.drain(ba), 10)
+        await inb.wait(lambda xs: len(xs) == 1 + 64 - dropped)
+        got = [d for _, _, d in inb.items[1:]]
+        assert got == chunks[:len(got)]  # the first ones, whole and in order: the later ones were dropped
+    finally:
+        await a.close()
+        await b.close()
+
+
+@on_both_loops
 async def test_a_large_message_does_not_hold_the_loop() -> None:
     """A 16 MiB message is sealed record by record across turns of the loop: send_frame
     returns before it is written, a callback scheduled after it runs before it is all
