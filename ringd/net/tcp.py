@@ -151,8 +151,8 @@ class _Conn(asyncio.BufferedProtocol):
     def write(self, parts: tuple[Buffer, ...]) -> None:
         """Seal and write one message (the concatenation of ``parts``), after those queued.
 
-        A small message with nothing queued before it is sealed and written at once, as one
-        frame; the send buffer is reused once the transport has handed the previous frame to
+        A small message with nothing queued before it, while the transport takes more, is
+        sealed and written at once, as one frame; the send buffer is reused once the transport has handed the previous frame to
         the kernel (uvloop keeps a reference to what it could not write yet).
 
         From ``LARGE_FRAME`` bytes the message goes in records of ``RECORD`` bytes sealed from
@@ -169,7 +169,7 @@ class _Conn(asyncio.BufferedProtocol):
             self.ch.counters["overflow"] += 1
             return
         size = sum(memoryview(x).nbytes for x in parts)
-        if size < LARGE_FRAME and not self._queue:
+        if size < LARGE_FRAME and not self._queue and not self._paused:
             n = wire.TCP_HEADER.size + self.ch.sealer.overhead + size
             buf = self._sendbuf
             if buf is None or len(buf) < n or t.get_write_buffer_size():

@@ -219,6 +219,31 @@ async def test_the_queue_for_a_peer_that_does_not_read_is_bounded() -> None:
 
 
 @on_both_loops
+async def test_small_frames_wait_in_the_queue_while_the_transport_pushes_back() -> None:
+    """Between the transport's pause_writing and resume_writing nothing is written, small
+    frames included (they would pile up in its buffer without bound); then all go, in order."""
+    a, _, _ = await node("a")
+    b, inb, ba = await node("b")
+    try:
+        a.send_frame(ba, gossip(b"hi"))
+        await inb.wait(lambda xs: len(xs) == 1)
+        conn = a.conns[ba]
+        conn.pause_writing()  # as the transport calls it above its high-water mark
+        sent = a.totals["bytes_sent"]
+        for i in range(100):
+            a.send_frame(ba, gossip(b"small %d" % i))
+        assert a.totals["bytes_sent"] == sent and conn.queued_bytes() > 0
+        drain = asyncio.ensure_future(a.drain(ba))
+        conn.resume_writing()
+        await asyncio.wait_for(drain, 10)
+        await inb.wait(lambda xs: len(xs) == 101)
+        assert [d for _, _, d in inb.items[1:]] == [gossip(b"small %d" % i) for i in range(100)]
+    finally:
+        await a.close()
+        await b.close()
+
+
+@on_both_loops
 async def test_a_large_message_does_not_hold_the_loop() -> None:
     """A 16 MiB message is sealed record by record across turns of the loop: send_frame
     returns before it is written, a callback scheduled after it runs before it is all
