@@ -771,11 +771,19 @@ def seal_tcp_records(sealer: Sealer, next_seq: Callable[[], int], parts: tuple[B
     record holds only the first part (the message head) when it is shorter than ``record``,
     and is written together with the second; a record that straddles two parts is joined
     (at most ``record`` bytes). A message of one record is sealed as a plain frame.
+
+    Raises :class:`LocalProtocolError` at once (not on the first ``next``) for a message of
+    4 GiB or more: the caller may consume the iterator later, from a loop callback.
     """
     views = [v for v in map(_byte_view, parts) if len(v)]
     total = sum(len(v) for v in views)
     if total >= 1 << 32:
         raise LocalProtocolError(f"a TCP message of {total} bytes (the limit is 4 GiB)")
+    return _sealed_records(sealer, next_seq, views, total, record, buffer)
+
+
+def _sealed_records(sealer: Sealer, next_seq: Callable[[], int], views: list[memoryview], total: int,
+                    record: int, buffer: Callable[[int], bytearray]) -> Iterator[memoryview]:
     if total <= record:
         whole = views[0] if len(views) == 1 else b"".join(views)
         n = TCP_HEADER.size + sealer.overhead + len(whole)

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 from ringd import PROTOCOL_VERSION, __version__
 from ringd.core import wire
 from ringd.core.wire import Buffer, BufferPool, Handshake, ReplayGuard, Sealer, StreamDecoder
+from ringd.errors import LocalProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,14 @@ class _Conn(asyncio.BufferedProtocol):
         budget = RECORD
         while self._queue and budget > 0 and not self._paused:
             chunks, size = self._queue[0]
-            chunk = next(chunks, None)
+            try:
+                chunk = next(chunks, None)
+            except Exception:  # a bug, not a peer: lose this message, not the connection
+                log.exception("sealing a message of %d bytes for %s failed", size, self.peer or self.addr)
+                self.ch.counters["overflow"] += 1
+                self._queue.popleft()
+                self._queued -= size
+                continue
             if chunk is None:
                 self._queue.popleft()
                 self._queued -= size
@@ -310,7 +318,13 @@ class TcpChannel:
 
     # ---------------------------------------------------------------- sending
     def send_frame(self, addr: Addr, *parts: Buffer) -> None:
-        """Send one frame, the concatenation of ``parts`` (e.g. a message's head and body)."""
+        """Send one frame, the concatenation of ``parts`` (e.g. a message's head and body).
+
+        Raises :class:`LocalProtocolError` for a frame above ``max_frame``: the peer would
+        close the connection on it (its decoder has the same limit)."""
+        size = sum(memoryview(x).nbytes for x in parts)
+        if size > self.max_frame:
+            raise LocalProtocolError(f"a TCP message of {size} bytes exceeds the limit of {self.max_frame}")
         conn = self.conns.get(addr)
         if conn is not None and not conn.retiring and conn.transport and not conn.transport.is_closing():
             conn.write(parts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import struct
 import tracemalloc
@@ -579,3 +580,10 @@ def test_tampered_reordered_replayed_and_truncated_records() -> None:
     last[6] = 0
     d, c = _decoder()
     assert d.receive_data(bytes(last)) == [] and c["bad_mac"] == 1 and d.failed is None
+
+
+def test_sealing_a_message_of_4_gib_raises_when_asked_not_when_consumed() -> None:
+    s = Sealer(KEY, "a", wire.new_session(1, 1))
+    huge = memoryview(mmap.mmap(-1, 1 << 30))  # 4 x 1 GiB of untouched pages: no memory
+    with pytest.raises(LocalProtocolError, match="4 GiB"):
+        wire.seal_tcp_records(s, lambda: 1, (huge,) * 4, record=512 << 10, buffer=bytearray)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
 import socket
+
+import pytest
 
 from ringd import PROTOCOL_VERSION
 from ringd.core import wire
 from ringd.core.wire import (Activation, Gossip, Handshake, ReplayGuard, Sampling, Sealer, Tensor, decode,
                              encode_bytes, new_session)
+from ringd.errors import LocalProtocolError
 from ringd.net import tcp
 from ringd.net.tcp import TcpChannel
 from tests.net.test_udp import Inbox, on_both_loops
@@ -238,6 +242,33 @@ async def test_small_frames_wait_in_the_queue_while_the_transport_pushes_back() 
         await asyncio.wait_for(drain, 10)
         await inb.wait(lambda xs: len(xs) == 101)
         assert [d for _, _, d in inb.items[1:]] == [gossip(b"small %d" % i) for i in range(100)]
+    finally:
+        await a.close()
+        await b.close()
+
+
+@on_both_loops
+async def test_a_message_that_cannot_be_sealed_fails_its_sender_not_the_connection(monkeypatch) -> None:
+    a, _, _ = await node("a")
+    b, inb, ba = await node("b")
+    try:
+        a.send_frame(ba, gossip(b"hi"))
+        await inb.wait(lambda xs: len(xs) == 1)
+        huge = memoryview(mmap.mmap(-1, 64 << 20))  # untouched pages: no memory
+        with pytest.raises(LocalProtocolError, match="exceeds the limit"):
+            a.send_frame(ba, gossip(b"x"), huge)  # at once, not later in the loop
+        real = wire.seal_tcp_records
+
+        def broken(*args, **kw):
+            yield from ()
+            raise RuntimeError("a sealing bug")
+
+        monkeypatch.setattr(wire, "seal_tcp_records", broken)
+        a.send_frame(ba, activation(os.urandom(1 << 20)))
+        monkeypatch.setattr(wire, "seal_tcp_records", real)
+        a.send_frame(ba, gossip(b"after"))
+        await inb.wait(lambda xs: len(xs) == 2)
+        assert inb.items[1][2] == gossip(b"after") and a.counters["overflow"] == 1
     finally:
         await a.close()
         await b.close()
