@@ -33,7 +33,7 @@ from ringd.compute.tokenizer import Tokenizer
 from ringd.config import Settings
 from ringd.core import wire
 from ringd.core.pipeline import (RequestTable, Route, StopMatcher, check_activation, check_complete,
-                                 chunks, epoch_error)
+                                 chunks, epoch_error, prefill_chunk_tokens)
 from ringd.core.proof import name_nodes
 from ringd.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from ringd.errors import RequestError
@@ -86,6 +86,7 @@ class RingRunner:
         self.table = RequestTable(capacity=4 * settings.max_concurrent + 8,
                                   idle_timeout=settings.request_timeout)
         self._flows: dict[str, _Flow] = {}
+        self._prefill_chunk = settings.prefill_chunk  # lowered by serve() to fit a frame
         # Activations that arrived ahead of their position (a big prefill chunk on TCP
         # overtaken by a small one on UDP): request id -> position -> (message, sender).
         self._early: dict[str, dict[int, tuple[wire.Activation, str]]] = {}
@@ -107,6 +108,15 @@ class RingRunner:
             route = Route(max(0, route.epoch - 1), route.stages, route.num_layers)  # test hook
         self.route, self.compute = route, compute
         self.names = dict(names or {})
+        info = compute.engine.info
+        item = wire.DTYPE_SIZES[info.activation_dtype]
+        self._prefill_chunk = prefill_chunk_tokens(self.settings.prefill_chunk, info.hidden_size, item,
+                                                   wire.TCP_MAX_FRAME)
+        if self._prefill_chunk < self.settings.prefill_chunk:
+            log.warning("prefill_chunk = %d makes activation frames of %d MiB, above the %d MiB a peer "
+                        "accepts: prompts go in chunks of %d tokens", self.settings.prefill_chunk,
+                        self.settings.prefill_chunk * info.hidden_size * item >> 20, wire.TCP_MAX_FRAME >> 20,
+                        self._prefill_chunk)
         log.info("serving plan epoch %d as layers %s", route.epoch,
                  (lambda s: f"[{s.start}, {s.end})")(route.stage_of(self.node_id)))
 
@@ -164,7 +174,7 @@ class RingRunner:
         return route
 
     def _send_prompt(self, route: Route, rid: str, ids: list[int], sampling: wire.Sampling) -> None:
-        for a, b in chunks(len(ids), self.settings.prefill_chunk):
+        for a, b in chunks(len(ids), self._prefill_chunk):
             self.send(route.first.node_id, wire.Activation(
                 rid, 0, a, route.epoch, 0, 0, self.node_id, sampling, b == len(ids), tokens_tensor(ids[a:b])))
 

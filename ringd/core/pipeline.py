@@ -249,3 +249,15 @@ def chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
         raise LocalProtocolError("chunk size must be positive")
     for start in range(0, n, size):
         yield start, min(n, start + size)
+
+
+#: Room left in a frame for the message head around a prefill chunk's hidden states.
+FRAME_HEADROOM = 64 * 1024
+
+
+def prefill_chunk_tokens(configured: int, hidden_size: int, itemsize: int, max_frame: int) -> int:
+    """Tokens per prefill chunk: ``configured``, lowered so that one chunk's hidden states
+    (``tokens x hidden_size x itemsize`` bytes and a message head) fit in one frame of
+    ``max_frame`` bytes, which is all a peer accepts; at least 1."""
+    per_token = max(1, hidden_size * itemsize)
+    return max(1, min(configured, (max_frame - FRAME_HEADROOM) // per_token))

@@ -1,8 +1,9 @@
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ringd.core.pipeline import (RequestTable, Route, Stage, StopMatcher, check_activation,
-                                 check_complete, chunks)
+from ringd.core.pipeline import (FRAME_HEADROOM, RequestTable, Route, Stage, StopMatcher, check_activation,
+                                 check_complete, chunks, prefill_chunk_tokens)
 from ringd.errors import LocalProtocolError, RequestError
 
 ROUTE = Route(epoch=7, stages=(Stage("a", 0, 10), Stage("b", 10, 20), Stage("c", 20, 30)), num_layers=30)
@@ -117,3 +118,13 @@ def test_chunks_cover_exactly(n, size):
     pieces = list(chunks(n, size))
     assert [i for s, e in pieces for i in range(s, e)] == list(range(n))
     assert all(e - s <= size for s, e in pieces)
+
+
+def test_prefill_chunks_are_lowered_to_fit_one_frame():
+    mib = 1 << 20
+    # Llama-3.1-405B: hidden 16384, bfloat16: 32 KiB a token; a 64 MiB frame holds 2046 of them
+    assert prefill_chunk_tokens(512, 16384, 2, 64 * mib) == 512
+    n = prefill_chunk_tokens(4096, 16384, 2, 64 * mib)
+    assert n * 16384 * 2 + FRAME_HEADROOM <= 64 * mib < (n + 1) * 16384 * 2 + FRAME_HEADROOM
+    assert prefill_chunk_tokens(4096, 16384, 4, 64 * mib) == n // 2
+    assert prefill_chunk_tokens(8, 1 << 30, 4, 64 * mib) == 1  # never 0: one token always goes
