@@ -132,7 +132,7 @@ class Settings:
     # --- generation -------------------------------------------------------------------
     max_concurrent: int = _opt(8, help="Requests in flight on the ring from this entry node; beyond it: 'busy'.")
     max_context: int = _opt(4096, help="Longest context (prompt + generated tokens) per request.")
-    prefill_chunk: int = _opt(512, help="Tokens per prefill chunk.")
+    prefill_chunk: int = _opt(512, help="Tokens per prefill chunk (lowered if a chunk's activations would exceed one 64 MiB frame).")
     request_timeout: float = _opt(300.0, help="Seconds a request may run before it is failed with a timeout.")
     allow_model_switch: bool = _opt(False, help="Let a request for another model switch the ring when it is idle.")
 

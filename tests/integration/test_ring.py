@@ -163,6 +163,27 @@ def test_openai_client_streaming_and_not(tiny_ring, tiny_quantized_model_dir):
     assert text(ref) == streamed
 
 
+def test_a_ring_with_every_frame_over_tcp_gives_the_same_tokens(tiny_quantized_model_dir, tmp_path):
+    """``tcp_threshold = 0`` (the README's switch for links where TCP does better) sends every
+    activation and token over TCP, through the channel's queue: same greedy tokens."""
+    ring = ring_for(tiny_quantized_model_dir, tmp_path / "tcp", (1, 2), extra_args=("--tcp-threshold=0",))
+    ring.start()
+    try:
+        ring.wait_ready(90)
+        tok = Tokenizer.load(tiny_quantized_model_dir)
+        ids = tok.encode(PROMPTS[0])
+        want = reference_tokens(tiny_quantized_model_dir, ids, 16)
+        for entry in ring.nodes:
+            events = stream(entry.client, prompt=PROMPTS[0], max_tokens=16, temperature=0.0)
+            assert without_eos(token_ids(events), tok.eos_token_ids) == want
+        for st in ring.statuses():
+            transport = st["stats"]["transport"]
+            assert transport["udp"]["frames_sent"] == 0  # only membership's one-shot datagrams
+            assert transport["tcp"]["frames_sent"] > 16 and transport["tcp"]["queued_bytes"] == 0
+    finally:
+        assert ring.stop() == [0, 0]
+
+
 def test_request_while_the_ring_cannot_form_is_refused_with_the_reason(tiny_quantized_model_dir, tmp_path):
     # One node with far too little memory: the plan cannot fit, so the ring never serves.
     ring = ring_for(tiny_quantized_model_dir, tmp_path / "small", (1,), slack=0.3)
