@@ -153,8 +153,9 @@ class _Conn(asyncio.BufferedProtocol):
         """Seal and write one message (the concatenation of ``parts``), after those queued.
 
         A small message with nothing queued before it, while the transport takes more, is
-        sealed and written at once, as one frame; the send buffer is reused once the transport has handed the previous frame to
-        the kernel (uvloop keeps a reference to what it could not write yet).
+        sealed and written at once, as one frame; the send buffer is reused once the
+        transport has handed the previous frame to the kernel (uvloop keeps a reference to
+        what it could not write yet). Otherwise it waits in the queue like a large one.
 
         From ``LARGE_FRAME`` bytes the message goes in records of ``RECORD`` bytes sealed from
         slices of the parts (no join) into pooled buffers (see
