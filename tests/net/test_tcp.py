@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 import os
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -41,6 +43,22 @@ def gossip(data: bytes) -> bytes:
 
 def activation(data: bytes) -> bytes:
     return encode_bytes(Activation("r", 1, 0, 1, 0, 2, "a", Sampling(), True, Tensor("int32", (len(data) // 4,), data)))
+
+
+@contextlib.asynccontextmanager
+async def connected(**kw) -> AsyncIterator[tuple[TcpChannel, TcpChannel, Inbox, tuple[str, int]]]:
+    """``(a, b, b's inbox, b's address)`` with a connected to b: one frame went through (and
+    is no longer in the inbox). ``kw`` go to a's channel; both are closed after."""
+    a, _, _ = await node("a", **kw)
+    b, inb, ba = await node("b")
+    try:
+        a.send_frame(ba, gossip(b"hi"))
+        await inb.wait(lambda xs: len(xs) == 1)
+        inb.items.clear()
+        yield a, b, inb, ba
+    finally:
+        await a.close()
+        await b.close()
 
 
 @on_both_loops
@@ -167,11 +185,7 @@ async def test_unreachable_peer_drops_queued_frames_after_backoff() -> None:
 
 @on_both_loops
 async def test_backpressure_drain_and_pause_reading() -> None:
-    a, _, aa = await node("a")
-    b, inb, ba = await node("b")
-    try:
-        a.send_frame(ba, gossip(b"hi"))
-        await inb.wait(lambda xs: len(xs) == 1)
+    async with connected() as (a, b, inb, ba):
         b.pause_reading()
         chunk = activation(os.urandom(1 << 20))
         conn = a.conns[ba]
@@ -187,21 +201,14 @@ async def test_backpressure_drain_and_pause_reading() -> None:
         assert a.stats()["queued_bytes"] == conn.queued_bytes()
         b.resume_reading()
         await asyncio.wait_for(drain, 10)
-        await inb.wait(lambda xs: len(xs) == 1 + sent)
-        assert all(d == chunk for _, _, d in inb.items[1:])
+        await inb.wait(lambda xs: len(xs) == sent)
+        assert all(d == chunk for _, _, d in inb.items)
         assert conn.queued_bytes() == 0
-    finally:
-        await a.close()
-        await b.close()
 
 
 @on_both_loops
 async def test_the_queue_for_a_peer_that_does_not_read_is_bounded() -> None:
-    a, _, _ = await node("a", max_queued=8 << 20)
-    b, inb, ba = await node("b")
-    try:
-        a.send_frame(ba, gossip(b"hi"))
-        await inb.wait(lambda xs: len(xs) == 1)
+    async with connected(max_queued=8 << 20) as (a, b, inb, ba):
         b.pause_reading()
         conn = a.conns[ba]
         chunks = [activation(bytes([i]) * (1 << 20)) for i in range(64)]
@@ -214,23 +221,16 @@ async def test_the_queue_for_a_peer_that_does_not_read_is_bounded() -> None:
         assert dropped == 64 - fit
         b.resume_reading()
         await asyncio.wait_for(a.drain(ba), 10)
-        await inb.wait(lambda xs: len(xs) == 1 + 64 - dropped)
-        got = [d for _, _, d in inb.items[1:]]
+        await inb.wait(lambda xs: len(xs) == 64 - dropped)
+        got = [d for _, _, d in inb.items]
         assert got == chunks[:len(got)]  # the first ones, whole and in order: the later ones were dropped
-    finally:
-        await a.close()
-        await b.close()
 
 
 @on_both_loops
 async def test_small_frames_wait_in_the_queue_while_the_transport_pushes_back() -> None:
     """Between the transport's pause_writing and resume_writing nothing is written, small
     frames included (they would pile up in its buffer without bound); then all go, in order."""
-    a, _, _ = await node("a")
-    b, inb, ba = await node("b")
-    try:
-        a.send_frame(ba, gossip(b"hi"))
-        await inb.wait(lambda xs: len(xs) == 1)
+    async with connected() as (a, _, inb, ba):
         conn = a.conns[ba]
         conn.pause_writing()  # as the transport calls it above its high-water mark
         sent = a.totals["bytes_sent"]
@@ -240,20 +240,13 @@ async def test_small_frames_wait_in_the_queue_while_the_transport_pushes_back() 
         drain = asyncio.ensure_future(a.drain(ba))
         conn.resume_writing()
         await asyncio.wait_for(drain, 10)
-        await inb.wait(lambda xs: len(xs) == 101)
-        assert [d for _, _, d in inb.items[1:]] == [gossip(b"small %d" % i) for i in range(100)]
-    finally:
-        await a.close()
-        await b.close()
+        await inb.wait(lambda xs: len(xs) == 100)
+        assert [d for _, _, d in inb.items] == [gossip(b"small %d" % i) for i in range(100)]
 
 
 @on_both_loops
 async def test_a_message_that_cannot_be_sealed_fails_its_sender_not_the_connection(monkeypatch) -> None:
-    a, _, _ = await node("a")
-    b, inb, ba = await node("b")
-    try:
-        a.send_frame(ba, gossip(b"hi"))
-        await inb.wait(lambda xs: len(xs) == 1)
+    async with connected() as (a, _, inb, ba):
         huge = memoryview(mmap.mmap(-1, 64 << 20))  # untouched pages: no memory
         with pytest.raises(LocalProtocolError, match="exceeds the limit"):
             a.send_frame(ba, gossip(b"x"), huge)  # at once, not later in the loop
@@ -267,11 +260,8 @@ async def test_a_message_that_cannot_be_sealed_fails_its_sender_not_the_connecti
         a.send_frame(ba, activation(os.urandom(1 << 20)))
         monkeypatch.setattr(wire, "seal_tcp_records", real)
         a.send_frame(ba, gossip(b"after"))
-        await inb.wait(lambda xs: len(xs) == 2)
-        assert inb.items[1][2] == gossip(b"after") and a.counters["overflow"] == 1
-    finally:
-        await a.close()
-        await b.close()
+        await inb.wait(lambda xs: len(xs) == 1)
+        assert inb.items[0][2] == gossip(b"after") and a.counters["overflow"] == 1
 
 
 @on_both_loops
@@ -279,11 +269,7 @@ async def test_a_large_message_does_not_hold_the_loop() -> None:
     """A 16 MiB message is sealed record by record across turns of the loop: send_frame
     returns before it is written, a callback scheduled after it runs before it is all
     written, and a small frame sent after it still arrives after it."""
-    a, _, _ = await node("a")
-    b, inb, ba = await node("b")
-    try:
-        a.send_frame(ba, gossip(b"hi"))
-        await inb.wait(lambda xs: len(xs) == 1)
+    async with connected() as (a, _, inb, ba):
         big = activation(os.urandom(16 << 20))
         before = a.totals["bytes_sent"]
         a.send_frame(ba, big)
@@ -292,33 +278,23 @@ async def test_a_large_message_does_not_hold_the_loop() -> None:
         written_when_called = asyncio.get_running_loop().create_future()
         asyncio.get_running_loop().call_soon(lambda: written_when_called.set_result(a.totals["bytes_sent"] - before))
         assert await written_when_called <= 2 * tcp.RECORD + 4096
-        await inb.wait(lambda xs: len(xs) == 3, timeout=20)
-        assert inb.items[1][2] == big and inb.items[2][2] == gossip(b"after")
+        await inb.wait(lambda xs: len(xs) == 2, timeout=20)
+        assert inb.items[0][2] == big and inb.items[1][2] == gossip(b"after")
         assert a.totals["bytes_sent"] - before > len(big)
-    finally:
-        await a.close()
-        await b.close()
 
 
 @on_both_loops
 async def test_a_retired_connection_closes_only_after_its_queue_is_written() -> None:
-    a, _, _ = await node("a")
-    b, inb, ba = await node("b")
-    try:
-        a.send_frame(ba, gossip(b"hi"))
-        await inb.wait(lambda xs: len(xs) == 1)
+    async with connected() as (a, _, inb, ba):
         conn = a.conns[ba]
         big = activation(os.urandom(8 << 20))
         a.send_frame(ba, big)
         a.send_frame(ba, gossip(b"last"))
         conn.retire()  # e.g. it lost a simultaneous-connect tie: a opened it, a closes it
         assert conn.queued_bytes() > 0 and not conn.transport.is_closing()
-        await inb.wait(lambda xs: len(xs) == 3, timeout=20)
-        assert inb.items[1][2] == big and inb.items[2][2] == gossip(b"last")
+        await inb.wait(lambda xs: len(xs) == 2, timeout=20)
+        assert inb.items[0][2] == big and inb.items[1][2] == gossip(b"last")
         await asyncio.wait_for(conn.closed, 10)
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def _raw_conn(addr) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
