@@ -205,14 +205,8 @@ def floor_bound_server(kind: str, host: str) -> None:
     print(s.getsockname()[1], flush=True)
     if kind == "sealed":
         stop: list[bool] = []
-
-        def on_message(addr, msg):
-            if getattr(msg, "request_id", "") == "stop":
-                stop.append(True)
-            else:
-                ch.send(addr, msg)
-
-        ch = BareChannel(s, True, on_message)
+        ch = BareChannel(s, True, None)
+        ch.on_message = ch.echo_until(lambda: stop.append(True))
         while not stop:
             ch.readable()
         return
@@ -531,6 +525,16 @@ class BareChannel:
         self.buf = bytearray(65536)
         self.view = memoryview(self.buf)
 
+    def echo_until(self, stop):
+        """An ``on_message`` for echo servers: send each message back, until the client's
+        ``Cancel("stop")``, which calls ``stop()``."""
+        def on_message(addr, msg):
+            if getattr(msg, "request_id", "") == "stop":
+                stop()
+            else:
+                self.send(addr, msg)
+        return on_message
+
     def send(self, addr: tuple[str, int], msg) -> None:
         head, body = self.wire.encode(msg)
         data = b"".join((head, body))
@@ -563,14 +567,8 @@ def _bare(host: str, sealed: bool, on_message) -> BareChannel:
 
 async def bare_server(sealed: bool, host: str) -> None:
     done = asyncio.get_running_loop().create_future()
-
-    def on_message(addr, msg):
-        if getattr(msg, "request_id", "") == "stop":
-            done.set_result(None)
-        else:
-            ch.send(addr, msg)
-
-    ch = _bare(host, sealed, on_message)
+    ch = _bare(host, sealed, None)
+    ch.on_message = ch.echo_until(lambda: done.set_result(None))
     print(ch.sock.getsockname()[1], flush=True)
     await done
 
