@@ -181,11 +181,16 @@ def _floor_aead():
     return AESOCB3(KEY[:16]), bytearray(65536), bytearray(65536)
 
 
+def _aead_open(aead, plain: bytearray, data: memoryview) -> memoryview:
+    """Open ``nonce | ciphertext | tag`` into ``plain``; the plaintext's view."""
+    mv = memoryview(plain)[:len(data) - AEAD_NONCE - 16]
+    aead.decrypt_into(bytes(data[:AEAD_NONCE]), data[AEAD_NONCE:], None, mv)
+    return mv
+
+
 def _aead_reply(aead, plain: bytearray, out: bytearray, data: memoryview, nonce: bytes) -> memoryview:
     """Open ``nonce | ciphertext`` into ``plain`` and seal that again under ``nonce`` into ``out``."""
-    m = len(data) - AEAD_NONCE - 16
-    aead.decrypt_into(bytes(data[:AEAD_NONCE]), data[AEAD_NONCE:], None, memoryview(plain)[:m])
-    return _aead_seal(aead, memoryview(plain)[:m], out, nonce)
+    return _aead_seal(aead, _aead_open(aead, plain, data), out, nonce)
 
 
 def _aead_seal(aead, data, out: bytearray, nonce: bytes) -> memoryview:
@@ -242,9 +247,7 @@ def floor_bound_client(kind: str, host: str, port: int, quick: bool, case: str, 
             else:
                 pn += 1
                 s.sendto(_aead_seal(aead, data, out, pn.to_bytes(AEAD_NONCE, "little")), server)
-                k = s.recv_into(buf)
-                v = memoryview(buf)[:k]
-                aead.decrypt_into(bytes(v[:AEAD_NONCE]), v[AEAD_NONCE:], None, memoryview(plain)[:k - AEAD_NONCE - 16])
+                _aead_open(aead, plain, memoryview(buf)[:s.recv_into(buf)])
             ts.append(time.perf_counter() - t0)
         report(case, size, ts[w:], 0)
     if kind == "sealed":
@@ -424,9 +427,7 @@ async def asyncio_client(kind: str, host: str, port: int, quick: bool, case: str
         class DgramClient(asyncio.DatagramProtocol):
             def datagram_received(self, data, addr):
                 if aead is not None:
-                    mv = memoryview(data)
-                    aead[0].decrypt_into(bytes(mv[:AEAD_NONCE]), mv[AEAD_NONCE:], None,
-                                         memoryview(aead[1])[:len(mv) - AEAD_NONCE - 16])
+                    _aead_open(aead[0], aead[1], memoryview(data))
                 if waiter and not waiter[0].done():
                     waiter[0].set_result(data)
 
@@ -1424,12 +1425,11 @@ def print_prefill(rows: list[dict]) -> None:
           "TCP: both share the one connection, and a decode step waits behind the prefill's records.\n")
     print("| channel | idle link | under prefill (x idle) | prefills during the run |")
     print("|---|---|---|---|")
+    def cell(r: dict | None) -> str:
+        return "—" if r is None else f"error: {r['error']}" if "error" in r else f"{r['p50']:.0f} / {r['p99']:.0f}"
+
     for label, idle, loaded in (("UDP (default)", "ours", "prefill-ours"), ("TCP", "ours-tcp", "prefill-ours-tcp")):
         a, b = by.get((idle, mid)), by.get((loaded, mid))
-
-        def cell(r: dict | None) -> str:
-            return "—" if r is None else f"error: {r['error']}" if "error" in r else f"{r['p50']:.0f} / {r['p99']:.0f}"
-
         x = f" ({b['p50'] / a['p50']:.1f}x)" if a and b and "error" not in a and "error" not in b else ""
         print(f"| {label} | {cell(a)} | {cell(b)}{x} | {b.get('prefills', '—') if b else '—'} |")
 
