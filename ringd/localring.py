@@ -29,13 +29,21 @@ from ringd.errors import RingdError
 #: machine may be given it ("address already in use", seen in the suite); below the range
 #: only another explicit bind can take it.
 LOCAL_PORTS = range(20000, 32768)
+#: Ports this process has handed out: a port is free when checked, not when its daemon
+#: binds it, so two calls (two nodes of a ring) must not return the same one.
+_handed: set[int] = set()
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port free for both TCP and UDP on 127.0.0.1 right now, outside the ephemeral range."""
+    """A port free for both TCP and UDP on 127.0.0.1 right now, outside the ephemeral range,
+    and not handed out before by this process (until half the range has been)."""
     rng = random.Random()
+    if len(_handed) > len(LOCAL_PORTS) // 2:
+        _handed.clear()
     for _ in range(200):
         port = rng.choice(LOCAL_PORTS)
+        if port in _handed:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t, \
                 socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
             try:
@@ -43,6 +51,7 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
                 u.bind(("127.0.0.1", port))
             except OSError:
                 continue
+        _handed.add(port)
         return port
     raise RingdError("could not find a free port on 127.0.0.1")
 
