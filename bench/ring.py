@@ -488,7 +488,7 @@ def main() -> None:
     from ringd.compute.store import ensure_default_model
     from ringd.compute.tokenizer import Tokenizer
     from ringd.config import Settings, format_size
-    from ringd.daemon import model_shape
+    from ringd.core.plan import model_shape
     from ringd.demo import demo_budgets
 
     settings = Settings()

@@ -162,7 +162,7 @@ def main() -> None:
     from ringd.compute.store import ensure_default_model
     from ringd.config import Settings, format_size
     from ringd.core.agreement import AgreementConfig
-    from ringd.daemon import model_shape
+    from ringd.core.plan import model_shape
     from ringd.demo import DEMO_CONCURRENCY, DEMO_CONTEXT, demo_budgets
 
     settings = Settings()

@@ -611,9 +611,10 @@ def _error(e: BaseException) -> str:
 
 
 def _activation(size: int, i: int = 0):
-    from ringd.core.wire import Activation, Sampling, Tensor
+    from ringd.core.requests import SamplingParams
+    from ringd.core.wire import Activation, Tensor
 
-    return Activation("bench-request", i, i, 1, 0, 10, "client", Sampling(), True,
+    return Activation("bench-request", i, i, 1, 0, 10, "client", SamplingParams(), True,
                       Tensor("float16", (1, size // 2), activation_bytes(size)))
 
 

@@ -1,4 +1,4 @@
-from ringd.daemon import main
+from ringd.daemon_cli import main
 
 if __name__ == "__main__":
     main()

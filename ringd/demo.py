@@ -27,7 +27,7 @@ def run_demo(settings: Settings, prompt: str, *, nodes: int, max_tokens: int,
     from ringd.compute.model_info import inspect_model
     from ringd.compute.store import ensure_default_model, resolve_model
     from ringd.config import DEFAULT_MODEL
-    from ringd.daemon import model_shape
+    from ringd.core.plan import model_shape
 
     store = settings.model_store
     if settings.model == DEFAULT_MODEL:

@@ -1,7 +1,7 @@
 """``ringctl status`` and ``ringctl prompt`` against a real ApiServer on loopback.
 
 Status rendering uses a backend whose only job is to return a given status dict; every
-generation goes through the real LocalBackend on the tiny model.
+generation goes through the real SoloBackend (a one-stage ring) on the tiny model.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from click.testing import CliRunner, Result
 
 from ringd.cli_ring import layer_bar, prompt, status
 from ringd.compute.engine import generate_local
-from ringd.compute.local_backend import LocalBackend, mlx_executor
+from ringd.compute.mlx_thread import mlx_executor
+from ringd.solo import SoloBackend
 from ringd.compute.tokenizer import Tokenizer
 from ringd.config import Settings
 from ringd.core.requests import SamplingParams
@@ -257,7 +258,7 @@ def reference(tiny_model_dir: Path) -> dict[str, Any]:
 
 @pytest.fixture
 async def daemon(tiny_model_dir: Path, tmp_path: Path):
-    backend = LocalBackend(
+    backend = SoloBackend(
         tiny_model_dir,
         Settings(
             state_dir=tmp_path / "s", model_store=tmp_path / "m", max_concurrent=1, node_name="test"
@@ -384,7 +385,7 @@ async def test_ctrl_c_cancels_the_request(daemon) -> None:
     err = (await proc.stderr.read()).decode()
     assert rc == 130 and "cancelled" in err and "Traceback" not in err
     await asyncio.wait_for(backend.wait_idle(), 30)
-    assert backend.status()["stats"]["requests_cancelled"] == 1
+    assert backend.status()["stats"]["runner"]["requests_cancelled"] == 1
 
 
 async def test_ringctl_main_has_status_and_prompt_and_reads_the_port_from_config(tmp_path) -> None:

@@ -1,51 +1,157 @@
-"""RingRunner's reaction to frames the transport's epoch filter dropped."""
+"""The request path's adapter: effects carried out on the event loop, with a stand-in for the
+MLX thread's shard and real pipeline decisions."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 from types import SimpleNamespace
+
+import pytest
 
 from ringd.config import Settings
 from ringd.core import wire
-from ringd.core.pipeline import Route, Stage, prefill_chunk_tokens
-from ringd.runner import STALE_TOLD, RingRunner
+from ringd.core.pipeline import Compute, Filled, Hidden, Pipeline, PipelineConfig, Sampled
+from ringd.core.requests import GenerationRequest, SamplingParams
+from ringd.core.route import Route, Stage, prefill_chunk_tokens
+from ringd.errors import RequestError
+from ringd.runner import Runner, pipeline_config
 
 
-def _activation(rid: str, epoch: int, step: int = 0) -> wire.Activation:
-    return wire.Activation(rid, step, step, epoch, 0, 0, "entry-node", wire.Sampling(), True,
-                           wire.Tensor("int32", (1,), bytes(4)))
+class Words:
+    """A tokenizer whose token i is the word w<i>."""
+
+    def encode(self, text: str) -> list[int]:
+        return [int(w[1:]) for w in text.split()]
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.encode(" ".join(m["content"] for m in messages))
+
+    def new_decoder(self):
+        return SimpleNamespace(add=lambda t: f" w{t}", flush=lambda: "")
 
 
-def test_a_stale_activation_is_answered_once_per_request_to_its_entry() -> None:
+class Shard:
+    """Stands in for StageCompute: records jobs and frees; the next token is 1 + the last."""
+
+    def __init__(self, layers: tuple[int, int], last: bool, fail_on: int | None = None) -> None:
+        self.layers = layers
+        self.last = last
+        self.fail_on = fail_on
+        self.jobs: list[Compute] = []
+        self.freed: list[str] = []
+
+    def step(self, job: Compute):
+        self.jobs.append(job)
+        if job.step == self.fail_on:
+            raise RuntimeError("the GPU fell over")
+        if not self.last:
+            return Hidden(wire.Tensor("float16", (1, 1, 2), bytes(4)))
+        if not job.final:
+            return Filled()
+        return Sampled(100 + job.step)
+
+    def free(self, rid: str) -> None:
+        self.freed.append(rid)
+
+
+@pytest.fixture
+def executor():
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        yield ex
+
+
+def solo(executor, shard: Shard, *, cfg: PipelineConfig = PipelineConfig(), sent=None,
+         on_send=None) -> Runner:
+    def send(node: str, msg: wire.Message) -> None:
+        if sent is not None:
+            sent.append((node, msg))
+        if on_send is not None:
+            on_send(msg)
+
+    pipeline = Pipeline("n1", (0,), cfg)
+    return Runner(pipeline, tokenizer=Words(), model_name="m", executor=executor,  # type: ignore
+                  send=send, not_ready_reason=lambda: "node n2 is loading layers 3-5")
+
+
+async def test_a_one_stage_ring_streams_text_and_frees_the_cache(executor) -> None:
+    shard = Shard((0, 6), last=True)
+    runner = solo(executor, shard)
+    runner.serve(Route(1, (Stage("n1", 0, 6),), 6), shard, {})  # type: ignore[arg-type]
+    events = [ev async for ev in runner.generate(GenerationRequest(
+        prompt="w5 w6 w7", params=SamplingParams(max_tokens=3)))]
+    assert "".join(e.text for e in events[:-1]) == " w100 w101 w102"
+    finish = events[-1]
+    assert (finish.reason, finish.prompt_tokens, finish.completion_tokens) == ("length", 3, 3)
+    await runner.idle.wait()
+    await asyncio.get_running_loop().run_in_executor(executor, lambda: None)
+    assert len(shard.freed) == 1 and runner.pipeline.active_stages == 0
+    assert [j.step for j in shard.jobs] == [0, 1, 2] and shard.jobs[0].new
+    assert runner.status()["requests_served"] == 1
+
+
+async def test_the_client_going_away_cancels_on_every_node(executor) -> None:
     sent: list[tuple[str, wire.Message]] = []
-    runner = RingRunner(Settings(), "n1", None, "m", (), lambda node, msg: sent.append((node, msg)))  # type: ignore[arg-type]
-    for step in range(3):  # one request's steps keep coming: one answer
-        runner.on_stale(_activation("req-1", epoch=4, step=step), "n0", 5)
-    runner.on_stale(wire.Token("req-2", 0, 4, 7, 0, 4), "n0", 5)  # a token has no one to tell
-    runner.on_stale(_activation("req-3", epoch=6), "n2", 5)
-    assert [(node, type(m), m.request_id, m.code) for node, m in sent] == [
-        ("entry-node", wire.Error, "req-1", "coverage"), ("entry-node", wire.Error, "req-3", "coverage")]
-    assert "node n0 sent an activation of plan epoch 4 to node n1, which serves epoch 5" in sent[0][1].message
-    assert "plan epoch 6" in sent[1][1].message
-    for i in range(STALE_TOLD):  # the memory of answered requests is bounded
-        runner.on_stale(_activation(f"flood-{i}", epoch=4), "n0", 5)
-    assert len(runner._stale_told) == STALE_TOLD
-    runner.on_stale(_activation("req-1", epoch=4, step=9), "n0", 5)  # forgotten: answered again
-    assert sent[-1][1].request_id == "req-1"
+    forwarded = asyncio.Event()
+    shard = Shard((0, 3), last=False)
+    runner = solo(executor, shard, sent=sent,
+                  on_send=lambda m: forwarded.set() if isinstance(m, wire.Activation) else None)
+    route = Route(1, (Stage("n1", 0, 3), Stage("n2", 3, 6)), 6)
+    runner.serve(route, shard, {})  # type: ignore[arg-type]
+    gen = runner.generate(GenerationRequest(prompt="w1 w2", params=SamplingParams(max_tokens=9)))
+    first = asyncio.ensure_future(anext(gen))
+    await asyncio.wait_for(forwarded.wait(), 10)  # the prefill computed here went on to n2
+    rid = sent[0][1].request_id
+    runner.receive(wire.Token(rid, 0, 1, 100, 0, 6), "n2")
+    assert (await first).text == " w100"
+    await gen.aclose()  # the client went away
+    cancels = [(n, m.reason) for n, m in sent if isinstance(m, wire.Cancel)]
+    assert cancels == [("n2", "cancelled")]
+    await asyncio.get_running_loop().run_in_executor(executor, lambda: None)
+    assert shard.freed == [rid] and runner.status()["requests_cancelled"] == 1
+
+
+async def test_a_compute_failure_ends_the_request_with_its_reason(executor) -> None:
+    shard = Shard((0, 6), last=True, fail_on=1)
+    runner = solo(executor, shard)
+    runner.serve(Route(1, (Stage("n1", 0, 6),), 6), shard, {})  # type: ignore[arg-type]
+    with pytest.raises(RequestError) as e:
+        async for _ in runner.generate(GenerationRequest(prompt="w1", params=SamplingParams())):
+            pass
+    assert e.value.code == "internal" and "the GPU fell over" in e.value.message
+    assert runner.status()["requests_failed"] == 1
+
+
+async def test_not_ready_says_what_the_ring_waits_for(executor) -> None:
+    runner = solo(executor, Shard((0, 6), last=True))
+    with pytest.raises(RequestError) as e:
+        await anext(runner.generate(GenerationRequest(prompt="w1")))
+    assert e.value.code == "not_ready"
+    assert e.value.message == "the ring is not ready: node n2 is loading layers 3-5"
+
+
+async def test_the_timer_times_a_silent_request_out(executor) -> None:
+    runner = solo(executor, Shard((0, 3), last=False), cfg=PipelineConfig(request_timeout=0.2),
+                  sent=[])
+    route = Route(1, (Stage("n1", 0, 3), Stage("n2", 3, 6)), 6)
+    runner.serve(route, Shard((0, 3), last=False), {})  # type: ignore[arg-type]
+    with pytest.raises(RequestError) as e:
+        await asyncio.wait_for(anext(runner.generate(GenerationRequest(prompt="w1"))), 5)
+    assert e.value.code == "timeout"
 
 
 def test_prompts_go_in_chunks_whose_activations_fit_one_frame(caplog) -> None:
     """prefill_chunk = 4096 on a 405B-shaped model (hidden 16384, bfloat16) would make 128 MiB
-    activation frames, which every peer refuses: the runner lowers the chunk, and says so."""
-    sent: list[tuple[str, wire.Message]] = []
-    runner = RingRunner(Settings(prefill_chunk=4096), "n1", None, "m", (),  # type: ignore[arg-type]
-                        lambda node, msg: sent.append((node, msg)))
+    activation frames, which every peer refuses: the chunk is lowered, and a warning says so."""
     info = SimpleNamespace(hidden_size=16384, activation_dtype="bfloat16")
-    route = Route(3, (Stage("n1", 0, 10), Stage("n2", 10, 20)), 20)
-    runner.serve(route, SimpleNamespace(engine=SimpleNamespace(info=info), fault=None))  # type: ignore[arg-type]
+    cfg = pipeline_config(Settings(prefill_chunk=4096, max_context=8192), info)
     assert "prompts go in chunks of" in caplog.text
-    runner._send_prompt(route, "r", list(range(5000)), wire.Sampling())
-    sizes = [m.tensor.shape[0] for _, m in sent]
     fit = prefill_chunk_tokens(4096, 16384, 2, wire.TCP_MAX_FRAME)
+    assert cfg.prefill_chunk == fit and fit * 16384 * 2 < wire.TCP_MAX_FRAME < 4096 * 16384 * 2
+    p = Pipeline("e", (0,), cfg)
+    p.serve(Route(3, (Stage("n1", 0, 10), Stage("n2", 10, 20)), 20), None, {})
+    p.open("r", list(range(5000)), SamplingParams(), 0.0)
+    sent = [e.msg for e in p.effects()]
+    sizes = [m.tensor.shape[0] for m in sent]
     assert sizes == [fit] * (5000 // fit) + [5000 % fit] and sum(sizes) == 5000
-    assert fit * 16384 * 2 < wire.TCP_MAX_FRAME < 4096 * 16384 * 2
-    assert [m.final for _, m in sent] == [False] * (len(sent) - 1) + [True]
+    assert [m.final for m in sent] == [False] * (len(sent) - 1) + [True]

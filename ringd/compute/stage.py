@@ -1,22 +1,19 @@
 """This node's part of the ring's compute, called only from the single MLX thread.
 
-The ring runner (``ringd.runner``) decides *what* to compute from the pure pipeline
-core; this module does it with the shard engine: wire tensor in, wire tensor or sampled
-token out. Keeping MLX here keeps the runner free of MLX imports.
+The pure pipeline (:mod:`ringd.core.pipeline`) decides *what* to compute and emits a
+:class:`ringd.core.pipeline.Compute`; :meth:`StageCompute.step` does it with the shard
+engine and returns one typed :data:`ringd.core.pipeline.StepResult`. Keeping MLX here keeps
+the runner free of MLX imports.
 
-Test hook (the one place it is read): ``RINGD_TEST_FAULT="NAME:MODE[,NAME:MODE...]"`` makes
-the node named NAME a broken node, so tests can show the ring refuses to serve wrong output
-(issue 6). Modes (:class:`Fault`): ``skip-layers`` runs none of its layers and says so (the
-next node's coverage check fails); ``identity-layers`` runs none but claims it ran them
-(only ``ringctl verify`` can tell); ``stale-epoch`` routes with the previous plan epoch;
-``gap`` loads one layer fewer than assigned (the load check refuses).
+A broken node for tests (issue 6) is a :class:`ringd.faults.Fault` the composition root
+passes in: ``skip-layers`` runs none of its layers and says so (the next node's coverage
+check fails); ``identity-layers`` runs none but claims it ran them (only ``ringctl verify``
+can tell); ``gap`` loads one layer fewer than assigned (the load check refuses).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -24,38 +21,10 @@ import mlx.core as mx
 
 from ringd.compute.engine import Sampler, ShardEngine
 from ringd.compute.tensors import from_wire, to_wire
-from ringd.core.requests import SamplingParams
-from ringd.core.wire import Tensor
-from ringd.errors import UsageError
+from ringd.core.pipeline import Compute, Filled, Hidden, Sampled, StepResult
+from ringd.faults import Fault
 
 log = logging.getLogger(__name__)
-
-FAULT_ENV = "RINGD_TEST_FAULT"
-
-
-class Fault(Enum):
-    """How a node misbehaves under the ``RINGD_TEST_FAULT`` test hook."""
-
-    SKIP_LAYERS = "skip-layers"
-    IDENTITY_LAYERS = "identity-layers"
-    STALE_EPOCH = "stale-epoch"
-    GAP = "gap"
-
-
-def injected_fault(node_name: str) -> Fault | None:
-    """The fault ``RINGD_TEST_FAULT`` gives node ``node_name`` (None: it behaves)."""
-    for item in os.environ.get(FAULT_ENV, "").split(","):
-        name, _, mode = item.strip().partition(":")
-        if name and name == node_name:
-            try:
-                fault = Fault(mode)
-            except ValueError:
-                raise UsageError(f"{FAULT_ENV}: unknown mode {mode!r} for node {name}",
-                                 hint="modes: " + ", ".join(f.value for f in Fault)) from None
-            log.warning("%s: this node plays the %s fault (test hook)", FAULT_ENV, fault.value)
-            return fault
-    return None
-
 
 class StageCompute:
     """One shard plus the per-request samplers of the last shard."""
@@ -64,7 +33,6 @@ class StageCompute:
         self.engine = engine
         self.fault = fault
         self._samplers: dict[str, Sampler] = {}
-        self._sampled: dict[str, int] = {}
 
     @classmethod
     def load(cls, model_dir: Path, start: int, end: int,
@@ -114,27 +82,24 @@ class StageCompute:
     def loaded_bytes(self) -> int:
         return self.engine.loaded_bytes
 
-    def step(self, rid: str, tensor: Tensor, *, new: bool, final: bool, params: SamplingParams,
-             logits: bool = False) -> Tensor | int | tuple[int, Tensor] | None:
-        """Run this shard on ``tensor`` for request ``rid``.
-
-        Returns the hidden states to forward (not the last shard), the sampled token id
-        (last shard, ``final`` step; with ``logits``, ``(token id, float32 logits)``), or
-        None (last shard, a prefill chunk before the last).
-        """
-        eng = self.engine
-        if new:
+    def step(self, job: Compute) -> StepResult:
+        """Run this shard on ``job.tensor`` for request ``job.request_id``: hidden states to
+        forward (not the last shard), the sampled token (last shard, ``final`` step; with
+        ``want_logits``, its float32 logits too), or nothing to sample (last shard, a
+        prefill chunk before the prompt's last)."""
+        eng, rid = self.engine, job.request_id
+        if job.new:
             eng.new_request(rid)
             if eng.is_last:
-                self._samplers[rid] = Sampler(params)
+                self._samplers[rid] = Sampler(job.sampling)
         # a prefill chunk before the last needs no logits: the last shard skips its head
-        out = eng.forward(rid, from_wire(tensor), need_logits=final or not eng.is_last)
+        out = eng.forward(rid, from_wire(job.tensor), need_logits=job.final or not eng.is_last)
         if not eng.is_last:
-            return to_wire(out)
-        if not final:
-            return None
+            return Hidden(to_wire(out))
+        if not job.final:
+            return Filled()
         token = self._samplers[rid].sample(out)
-        return (token, to_wire(out)) if logits else token
+        return Sampled(token, to_wire(out) if job.sampling.want_logits else None)
 
     def free(self, rid: str) -> None:
         self.engine.free_request(rid)

@@ -186,6 +186,15 @@ class Plan:
         }
 
 
+def model_shape(info: Any, settings: Any) -> ModelShape:
+    """What the plan needs to know of a model (``info``: a
+    :class:`ringd.compute.model_info.ModelInfo`): bytes per layer, the ends, and the KV cache
+    per layer for ``settings.max_context`` tokens of ``settings.max_concurrent`` requests."""
+    kv = info.kv_bytes_per_token_per_layer * settings.max_context * settings.max_concurrent
+    return ModelShape(info.name, tuple(info.layer_bytes), info.embed_bytes,
+                      info.head_bytes + info.norm_bytes, kv)
+
+
 def render_bar(start: int, end: int, num_layers: int, width: int = 32) -> str:
     """``[###.......]``: ``#`` over the cells of layers ``[start, end)`` of ``num_layers``."""
     if width < 1 or num_layers < 1 or not 0 <= start <= end <= num_layers:

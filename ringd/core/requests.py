@@ -17,9 +17,19 @@ MAX_STOP_SEQUENCES = 8
 MAX_STOP_LENGTH = 256
 
 
-@dataclass(frozen=True)
+_NUM = (float, int)
+
+
+@dataclass(slots=True)
 class SamplingParams:
-    """How the last shard picks a token. ``temperature == 0`` means greedy."""
+    """How the last shard picks a token. ``temperature == 0`` means greedy.
+
+    The one sampling type: the API and ``ringctl`` build it, the entry sends it with every
+    activation (without ``stop``, which only the entry applies), the last stage samples with
+    it. Validates on construction; not frozen (a frozen dataclass costs ~6x to build and one
+    is decoded with every activation) but treated as immutable: change it with
+    :func:`dataclasses.replace`.
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -27,29 +37,46 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
+    #: The last stage attaches its float32 logits to every token (``ringctl verify``).
+    want_logits: bool = False
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.temperature <= 10.0):
-            raise RequestError("bad_request", f"temperature must be between 0 and 10, got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise RequestError("bad_request", f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise RequestError("bad_request", f"top_k must be 0 (off) or positive, got {self.top_k}")
-        if self.seed is not None and not (0 <= self.seed < 2**63):
-            raise RequestError("bad_request", f"seed must be between 0 and 2**63-1, got {self.seed}")
-        if self.max_tokens < 1:
-            raise RequestError("bad_request", f"max_tokens must be at least 1, got {self.max_tokens}")
-        if len(self.stop) > MAX_STOP_SEQUENCES or any(
-            not s or len(s) > MAX_STOP_LENGTH for s in self.stop
-        ):
-            raise RequestError(
-                "bad_request",
-                f"stop: at most {MAX_STOP_SEQUENCES} non-empty sequences of at most {MAX_STOP_LENGTH} characters",
-            )
+        t, p, k, seed, m = self.temperature, self.top_p, self.top_k, self.seed, self.max_tokens
+        if (type(t) in _NUM and 0.0 <= t <= 10.0 and type(p) in _NUM and 0.0 < p <= 1.0
+                and type(k) is int and 0 <= k <= _I31 and type(m) is int and 1 <= m <= _I31
+                and (seed is None or (type(seed) is int and 0 <= seed <= _U63))
+                and type(self.want_logits) is bool and type(self.stop) is tuple
+                and (not self.stop or _stops_ok(self.stop))):
+            return
+        if not (type(t) in _NUM and 0.0 <= t <= 10.0):
+            raise RequestError("bad_request", f"temperature must be between 0 and 10, got {t!r}")
+        if not (type(p) in _NUM and 0.0 < p <= 1.0):
+            raise RequestError("bad_request", f"top_p must be in (0, 1], got {p!r}")
+        if not (type(k) is int and 0 <= k <= _I31):
+            raise RequestError("bad_request", f"top_k must be 0 (off) or positive, got {k!r}")
+        if not (seed is None or (type(seed) is int and 0 <= seed <= _U63)):
+            raise RequestError("bad_request", f"seed must be between 0 and 2**63-1, got {seed!r}")
+        if not (type(m) is int and 1 <= m <= _I31):
+            raise RequestError("bad_request", f"max_tokens must be at least 1, got {m!r}")
+        if type(self.want_logits) is not bool:
+            raise RequestError("bad_request", "want_logits must be true or false")
+        raise RequestError(
+            "bad_request",
+            f"stop: at most {MAX_STOP_SEQUENCES} non-empty sequences of at most "
+            f"{MAX_STOP_LENGTH} characters")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+_I31 = (1 << 31) - 1
+_U63 = (1 << 63) - 1
+
+
+def _stops_ok(stops: tuple[str, ...]) -> bool:
+    return len(stops) <= MAX_STOP_SEQUENCES and all(
+        type(s) is str and 0 < len(s) <= MAX_STOP_LENGTH for s in stops)
 
 
 @dataclass(frozen=True)

@@ -181,46 +181,6 @@ def tensor_problem(dtype: Any, shape: Any, nbytes: int) -> str | None:
 
 
 @dataclass(slots=True)
-class Sampling:
-    """:class:`ringd.core.requests.SamplingParams` as the last shard needs it (no stop strings)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    max_tokens: int = 256
-    #: The last shard attaches its float32 logits to every Token (``ringctl verify``).
-    want_logits: bool = False
-
-    def __post_init__(self) -> None:
-        t, p, k, seed, m = self.temperature, self.top_p, self.top_k, self.seed, self.max_tokens
-        if (type(t) in _NUM and 0.0 <= t <= 10.0 and type(p) in _NUM and 0.0 < p <= 1.0
-                and type(k) is int and 0 <= k <= I31 and type(m) is int and 1 <= m <= I31
-                and (seed is None or (type(seed) is int and 0 <= seed <= U63))
-                and type(self.want_logits) is bool):
-            return
-        _check(self, _SAMPLING_CHECKS)
-        try:
-            self.to_params()
-        except RequestError as e:
-            raise LocalProtocolError(f"Sampling: {e.message}") from None
-        raise LocalProtocolError(f"Sampling: bad values {self!r}")
-
-    @classmethod
-    def from_params(cls, p: SamplingParams) -> "Sampling":
-        return cls(p.temperature, p.top_p, p.top_k, p.seed, p.max_tokens)
-
-    def to_params(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed, self.max_tokens)
-
-
-_NUM = (float, int)
-_SAMPLING_CHECKS = (("temperature", _num(0.0, 10.0)), ("top_p", _num(0.0, 1.0)), ("top_k", _i31),
-                    ("seed", lambda v: v is None or _u63(v)), ("max_tokens", _int(1, I31)),
-                    ("want_logits", lambda v: type(v) is bool))
-
-
-@dataclass(slots=True)
 class Handshake:
     """First frame on every TCP connection, both ways. ``port``: the sender's peer port."""
 
@@ -259,7 +219,7 @@ class Activation:
     layer_lo: int
     layer_hi: int
     entry: str
-    sampling: Sampling
+    sampling: SamplingParams  # without stop strings: only the entry applies them
     final: bool
     tensor: Tensor
 
@@ -271,7 +231,7 @@ class Activation:
                 and type(self.epoch) is int and 0 <= self.epoch <= U63
                 and type(self.layer_lo) is int and 0 <= self.layer_lo <= I31
                 and type(self.layer_hi) is int and 0 <= self.layer_hi <= I31
-                and type(self.sampling) is Sampling and type(self.final) is bool
+                and type(self.sampling) is SamplingParams and type(self.final) is bool
                 and type(self.tensor) is Tensor):
             _check(self, _ACTIVATION_CHECKS)
 
@@ -279,7 +239,7 @@ class Activation:
 _ACTIVATION_CHECKS = (
     ("request_id", _rid), ("step", _u63), ("position", _u63), ("epoch", _u63),
     ("layer_lo", _i31), ("layer_hi", _i31), ("entry", _str(MAX_NODE_ID)),
-    ("sampling", lambda v: type(v) is Sampling), ("final", lambda v: type(v) is bool),
+    ("sampling", lambda v: type(v) is SamplingParams), ("final", lambda v: type(v) is bool),
     ("tensor", lambda v: type(v) is Tensor))
 
 
@@ -288,7 +248,7 @@ class Token:
     """A sampled token. ``finish_reason`` (``stop``/``length``) is set on the last one.
 
     ``logits``: the float32 logits ``[vocab]`` the token was sampled from, only when the
-    request asked for them (``Sampling.want_logits``); they travel as the message body.
+    request asked for them (``SamplingParams.want_logits``); they travel as the message body.
     """
 
     request_id: str
@@ -425,7 +385,9 @@ def decode(data: Buffer, *, epoch: int | None = None) -> Message:
                 raise LocalProtocolError("Activation needs 11 fields")
             if epoch is not None and meta[3] != epoch:
                 raise Dropped("stale_epoch", f"epoch {meta[3]!r}, current {epoch}")
-            return Activation(*meta[:7], Sampling(*meta[7]), meta[8], Tensor(meta[9], meta[10], body))
+            t, p, k, seed, m, logits = meta[7]
+            sampling = SamplingParams(t, p, k, seed, m, (), logits)
+            return Activation(*meta[:7], sampling, meta[8], Tensor(meta[9], meta[10], body))
         if cls is Gossip:
             if meta or len(body) > MAX_GOSSIP:
                 raise LocalProtocolError("Gossip carries only its payload")
@@ -440,7 +402,7 @@ def decode(data: Buffer, *, epoch: int | None = None) -> Message:
         if len(meta) != len(_FIELDS[cls]) or len(body):
             raise LocalProtocolError(f"{cls.__name__} needs {len(_FIELDS[cls])} fields and no body")
         return cls(*meta)
-    except LocalProtocolError as e:
+    except (LocalProtocolError, RequestError) as e:
         raise Dropped("malformed", e.message) from None
 
 

@@ -11,13 +11,21 @@ import pytest
 from ringd.compute.bandwidth import apple_chip_bandwidth, measure_bandwidth
 from ringd.compute.model_info import inspect_model
 from ringd.compute.reference import compare, plan_blocks, reference_logits
-from ringd.compute.stage import FAULT_ENV, Fault, StageCompute, injected_fault
+from ringd.compute.stage import StageCompute
 from ringd.compute.tensors import from_wire
+from ringd.core import wire
+from ringd.core.pipeline import Compute, Hidden, Sampled, tokens_tensor
 from ringd.core.requests import SamplingParams
 from ringd.errors import UsageError
-from ringd.runner import tokens_tensor
+from ringd.faults import FAULT_ENV, STALL_ENV, Fault, Faults
 
 PROMPT = [5, 17, 42, 99, 100, 3, 250, 7]
+
+
+def job(rid: str, tensor: wire.Tensor, *, new: bool, logits: bool = False) -> Compute:
+    """One final step (a whole prompt, or a decode step) for a stage."""
+    return Compute(rid, 0, 0, 1, "entry", 0, tensor, new, True,
+                   SamplingParams(want_logits=logits))
 
 
 def ring_steps(model_dir: Path, cuts: list[int], steps: int) -> tuple[list[int], np.ndarray]:
@@ -26,12 +34,15 @@ def ring_steps(model_dir: Path, cuts: list[int], steps: int) -> tuple[list[int],
     x, tokens, logits = tokens_tensor(PROMPT), [], []
     for k in range(steps):
         out = x
-        for st in stages:
-            out = st.step("r", out, new=k == 0, final=True, params=SamplingParams(), logits=True)
-        token, lg = out
-        tokens.append(token)
-        logits.append(np.array(from_wire(lg)))
-        x = tokens_tensor([token])
+        for st in stages[:-1]:
+            result = st.step(job("r", out, new=k == 0))
+            assert isinstance(result, Hidden)
+            out = result.tensor
+        sampled = stages[-1].step(job("r", out, new=k == 0, logits=True))
+        assert isinstance(sampled, Sampled) and sampled.logits is not None
+        tokens.append(sampled.token_id)
+        logits.append(np.array(from_wire(sampled.logits)))
+        x = tokens_tensor([sampled.token_id])
     return tokens, np.stack(logits)
 
 
@@ -83,30 +94,28 @@ def test_compare_locates_the_first_divergent_step() -> None:
         compare(ref[:, :10], ref, [0] * 5)
 
 
-def test_fault_hook_is_read_per_node_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(FAULT_ENV, "node2:skip-layers, node3:gap")
-    assert injected_fault("node2") is Fault.SKIP_LAYERS and injected_fault("node3") is Fault.GAP
-    assert injected_fault("node1") is None
-    monkeypatch.setenv(FAULT_ENV, "node1:explode")
+def test_faults_are_read_per_node_name() -> None:
+    env = {FAULT_ENV: "node2:skip-layers, node3:gap", STALL_ENV: "0.5"}
+    assert Faults.from_env(env, "node2") == Faults(Fault.SKIP_LAYERS, 0.5)
+    assert Faults.from_env(env, "node3").fault is Fault.GAP
+    assert Faults.from_env(env, "node1").fault is None
     with pytest.raises(UsageError, match="unknown mode 'explode'"):
-        injected_fault("node1")
-    monkeypatch.delenv(FAULT_ENV)
-    assert injected_fault("node2") is None
+        Faults.from_env({FAULT_ENV: "node1:explode"}, "node1")
+    with pytest.raises(UsageError, match="not a number of seconds"):
+        Faults.from_env({STALL_ENV: "soon"}, "node1")
+    assert Faults.from_env({}, "node2") == Faults()
 
 
 def test_faulty_stages(tiny_quantized_model_dir: Path) -> None:
     md = tiny_quantized_model_dir
-    hidden = StageCompute.load(md, 0, 2).step("a", tokens_tensor(PROMPT), new=True, final=True,
-                                              params=SamplingParams())
+    hidden = StageCompute.load(md, 0, 2).step(job("a", tokens_tensor(PROMPT), new=True))
     # skip-layers: passes its input on and says it ran nothing; identity-layers claims it did
     for fault, claimed in ((Fault.SKIP_LAYERS, (2, 2)), (Fault.IDENTITY_LAYERS, (2, 4))):
         st = StageCompute.load(md, 2, 4, fault)
         assert st.layers == claimed and len(st.tensor_names) > 0
-        out = st.step("a", hidden, new=True, final=True, params=SamplingParams())
-        assert out == hidden
-    honest = StageCompute.load(md, 2, 4).step("a", hidden, new=True, final=True,
-                                              params=SamplingParams())
-    assert honest != hidden
+        assert st.step(job("a", hidden.tensor, new=True)) == hidden
+    honest = StageCompute.load(md, 2, 4).step(job("a", hidden.tensor, new=True))
+    assert isinstance(honest, Hidden) and honest != hidden
     gap = StageCompute.load(md, 2, 4, Fault.GAP)  # one layer fewer than assigned
     assert gap.layers == (2, 3)
     assert not any(n.startswith("model.layers.3.") for n in gap.tensor_names)

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ringd.compute.tensors import from_wire, to_wire
-from ringd.core.wire import Activation, Sampling, Tensor, decode, encode_bytes
+from ringd.core.requests import SamplingParams
+from ringd.core.wire import Activation, Tensor, decode, encode_bytes
 from ringd.errors import LocalProtocolError
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16, mx.int32, mx.uint32]
@@ -26,7 +27,7 @@ def test_round_trip_every_dtype_and_shape(dtype, shape, seed) -> None:
         arr = mx.array(bits).view(dtype)
     t = to_wire(arr)
     assert t.shape == tuple(shape) and t.nbytes == arr.nbytes
-    msg = decode(encode_bytes(Activation("r", 0, 0, 0, 0, 1, "n", Sampling(), True, t)))
+    msg = decode(encode_bytes(Activation("r", 0, 0, 0, 0, 1, "n", SamplingParams(), True, t)))
     back = from_wire(msg.tensor)
     assert back.dtype == dtype and back.shape == arr.shape
     same_bits = mx.uint16 if dtype in (mx.float16, mx.bfloat16) else mx.uint32

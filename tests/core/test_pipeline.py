@@ -1,130 +1,457 @@
-import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+"""The request path's state machine, driven like tests/core/test_reliable.py drives Endpoint:
+scripted messages, a fake clock, and assertions on the effects it emits."""
 
-from ringd.core.pipeline import (FRAME_HEADROOM, RequestTable, Route, Stage, StopMatcher, check_activation,
-                                 check_complete, chunks, prefill_chunk_tokens)
+from __future__ import annotations
+
+import struct
+from collections import deque
+
+import pytest
+
+from ringd.core import wire
+from ringd.core.pipeline import (Compute, Deliver, EntryState, Filled, Free, Hidden, Pipeline,
+                                 PipelineConfig, Sampled, Send, tokens_tensor)
+from ringd.core.requests import SamplingParams
+from ringd.core.route import Route, Stage
 from ringd.errors import LocalProtocolError, RequestError
 
-ROUTE = Route(epoch=7, stages=(Stage("a", 0, 10), Stage("b", 10, 20), Stage("c", 20, 30)), num_layers=30)
+EOS = 0
+HIDDEN = 4
+ROUTE = Route(5, (Stage("a", 0, 2), Stage("b", 2, 4), Stage("c", 4, 6)), 6)
+CFG = PipelineConfig(max_concurrent=2, max_context=64, prefill_chunk=4, request_timeout=10.0,
+                     max_early=3)
 
 
-def test_route_rejects_gaps_and_short_coverage():
+def hidden(n: int) -> wire.Tensor:
+    return wire.Tensor("float16", (1, n, HIDDEN), bytes(2 * n * HIDDEN))
+
+
+def ids_of(t: wire.Tensor) -> list[int]:
+    return list(struct.unpack(f"<{t.shape[0]}i", bytes(t.data)))
+
+
+def pipeline(node: str, route: Route | None = ROUTE, cfg: PipelineConfig = CFG) -> Pipeline:
+    p = Pipeline(node, (EOS,), cfg)
+    if route is not None:
+        st = route.stage_of(node)
+        p.serve(route, (st.start, st.end) if st else None, {})
+    return p
+
+
+def act(rid: str = "r", position: int = 0, n: int = 1, *, epoch: int = 5, lo: int = 0,
+        hi: int = 2, step: int = 0, final: bool = True, entry: str = "a") -> wire.Activation:
+    tensor = hidden(n) if hi > 0 else tokens_tensor(list(range(1, n + 1)))
+    return wire.Activation(rid, step, position, epoch, lo, hi, entry, SamplingParams(max_tokens=3),
+                           final, tensor)
+
+
+def of(effects: list, kind: type) -> list:
+    return [e for e in effects if isinstance(e, kind)]
+
+
+class Sim:
+    """Pipelines of every node of a route, an in-memory network, and a compute that makes a
+    token from the step (token = 10 + step, EOS at ``eos_at``)."""
+
+    def __init__(self, route: Route = ROUTE, eos_at: int | None = None) -> None:
+        self.route = route
+        self.nodes = {s.node_id: pipeline(s.node_id, route) for s in route.stages}
+        self.net: deque[tuple[str, str, wire.Message]] = deque()
+        self.jobs: deque[tuple[str, Compute]] = deque()
+        self.delivered: dict[str, list] = {}
+        self.freed: dict[str, list[str]] = {n: [] for n in self.nodes}
+        self.eos_at = eos_at
+        self.now = 0.0
+
+    def collect(self, node: str) -> None:
+        for e in self.nodes[node].effects():
+            if isinstance(e, Send):
+                assert e.node_id != node, "a node never sends to itself through the network"
+                self.net.append((node, e.node_id, e.msg))
+            elif isinstance(e, Compute):
+                self.jobs.append((node, e))
+            elif isinstance(e, Free):
+                self.freed[node].append(e.request_id)
+            elif isinstance(e, Deliver):
+                self.delivered.setdefault(e.request_id, []).append(e.item)
+
+    def result(self, node: str, job: Compute):
+        stage = self.route.stage_of(node)
+        if stage.end < self.route.num_layers:
+            n = job.tensor.shape[0] if stage.start == 0 else job.tensor.shape[1]
+            return Hidden(hidden(n))
+        if not job.final:
+            return Filled()
+        tok = EOS if self.eos_at == job.step else 10 + job.step
+        return Sampled(tok)
+
+    def run(self) -> None:
+        for node in self.nodes:
+            self.collect(node)
+        while self.net or self.jobs:
+            while self.net:
+                src, dst, msg = self.net.popleft()
+                self.nodes[dst].receive(msg, src, self.now)
+                self.collect(dst)
+            if self.jobs:
+                node, job = self.jobs.popleft()
+                self.nodes[node].computed(job, self.result(node, job), self.now)
+                self.collect(node)
+
+
+# ------------------------------------------------------------------------ whole requests
+def test_a_request_crosses_every_stage_and_streams_its_tokens_to_the_entry():
+    sim = Sim()
+    entry = sim.nodes["c"]
+    entry.open("r", list(range(1, 11)), SamplingParams(max_tokens=3), now=0.0)
+    sim.run()
+    tokens = sim.delivered["r"]
+    assert [t.token_id for t in tokens] == [10, 11, 12]
+    assert [t.finish_reason for t in tokens] == [None, None, "length"]
+    assert all((t.layer_lo, t.layer_hi, t.epoch) == (0, 6, 5) for t in tokens)
+    assert entry.entry("r").state is EntryState.FINISHED
+    assert all(p.active_stages == 1 for p in sim.nodes.values())
+    entry.close("r", 1.0, done=True)
+    sim.run()
+    assert sim.freed == {"a": ["r"], "b": ["r"], "c": ["r"]}
+    assert all(p.active_stages == 0 and p.active_entries == 0 for p in sim.nodes.values())
+    assert entry.counters["requests_served"] == 1 and entry.counters["tokens_delivered"] == 3
+
+
+def test_the_prompt_goes_in_chunks_and_only_the_last_is_sampled():
+    sim = Sim()
+    sim.nodes["a"].open("r", list(range(1, 11)), SamplingParams(max_tokens=1), now=0.0)
+    computed: list[tuple[str, int, bool, bool]] = []
+    for node in sim.nodes:
+        sim.collect(node)
+    while sim.net or sim.jobs:
+        while sim.net:
+            src, dst, msg = sim.net.popleft()
+            sim.nodes[dst].receive(msg, src, 0.0)
+            sim.collect(dst)
+        if sim.jobs:
+            node, job = sim.jobs.popleft()
+            computed.append((node, job.position, job.new, job.final))
+            sim.nodes[node].computed(job, sim.result(node, job), 0.0)
+            sim.collect(node)
+    first = [c for c in computed if c[0] == "a"]
+    assert first == [("a", 0, True, False), ("a", 4, False, False), ("a", 8, False, True)]
+    assert [t.token_id for t in sim.delivered["r"]] == [10]
+    assert sim.delivered["r"][0].finish_reason == "length"
+
+
+def test_eos_ends_the_request_with_stop():
+    sim = Sim(eos_at=1)
+    sim.nodes["b"].open("r", [1, 2, 3], SamplingParams(max_tokens=10), now=0.0)
+    sim.run()
+    assert [(t.token_id, t.finish_reason) for t in sim.delivered["r"]] == [(10, None),
+                                                                          (EOS, "stop")]
+
+
+def test_a_one_stage_ring_runs_entirely_inside_one_pipeline():
+    route = Route(1, (Stage("solo", 0, 6),), 6)
+    sim = Sim(route)
+    p = sim.nodes["solo"]
+    p.open("r", [1, 2, 3, 4, 5], SamplingParams(max_tokens=4), now=0.0)
+    sim.run()
+    assert not sim.net
+    assert [t.token_id for t in sim.delivered["r"]] == [10, 11, 12, 13]
+    p.close("r", 0.0, done=True)
+    sim.run()
+    assert sim.freed["solo"] == ["r"]
+
+
+def test_the_limit_is_lowered_to_the_room_left_in_the_context():
+    sim = Sim()
+    cfg_room = CFG.max_context - 62
+    sim.nodes["a"].open("r", list(range(1, 63)), SamplingParams(max_tokens=50), now=0.0)
+    sim.run()
+    assert len(sim.delivered["r"]) == cfg_room == 2
+
+
+# ------------------------------------------------------------------------ admission
+def test_admission_refusals():
+    p = pipeline("a")
+    with pytest.raises(RequestError) as e:
+        p.open("r0", list(range(64)), SamplingParams(), 0.0)
+    assert e.value.code == "context_length" and "64 tokens" in e.value.message
+    with pytest.raises(RequestError) as e:
+        p.open("r0", [], SamplingParams(), 0.0)
+    assert e.value.code == "bad_request"
+    p.open("r1", [1], SamplingParams(), 0.0)
     with pytest.raises(LocalProtocolError):
-        Route(1, (Stage("a", 0, 10), Stage("b", 11, 30)), 30)
-    with pytest.raises(LocalProtocolError):
-        Route(1, (Stage("a", 0, 10),), 30)
-    with pytest.raises(LocalProtocolError):
-        Route(1, (), 0)
-
-
-def test_route_navigation():
-    assert ROUTE.next_stage("a") == Stage("b", 10, 20)
-    assert ROUTE.next_stage("c") is None
-    assert ROUTE.owner_of(19) == "b" and ROUTE.owner_of(30) is None
-    assert ROUTE.first.node_id == "a" and ROUTE.last.node_id == "c"
-
-
-def test_healthy_activation_is_accepted():
-    assert check_activation(ROUTE, "b", epoch=7, layer_lo=0, layer_hi=10, sender="a") == Stage("b", 10, 20)
-    assert check_activation(ROUTE, "a", epoch=7, layer_lo=0, layer_hi=0, sender="entry") == Stage("a", 0, 10)
-    check_complete(ROUTE, layer_lo=0, layer_hi=30, sender="c", self_id="c")
-
-
-def test_gap_names_the_skipped_node():
+        p.open("r1", [1], SamplingParams(), 0.0)
+    p.open("r2", [1], SamplingParams(), 0.0)
     with pytest.raises(RequestError) as e:
-        check_activation(ROUTE, "c", epoch=7, layer_lo=0, layer_hi=10, sender="a")
-    assert e.value.code == "coverage"
-    assert "gap" in e.value.message and "[10, 20)" in e.value.message and "b" in e.value.message
-
-
-def test_overlap_is_refused():
-    with pytest.raises(RequestError, match="overlap"):
-        check_activation(ROUTE, "b", epoch=7, layer_lo=0, layer_hi=15, sender="x")
-
-
-def test_foreign_epoch_is_refused():
-    with pytest.raises(RequestError, match="epoch 6"):
-        check_activation(ROUTE, "b", epoch=6, layer_lo=0, layer_hi=10, sender="a")
-
-
-def test_incomplete_step_cannot_be_sampled():
+        p.open("r3", [1], SamplingParams(), 0.0)
+    assert e.value.code == "busy" and "max_concurrent = 2" in e.value.message
+    p.leaving = True
     with pytest.raises(RequestError) as e:
-        check_complete(ROUTE, layer_lo=0, layer_hi=20, sender="b", self_id="c")
-    assert e.value.code == "coverage"
-
-
-def test_request_table_lifecycle():
-    t = RequestTable(capacity=2, idle_timeout=5.0)
-    r, created = t.admit("r1", entry="e", epoch=1, position=0, length=4, now=0.0)
-    assert created and r.next_position == 4
-    r, created = t.admit("r1", entry="e", epoch=1, position=4, length=1, now=1.0)
-    assert not created and r.next_position == 5
-    with pytest.raises(RequestError, match="expected position 5"):
-        t.admit("r1", entry="e", epoch=1, position=7, length=1, now=1.0)
-    with pytest.raises(RequestError):
-        t.admit("r2", entry="e", epoch=1, position=3, length=1, now=1.0)
-    t.admit("r2", entry="e", epoch=1, position=0, length=1, now=1.0)
+        p.check_admission()
+    assert e.value.code == "leaving"
+    idle = pipeline("a", route=None)
     with pytest.raises(RequestError) as e:
-        t.admit("r3", entry="e", epoch=1, position=0, length=1, now=1.0)
-    assert e.value.code == "busy"
-    assert t.next_deadline() == 6.0
-    assert t.expired(6.5) == ["r1", "r2"]
-    assert t.end("r1", 7.0) and not t.end("r1", 7.0)
-    with pytest.raises(RequestError) as e:
-        t.admit("r1", entry="e", epoch=1, position=0, length=1, now=8.0)
-    assert e.value.code == "cancelled"
-    assert t.clear(9.0) == ["r2"] and t.next_deadline() is None
+        idle.open("r", [1], SamplingParams(), 0.0)
+    assert e.value.code == "not_ready"
 
 
-def test_stop_matcher_holds_back_prefixes():
-    m = StopMatcher(["</s>", "END"])
-    assert m.feed("Hello <") == ("Hello ", False)
-    assert m.feed("/") == ("", False)
-    assert m.feed("p> E") == ("</p> ", False)
-    assert m.feed("N") == ("", False)
-    assert m.feed("Dtail") == ("", True)
-    assert m.feed("more") == ("", True)
-    assert m.flush() == ""
+def test_an_entry_only_node_sends_the_prompt_to_the_first_stage():
+    route = Route(5, (Stage("a", 0, 3), Stage("b", 3, 6)), 6)
+    p = pipeline("e", route)  # "e" has no layers in this plan
+    p.open("r", [1, 2, 3, 4, 5], SamplingParams(max_tokens=2), now=0.0)
+    sends = of(p.effects(), Send)
+    assert [(s.node_id, s.msg.position, s.msg.final) for s in sends] == [("a", 0, False),
+                                                                        ("a", 4, True)]
+    assert all(s.msg.entry == "e" and s.msg.sampling.max_tokens == 2 for s in sends)
+    p.receive(wire.Token("r", 0, 5, 42, 0, 6), "b", 1.0)
+    (d,) = of(p.effects(), Deliver)
+    assert d.item.token_id == 42
+    # an activation sent to it by mistake fails that request, naming the node
+    p.receive(act("x", entry="a", hi=3), "a", 1.0)
+    (err,) = of(p.effects(), Send)
+    assert err.node_id == "a" and err.msg.code == "coverage" and "owns no layers" in err.msg.message
 
 
-def test_stop_matcher_flushes_held_text_at_the_end():
-    m = StopMatcher(["STOP"])
-    assert m.feed("abcST") == ("abc", False)
-    assert m.flush() == "ST"
+# ------------------------------------------------------------------------ stage rules
+def test_activations_ahead_of_their_position_wait_for_the_missing_one():
+    p = pipeline("b")
+    p.receive(act(position=4, n=2), "a", 0.0)  # overtook the first chunk (TCP vs UDP)
+    assert p.effects() == [] and p.counters["early_held"] == 1
+    p.receive(act(position=0, n=4), "a", 0.0)
+    jobs = of(p.effects(), Compute)
+    assert [(j.position, j.new) for j in jobs] == [(0, True), (4, False)]
+    assert all(j.end == 4 for j in jobs)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.text(alphabet="abXY", max_size=5), max_size=12),
-       st.lists(st.text(alphabet="abXY", min_size=1, max_size=3), max_size=3))
-def test_stop_matcher_equals_cutting_the_whole_text(pieces, stops):
-    m = StopMatcher(stops)
-    out = []
-    for p in pieces:
-        emit, stopped = m.feed(p)
-        out.append(emit)
-        if stopped:
+def test_too_many_early_activations_fail_the_request():
+    p = pipeline("b")
+    for i in range(3):
+        p.receive(act(position=10 + i), "a", 0.0)
+    assert p.effects() == []
+    p.receive(act(position=20), "a", 0.0)
+    (err,) = of(p.effects(), Send)
+    assert (err.node_id, err.msg.code) == ("a", "internal")
+    assert "too many out-of-order" in err.msg.message
+
+
+def test_a_position_that_does_not_follow_on_fails_the_request():
+    p = pipeline("b")
+    p.receive(act(position=0, n=4), "a", 0.0)
+    p.effects()
+    p.receive(act(position=3, n=1), "a", 0.0)  # behind: a duplicate of a computed position
+    effects = p.effects()
+    (err,) = of(effects, Send)
+    assert err.msg.code == "internal" and "expected position 4, got 3" in err.msg.message
+    assert of(effects, Free) == [Free("r")] and p.active_stages == 0
+
+
+def test_an_unknown_request_past_position_zero_and_an_ended_one_are_refused():
+    p = pipeline("b")
+    p.receive(act("gone", position=0, n=1), "a", 0.0)
+    p.receive(wire.Cancel("gone", "cancelled"), "a", 0.0)
+    assert of(p.effects(), Free) == [Free("gone")]
+    p.receive(act("gone", position=0, n=1), "a", 0.0)
+    (err,) = of(p.effects(), Send)
+    assert err.msg.code == "cancelled" and "already ended" in err.msg.message
+
+
+def test_capacity_of_stage_requests_is_bounded():
+    p = pipeline("b", cfg=PipelineConfig(max_concurrent=1, prefill_chunk=4, max_early=3))
+    for i in range(p.config.stage_capacity):
+        p.receive(act(f"r{i}"), "a", 0.0)
+    p.effects()
+    p.receive(act("one-too-many"), "a", 0.0)
+    (err,) = of(p.effects(), Send)
+    assert err.msg.code == "busy"
+
+
+def test_a_gap_in_coverage_fails_the_request_naming_the_node():
+    p = pipeline("c")
+    p.receive(act(hi=2), "a", 0.0)  # layers [2, 4) of node b were skipped
+    (err,) = of(p.effects(), Send)
+    assert err.node_id == "a" and err.msg.code == "coverage"
+    assert "gap, layers [2, 4) (owned by b) were not computed" in err.msg.message
+    assert p.counters["coverage_errors"] == 1 and p.active_stages == 0
+
+
+def test_a_node_that_loaded_other_layers_than_its_stage_refuses_to_compute():
+    p = Pipeline("b", (EOS,), CFG)
+    p.serve(ROUTE, (3, 4), {})
+    p.receive(act(), "a", 0.0)
+    (err,) = of(p.effects(), Send)
+    assert err.msg.code == "coverage" and "holds layers [3, 4)" in err.msg.message
+
+
+def test_the_sampling_node_refuses_a_step_that_skipped_layers():
+    p = Pipeline("c", (EOS,), CFG)
+    p.serve(ROUTE, (4, 5), {})  # ran one layer fewer than its stage
+    p.receive(act(hi=4), "b", 0.0)
+    (err,) = of(p.effects(), Send)
+    assert err.msg.code == "coverage" and "sample after layers [0, 5)" in err.msg.message
+
+
+def test_a_duplicate_token_starts_the_next_step_only_once():
+    p = pipeline("a")
+    p.receive(act(hi=0, entry="c", n=3), "c", 0.0)
+    (job,) = of(p.effects(), Compute)
+    p.computed(job, Hidden(hidden(3)), 0.0)
+    p.effects()
+    tok = wire.Token("r", 0, 5, 11, 0, 6)
+    p.receive(tok, "c", 1.0)
+    p.receive(tok, "c", 1.0)
+    jobs = of(p.effects(), Compute)
+    assert len(jobs) == 1 and jobs[0].step == 1 and jobs[0].position == 3
+    assert ids_of(jobs[0].tensor) == [11]
+
+
+def test_a_result_for_an_ended_request_is_dropped():
+    p = pipeline("b")
+    p.receive(act(), "a", 0.0)
+    (job,) = of(p.effects(), Compute)
+    p.receive(wire.Cancel("r", "cancelled"), "a", 0.0)
+    p.effects()
+    p.computed(job, Hidden(hidden(1)), 0.0)
+    assert p.effects() == []
+
+
+def test_a_compute_failure_tells_the_entry():
+    p = pipeline("b")
+    p.receive(act(), "a", 0.0)
+    (job,) = of(p.effects(), Compute)
+    p.compute_failed(job, "out of memory", 0.0)
+    effects = p.effects()
+    (err,) = of(effects, Send)
+    assert err.msg.code == "internal" and "out of memory" in err.msg.message
+    assert of(effects, Free) == [Free("r")]
+
+
+# ------------------------------------------------------------------------ epochs and serving
+def test_an_activation_of_another_epoch_is_answered_once_per_request():
+    p = pipeline("b")
+    for step in range(3):  # one request's steps keep coming: one answer
+        p.receive(act("r1", epoch=4, step=step, position=step), "a", 0.0)
+    p.receive(act("r2", epoch=6), "a", 0.0)
+    errs = of(p.effects(), Send)
+    assert [(e.node_id, e.msg.request_id, e.msg.code) for e in errs] == [
+        ("a", "r1", "coverage"), ("a", "r2", "coverage")]
+    assert "node a sent an activation of plan epoch 4 to node b, which serves epoch 5" \
+        in errs[0].msg.message
+    assert p.counters["stale_epoch"] == 4 and p.active_stages == 0
+    for i in range(CFG.remembered):  # the memory of answered requests is bounded
+        p.receive(act(f"flood-{i}", epoch=4), "a", 0.0)
+    p.effects()
+    p.receive(act("r1", epoch=4), "a", 0.0)  # forgotten: answered again
+    assert of(p.effects(), Send)[0].msg.request_id == "r1"
+
+
+def test_a_token_of_another_epoch_fails_the_entry_request():
+    p = pipeline("c")
+    p.open("r", [1, 2], SamplingParams(), 0.0)
+    p.effects()
+    p.receive(wire.Token("r", 0, 4, 7, 0, 6), "c", 1.0)
+    (d,) = of(p.effects(), Deliver)
+    assert d.item.code == "coverage" and "plan epoch 4" in d.item.message
+
+
+def test_a_token_that_did_not_cross_every_layer_is_never_shown():
+    p = pipeline("c")
+    p.open("r", [1, 2], SamplingParams(), 0.0)
+    p.effects()
+    p.receive(wire.Token("r", 0, 5, 7, 0, 4), "b", 1.0)
+    (d,) = of(p.effects(), Deliver)
+    assert isinstance(d.item, RequestError) and d.item.code == "coverage"
+
+
+def test_while_not_serving_an_activation_is_answered_not_ready():
+    p = pipeline("b", route=None)
+    p.receive(act(), "a", 0.0)
+    (err,) = of(p.effects(), Send)
+    assert err.msg.code == "not_ready" and "is not serving" in err.msg.message
+
+
+def test_stop_serving_fails_running_entries_and_frees_every_cache():
+    sim = Sim()
+    sim.nodes["c"].open("r", [1, 2, 3], SamplingParams(max_tokens=8), now=0.0)
+    for node in sim.nodes:
+        sim.collect(node)
+    while sim.net:  # the prompt reaches every stage, nothing computed yet
+        src, dst, msg = sim.net.popleft()
+        sim.nodes[dst].receive(msg, src, 0.0)
+        sim.collect(dst)
+        while sim.jobs:
+            node, job = sim.jobs.popleft()
+            sim.nodes[node].computed(job, sim.result(node, job), 0.0)
+            sim.collect(node)
+        if "r" in sim.delivered:
             break
-    out.append(m.flush())
-    whole = "".join(pieces)
-    # character by character: the first stop sequence to be complete cuts the text at its start
-    ends = [(i + len(s), -len(s)) for s in stops if (i := whole.find(s)) >= 0]
-    cut = (min(ends)[0] + min(ends)[1]) if ends else len(whole)
-    assert "".join(out) == whole[:cut]
+    for node, p in sim.nodes.items():
+        p.stop_serving("node b left the ring")
+        sim.collect(node)
+    errors = [i for i in sim.delivered["r"] if isinstance(i, RequestError)]
+    assert len(errors) == 1 and errors[0].code == "not_ready"
+    assert "the ring stopped serving: node b left the ring" in errors[0].message
+    assert all(p.active_stages == 0 and p.route is None for p in sim.nodes.values())
+    assert all(sim.freed[n] == ["r"] for n in sim.nodes)
 
 
-@given(st.integers(0, 2000), st.integers(1, 600))
-def test_chunks_cover_exactly(n, size):
-    pieces = list(chunks(n, size))
-    assert [i for s, e in pieces for i in range(s, e)] == list(range(n))
-    assert all(e - s <= size for s, e in pieces)
+def test_an_error_from_a_stage_reaches_the_entry_with_its_code():
+    p = pipeline("a")
+    p.open("r", [1], SamplingParams(), 0.0)
+    p.open("q", [1], SamplingParams(), 0.0)
+    p.effects()
+    p.receive(wire.Error("r", "busy", "node b holds too many"), "b", 1.0)
+    p.receive(wire.Error("q", "made-up", "?"), "b", 1.0)
+    d1, d2 = of(p.effects(), Deliver)
+    assert (d1.item.code, d2.item.code) == ("busy", "internal")
+    assert d1.item.message == "node b: node b holds too many"
 
 
-def test_prefill_chunks_are_lowered_to_fit_one_frame():
-    mib = 1 << 20
-    # Llama-3.1-405B: hidden 16384, bfloat16: 32 KiB a token; a 64 MiB frame holds 2046 of them
-    assert prefill_chunk_tokens(512, 16384, 2, 64 * mib) == 512
-    n = prefill_chunk_tokens(4096, 16384, 2, 64 * mib)
-    assert n * 16384 * 2 + FRAME_HEADROOM <= 64 * mib < (n + 1) * 16384 * 2 + FRAME_HEADROOM
-    assert prefill_chunk_tokens(4096, 16384, 4, 64 * mib) == n // 2
-    assert prefill_chunk_tokens(8, 1 << 30, 4, 64 * mib) == 1  # never 0: one token always goes
+# ------------------------------------------------------------------------ time
+def test_an_entry_request_times_out_and_says_so():
+    p = pipeline("b")
+    p.open("r", [1, 2], SamplingParams(), now=100.0)
+    p.effects()
+    assert p.get_timer() == 110.0
+    p.handle_timer(109.9)
+    assert of(p.effects(), Deliver) == []
+    p.handle_timer(110.0)
+    (d,) = of(p.effects(), Deliver)
+    assert d.item.code == "timeout" and "request_timeout (10 s)" in d.item.message
+    assert p.entry("r").state is EntryState.FAILED
+    p.close("r", 111.0, done=False)
+    sends = of(p.effects(), Send)
+    assert {s.node_id for s in sends} == {"a", "c"} and all(s.msg.reason == "cancelled"
+                                                            for s in sends)
+    assert p.counters["requests_failed"] == 1
+
+
+def test_idle_stage_requests_are_freed_after_request_timeout():
+    p = pipeline("b")
+    p.receive(act("r1"), "a", 0.0)
+    p.receive(act("r2"), "a", 4.0)
+    p.effects()
+    assert p.get_timer() == 10.0
+    p.handle_timer(10.0)
+    assert of(p.effects(), Free) == [Free("r1")]
+    assert p.get_timer() == 14.0
+    p.handle_timer(14.0)
+    assert of(p.effects(), Free) == [Free("r2")] and p.get_timer() is None
+
+
+def test_serve_checks_that_layers_match_the_route():
+    p = Pipeline("b", (EOS,), CFG)
+    with pytest.raises(LocalProtocolError):
+        p.serve(ROUTE, None, {})
+    with pytest.raises(LocalProtocolError):
+        Pipeline("x", (EOS,), CFG).serve(ROUTE, (0, 2), {})
+
+
+def test_messages_name_nodes_by_their_names():
+    a, b = "a1b2c3d4e5f60718", "0f1e2d3c4b5a6978"
+    route = Route(5, (Stage(a, 0, 3), Stage(b, 3, 6)), 6)
+    p = Pipeline(b, (EOS,), CFG)
+    p.serve(route, (3, 6), {a: "mac-studio-1", b: "mac-mini"})
+    p.receive(wire.Activation("r", 0, 0, 5, 0, 2, a, SamplingParams(), True, hidden(1)), a, 0.0)
+    (err,) = of(p.effects(), Send)
+    assert "node mac-mini (0f1e2d3c) owns layers [3, 6) but received an activation from " \
+        "node mac-studio-1 (a1b2c3d4)" in err.msg.message

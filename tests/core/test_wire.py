@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from ringd.core import wire
 from ringd.core.requests import SamplingParams
 from ringd.core.wire import (DTYPE_SIZES, MAX_DIM, MAX_RANK, TCP_HEADER, Activation, Cancel, Dropped,
-                             Error, Gossip, Handshake, ReplayGuard, ReplayWindow, Sampling, Sealer,
+                             Error, Gossip, Handshake, ReplayGuard, ReplayWindow, Sealer,
                              StreamDecoder, Tensor, Token, decode, encode, encode_bytes, new_counters,
                              seal_tcp_frame)
-from ringd.errors import LocalProtocolError
+from ringd.errors import LocalProtocolError, RequestError
 
 KEY = bytes(range(32))
 
@@ -38,7 +38,7 @@ def tensors(draw, max_elems: int = 4096) -> Tensor:
     return Tensor(dtype, shape, draw(st.binary(min_size=n, max_size=n)))
 
 
-samplings = st.builds(Sampling, temperature=st.floats(0, 10), top_p=st.floats(0.001, 1),
+samplings = st.builds(SamplingParams, temperature=st.floats(0, 10), top_p=st.floats(0.001, 1),
                       top_k=st.integers(0, 1000), seed=st.none() | u63, max_tokens=st.integers(1, 1 << 20),
                       want_logits=st.booleans())
 logits = st.integers(0, 64).flatmap(
@@ -67,7 +67,7 @@ def test_every_message_round_trips(msg) -> None:
 @settings(max_examples=150, deadline=None)
 @given(tensors())
 def test_every_dtype_and_shape_round_trips_without_copying(t: Tensor) -> None:
-    msg = Activation("r", 1, 2, 3, 0, 4, "n", Sampling(), True, t)
+    msg = Activation("r", 1, 2, 3, 0, 4, "n", SamplingParams(), True, t)
     data = encode_bytes(msg)
     got = decode(data)
     assert got.tensor == t and got.tensor.shape == t.shape and got.tensor.dtype == t.dtype
@@ -76,29 +76,31 @@ def test_every_dtype_and_shape_round_trips_without_copying(t: Tensor) -> None:
     assert body is t.data  # sending doesn't copy either
 
 
-def test_sampling_matches_request_params() -> None:
+def test_sampling_travels_without_its_stop_strings() -> None:
     p = SamplingParams(temperature=0.7, top_p=0.9, top_k=40, seed=7, max_tokens=99, stop=("x",))
-    assert Sampling.from_params(p).to_params() == SamplingParams(0.7, 0.9, 40, 7, 99)
+    t = Tensor("int32", (1,), bytes(4))
+    got = decode(encode_bytes(Activation("r", 0, 0, 1, 0, 0, "n", p, True, t))).sampling
+    assert got == SamplingParams(0.7, 0.9, 40, 7, 99)  # stop strings are the entry's business
     for bad in (dict(temperature=11.0), dict(top_p=0.0), dict(top_k=-1), dict(seed=-1),
                 dict(max_tokens=0), dict(temperature="hot"), dict(seed=True)):
-        with pytest.raises(LocalProtocolError):
-            Sampling(**bad)
+        with pytest.raises(RequestError):
+            SamplingParams(**bad)
 
 
 def test_bad_messages_raise_when_built() -> None:
     t = Tensor("float16", (2,), bytes(4))
     with pytest.raises(LocalProtocolError):
-        Activation("", 0, 0, 0, 0, 1, "n", Sampling(), True, t)
+        Activation("", 0, 0, 0, 0, 1, "n", SamplingParams(), True, t)
     with pytest.raises(LocalProtocolError):
-        Activation("r", -1, 0, 0, 0, 1, "n", Sampling(), True, t)
+        Activation("r", -1, 0, 0, 0, 1, "n", SamplingParams(), True, t)
     with pytest.raises(LocalProtocolError):
         Token("r", 0, 0, 2**31, 0, 1)
     with pytest.raises(LocalProtocolError):  # logits are float32 [vocab] only
         Token("r", 0, 0, 1, 0, 1, None, Tensor("float16", (2,), bytes(4)))
     with pytest.raises(LocalProtocolError):
         Token("r", 0, 0, 1, 0, 1, None, Tensor("float32", (1, 2), bytes(8)))
-    with pytest.raises(LocalProtocolError):
-        Sampling(want_logits=1)  # type: ignore[arg-type]
+    with pytest.raises(RequestError):
+        SamplingParams(want_logits=1)  # type: ignore[arg-type]
     with pytest.raises(LocalProtocolError):
         Tensor("float64", (1,), bytes(8))
     with pytest.raises(LocalProtocolError):
@@ -123,7 +125,7 @@ def _reason(data: bytes, **kw) -> str:
 
 
 def test_decoder_rejections() -> None:
-    good = encode_bytes(Activation("r", 1, 2, 3, 0, 4, "n", Sampling(), True, Tensor("float16", (2,), bytes(4))))
+    good = encode_bytes(Activation("r", 1, 2, 3, 0, 4, "n", SamplingParams(), True, Tensor("float16", (2,), bytes(4))))
     assert _reason(good[:3]) == "truncated"
     assert _reason(good[:10]) == "truncated"
     assert _reason(struct.pack("<BI", 3, wire.MAX_META + 1)) == "oversize"
@@ -157,7 +159,7 @@ def test_decoder_rejections() -> None:
 
 def test_epoch_filter() -> None:
     t = Tensor("int32", (1,), bytes(4))
-    act = encode_bytes(Activation("r", 1, 2, 7, 0, 4, "n", Sampling(), True, t))
+    act = encode_bytes(Activation("r", 1, 2, 7, 0, 4, "n", SamplingParams(), True, t))
     tok = encode_bytes(Token("r", 1, 7, 5, 0, 4))
     gossip = encode_bytes(Gossip(b"g"))
     assert decode(act, epoch=7).epoch == 7 and decode(tok, epoch=7).epoch == 7
@@ -427,7 +429,7 @@ def test_large_frames_decode_into_pooled_buffers_kept_while_referenced() -> None
 # ------------------------------------------------------------------------ messages in records
 def _big_message(n: int = 50_000) -> tuple[bytes, bytes]:
     t = Tensor("int32", (n // 4,), os.urandom(n))
-    head, body = encode(Activation("req", 3, 7, 1, 0, 8, "a", Sampling(), False, t))
+    head, body = encode(Activation("req", 3, 7, 1, 0, 8, "a", SamplingParams(), False, t))
     return head, bytes(body)
 
 

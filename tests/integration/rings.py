@@ -8,7 +8,7 @@ from typing import Any, Iterator
 from ringd.client import Client
 from ringd.compute.model_info import inspect_model
 from ringd.config import Settings
-from ringd.daemon import model_shape
+from ringd.core.plan import model_shape
 from ringd.localring import LocalRing
 
 RING_CONTEXT = 1024

@@ -1,5 +1,5 @@
 """The HTTP API with the official ``openai`` client, against a real ApiServer on loopback
-backed by LocalBackend running the tiny model; references from the engine's generate_local."""
+backed by SoloBackend (a one-stage ring in process) running the tiny model; references from the engine's generate_local."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import openai
 import pytest
 
 from ringd.compute.engine import generate_local
-from ringd.compute.local_backend import LocalBackend, mlx_executor
+from ringd.compute.mlx_thread import mlx_executor
+from ringd.solo import SoloBackend
 from ringd.compute.tokenizer import Tokenizer
 from ringd.config import Settings
 from ringd.core.requests import SamplingParams
@@ -57,7 +58,7 @@ def settings(tmp_path: Path, **kw: object) -> Settings:
 
 
 async def serve(model_dir: Path, tmp_path: Path, *, api_key: str | None = None, **kw: object):
-    backend = LocalBackend(model_dir, settings(tmp_path, **kw))
+    backend = SoloBackend(model_dir, settings(tmp_path, **kw))
     await backend.start()
     server = ApiServer(backend, host="127.0.0.1", port=0, api_key=api_key)
     port = await server.start()
@@ -303,9 +304,10 @@ async def test_busy_beyond_max_concurrent_then_disconnect_frees(api) -> None:
         r1.close()  # the client goes away mid-stream
         r2.close()
     await asyncio.wait_for(backend.wait_idle(), 30)
-    st = backend.status()["stats"]
-    assert st["active_requests"] == 0 and st["requests_cancelled"] == 2
-    assert backend._engine.active_requests() == []  # no KV cache left behind
+    st = backend.status()["stats"]["runner"]
+    assert st["active_entries"] == st["active_stage_requests"] == 0
+    assert st["requests_cancelled"] == 2
+    assert backend.runner.compute.engine.active_requests() == []  # no KV cache left behind
     r = await client.chat.completions.create(messages=CHAT, model=openai.NOT_GIVEN, max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")
 
@@ -343,7 +345,7 @@ async def test_control_generate_streams_ndjson_events(api, reference) -> None:
 async def test_not_ready_until_loaded_and_back_to_back_requests_fit_one_slot(
     tiny_model_dir, tmp_path
 ) -> None:
-    backend = LocalBackend(tiny_model_dir, settings(tmp_path, max_concurrent=1))
+    backend = SoloBackend(tiny_model_dir, settings(tmp_path, max_concurrent=1))
     server = ApiServer(backend, host="127.0.0.1", port=0)
     port = await server.start()
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
@@ -364,12 +366,12 @@ async def test_not_ready_until_loaded_and_back_to_back_requests_fit_one_slot(
 EXIT_SCRIPT = """
 import asyncio, sys
 from pathlib import Path
-from ringd.compute.local_backend import LocalBackend
+from ringd.solo import SoloBackend
 from ringd.config import Settings
 from ringd.core.requests import GenerationRequest, SamplingParams
 
 async def main():
-    backend = LocalBackend(Path(sys.argv[1]), Settings(state_dir=Path(sys.argv[2])))
+    backend = SoloBackend(Path(sys.argv[1]), Settings(state_dir=Path(sys.argv[2])))
     await backend.start()
     request = GenerationRequest(prompt="hello", params=SamplingParams(max_tokens=3))
     async for ev in backend.generate(request):

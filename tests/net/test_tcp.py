@@ -13,7 +13,8 @@ import pytest
 
 from ringd import PROTOCOL_VERSION
 from ringd.core import wire
-from ringd.core.wire import (Activation, Gossip, Handshake, ReplayGuard, Sampling, Sealer, Tensor, decode,
+from ringd.core.requests import SamplingParams
+from ringd.core.wire import (Activation, Gossip, Handshake, ReplayGuard, Sealer, Tensor, decode,
                              encode_bytes, new_session)
 from ringd.errors import LocalProtocolError
 from ringd.net import tcp
@@ -42,7 +43,7 @@ def gossip(data: bytes) -> bytes:
 
 
 def activation(data: bytes) -> bytes:
-    return encode_bytes(Activation("r", 1, 0, 1, 0, 2, "a", Sampling(), True, Tensor("int32", (len(data) // 4,), data)))
+    return encode_bytes(Activation("r", 1, 0, 1, 0, 2, "a", SamplingParams(), True, Tensor("int32", (len(data) // 4,), data)))
 
 
 @contextlib.asynccontextmanager
@@ -90,7 +91,7 @@ async def test_large_frames_go_in_records_between_small_frames_in_order() -> Non
         bigs = [os.urandom(4 << 20) for _ in range(3)]
         expected = []
         for i, big in enumerate(bigs):
-            head, body = wire.encode(Activation("r", i, 0, 1, 0, 2, "a", Sampling(), True,
+            head, body = wire.encode(Activation("r", i, 0, 1, 0, 2, "a", SamplingParams(), True,
                                                 Tensor("int32", (len(big) // 4,), big)))
             a.send_frame(ba, head, memoryview(body))
             a.send_frame(ba, gossip(b"small %d" % i))

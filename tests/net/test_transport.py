@@ -13,7 +13,8 @@ import pytest
 from ringd.config import Settings
 from ringd.core import wire
 from ringd.core.reliable import ReliableConfig
-from ringd.core.wire import Activation, Gossip, Sampling, Tensor, Token
+from ringd.core.requests import SamplingParams
+from ringd.core.wire import Activation, Gossip, Tensor, Token
 from ringd.errors import ConfigError
 from ringd.net.transport import Transport, stream_of
 from tests.net.lossy_proxy import LossyProxy
@@ -31,7 +32,7 @@ async def transport(name: str, *, key: bytes = KEY, settings: Settings = SETTING
 
 
 def act(n: int, epoch: int = 1, step: int = 0) -> Activation:
-    return Activation("req-1", step, 0, epoch, 0, 4, "a", Sampling(), True,
+    return Activation("req-1", step, 0, epoch, 0, 4, "a", SamplingParams(), True,
                       Tensor("float16", (1, n // 2), os.urandom(n)))
 
 
