@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator
 import click
 
 from ringd import PROTOCOL_VERSION, __version__
-from ringd.config import Settings, format_size
+from ringd.config import Settings
 from ringd.core import wire
 from ringd.core.agreement import (Agreement, LoadShard, PlanDropped, PlanUnfit, RingReady,
                                   StopServing)
@@ -39,6 +39,7 @@ from ringd.core.plan import ModelShape, Plan
 from ringd.core.requests import FinishEvent, GenerationRequest, TokenEvent
 from ringd.daemon_cli import build_settings, settings_options
 from ringd.errors import ConfigError, ModelError, RemoteProtocolError, RingdError, UsageError
+from ringd.units import format_size
 
 log = logging.getLogger("ringd.daemon")
 
