@@ -29,7 +29,7 @@ import click
 
 from ringd import PROTOCOL_VERSION, __version__
 from ringd.config import Settings
-from ringd.core import wire
+from ringd.core import seal, wire
 from ringd.core.agreement import (Agreement, LoadShard, PlanDropped, PlanUnfit, RingReady,
                                   StopServing)
 from ringd.core.membership import (Member, MemberState, Membership, MembershipConfig, NodeMeta,
@@ -95,7 +95,7 @@ class Node:
         if created:
             log.warning("created a new cluster key in %s: copy it (mode 0600) to every node of this ring",
                         s.key_path)
-        self.cluster_id = wire.cluster_id(self.key)
+        self.cluster_id = seal.cluster_id(self.key)
         self.model_dir = store.resolve_model(s.model_store, s.model)
         self.info = inspect_model(self.model_dir)
         self.shape = model_shape(self.info, s)

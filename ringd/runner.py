@@ -36,6 +36,7 @@ from ringd.core.pipeline import (RequestTable, Route, StopMatcher, check_activat
                                  chunks, epoch_error, prefill_chunk_tokens)
 from ringd.core.proof import name_nodes
 from ringd.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from ringd.core.stream import TCP_MAX_FRAME
 from ringd.errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -111,11 +112,11 @@ class RingRunner:
         info = compute.engine.info
         item = wire.DTYPE_SIZES[info.activation_dtype]
         self._prefill_chunk = prefill_chunk_tokens(self.settings.prefill_chunk, info.hidden_size, item,
-                                                   wire.TCP_MAX_FRAME)
+                                                   TCP_MAX_FRAME)
         if self._prefill_chunk < self.settings.prefill_chunk:
             log.warning("prefill_chunk = %d makes activation frames of %d MiB, above the %d MiB a peer "
                         "accepts: prompts go in chunks of %d tokens", self.settings.prefill_chunk,
-                        self.settings.prefill_chunk * info.hidden_size * item >> 20, wire.TCP_MAX_FRAME >> 20,
+                        self.settings.prefill_chunk * info.hidden_size * item >> 20, TCP_MAX_FRAME >> 20,
                         self._prefill_chunk)
         log.info("serving plan epoch %d as layers %s", route.epoch,
                  (lambda s: f"[{s.start}, {s.end})")(route.stage_of(self.node_id)))

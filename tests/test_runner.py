@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from ringd.config import Settings
 from ringd.core import wire
 from ringd.core.pipeline import Route, Stage, prefill_chunk_tokens
+from ringd.core.stream import TCP_MAX_FRAME
 from ringd.runner import STALE_TOLD, RingRunner
 
 
@@ -45,7 +46,7 @@ def test_prompts_go_in_chunks_whose_activations_fit_one_frame(caplog) -> None:
     assert "prompts go in chunks of" in caplog.text
     runner._send_prompt(route, "r", list(range(5000)), wire.Sampling())
     sizes = [m.tensor.shape[0] for _, m in sent]
-    fit = prefill_chunk_tokens(4096, 16384, 2, wire.TCP_MAX_FRAME)
+    fit = prefill_chunk_tokens(4096, 16384, 2, TCP_MAX_FRAME)
     assert sizes == [fit] * (5000 // fit) + [5000 % fit] and sum(sizes) == 5000
-    assert fit * 16384 * 2 < wire.TCP_MAX_FRAME < 4096 * 16384 * 2
+    assert fit * 16384 * 2 < TCP_MAX_FRAME < 4096 * 16384 * 2
     assert [m.final for _, m in sent] == [False] * (len(sent) - 1) + [True]
