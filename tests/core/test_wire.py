@@ -1,4 +1,4 @@
-"""Wire format: message round trips, rejections and the epoch filter."""
+"""Wire format: message round trips, rejections, the epoch filter and the field rules."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ringd.core.requests import SamplingParams
 from ringd.core.wire import (DTYPE_SIZES, MAX_DIM, MAX_RANK, Activation, Cancel, Dropped, Error,
                              Gossip, Handshake, Sampling, Tensor, Token, decode, encode,
                              encode_bytes)
-from ringd.errors import LocalProtocolError
+from ringd.errors import LocalProtocolError, RemoteProtocolError
 
 # ------------------------------------------------------------------------ strategies
 ids = st.text(min_size=1, max_size=40)
@@ -188,3 +188,70 @@ def test_core_imports_stay_pure() -> None:
         for banned in ("import asyncio", "import socket", "import mlx", "import time",
                        "ringd.net", "ringd.compute"):
             assert banned not in src, (mod.__name__, banned)
+
+
+# ------------------------------------------------------------------------ field rules
+def test_rules_accept_their_range_and_say_what_they_expect() -> None:
+    r = wire.integer(1, 9)
+    assert [r.test(v) for v in (1, 9, 0, 10, True, 1.0, "1")] == [True, True] + [False] * 5
+    assert r.expected == "an integer in 1..9"
+    n = wire.number(0.0, 1.0)
+    assert [n.test(v) for v in (0, 0.5, 1, 1.5, False, None)] == [True] * 3 + [False] * 3
+    t = wire.text(3, min_len=1)
+    # plain text may hold control characters; printable text may not
+    assert [t.test(v) for v in ("a", "abc", "", "abcd", b"a", "\n")] == [True, True, False, False,
+                                                                         False, True]
+    p = wire.text(3, printable=True)
+    assert [p.test(v) for v in ("", "abc", "\n", "abcd")] == [True, True, False, False]
+    assert p.expected == "printable text of 0..3 characters"
+    o = wire.optional(r)
+    assert [o.test(v) for v in (None, 5, 0)] == [True, True, False]
+    assert o.expected == "None or an integer in 1..9"
+    assert [wire.exactly(bool).test(v) for v in (True, 1, None)] == [True, False, False]
+
+
+def test_check_names_the_bad_field_of_a_built_message() -> None:
+    with pytest.raises(LocalProtocolError, match=r"Cancel\.request_id: bad value ''"):
+        Cancel("", "why")
+    with pytest.raises(LocalProtocolError, match=r"Handshake\.port: bad value 70000"):
+        Handshake("n", "c", 1, "v", 70000)
+
+
+def test_field_reader_raises_the_decoders_own_error_with_what_was_expected() -> None:
+    read = wire.FieldReader(lambda what: RemoteProtocolError(f"payload: {what}"))
+    assert read.integer(5, "x", 0, 9) == 5 and read.text("ok", "y", 4) == "ok"
+    assert read.opt_text(None, "z", 4) is None and read.items([1, 2], "l", 2) == [1, 2]
+    cases = [
+        (lambda: read.integer(10, "seq", 0, 9), "payload: seq: expected an integer in 0..9"),
+        (lambda: read.integer(True, "seq"), f"seq: expected an integer in 0..{wire.U63}"),
+        (lambda: read.text("a\x00", "name", 8), "name: expected printable text of 0..8 characters"),
+        (lambda: read.opt_text("", "hash", 8), "hash: expected printable text of 1..8 characters"),
+        (lambda: read.items((1,), "l"), "l: expected a list"),
+        (lambda: read.items([1], "l", 2), "l: expected 2 fields, got 1"),
+        (lambda: read.items([1, 2, 3], "l", max_len=2), "l: 3 items, at most 2 allowed"),
+        (lambda: read.take(3, wire.exactly(str), "s"), "s: expected a str"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RemoteProtocolError) as e:
+            call()
+        assert message in str(e.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.integers(-3, 12), st.booleans(), st.none(), st.floats(0, 10),
+                 st.text(max_size=6), st.binary(max_size=3)), st.integers(0, 5), st.integers(0, 5))
+def test_field_reader_fast_paths_agree_with_the_rules(value, lo, span) -> None:
+    """FieldReader.integer/text test inline what their rules test: they must agree."""
+    read = wire.FieldReader(RemoteProtocolError)
+
+    def accepts(call) -> bool:
+        try:
+            call()
+        except RemoteProtocolError:
+            return False
+        return True
+
+    assert accepts(lambda: read.integer(value, "v", lo, lo + span)) == wire.integer(
+        lo, lo + span).test(value)
+    assert accepts(lambda: read.text(value, "v", lo + span, lo)) == wire.text(
+        lo + span, min_len=lo, printable=True).test(value)
