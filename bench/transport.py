@@ -555,7 +555,8 @@ class BareChannel:
         data = self.view[:n]
         if self.sealer is not None:
             pn = int.from_bytes(data[:8], "little")
-            _sender, data, _owned = self.sealer.open(self.channel, self.sealer.session, pn, data[8:])
+            _sender, data, _owned = self.sealer.open(self.channel, self.sealer.session, pn,
+                                                     data[8:])
         self.on_message(addr, self.wire.decode(data))
 
 

@@ -116,7 +116,8 @@ class RingRunner:
         if self._prefill_chunk < self.settings.prefill_chunk:
             log.warning("prefill_chunk = %d makes activation frames of %d MiB, above the %d MiB a peer "
                         "accepts: prompts go in chunks of %d tokens", self.settings.prefill_chunk,
-                        self.settings.prefill_chunk * info.hidden_size * item >> 20, TCP_MAX_FRAME >> 20,
+                        self.settings.prefill_chunk * info.hidden_size * item >> 20,
+                        TCP_MAX_FRAME >> 20,
                         self._prefill_chunk)
         log.info("serving plan epoch %d as layers %s", route.epoch,
                  (lambda s: f"[{s.start}, {s.end})")(route.stage_of(self.node_id)))
