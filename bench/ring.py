@@ -436,7 +436,7 @@ class Bench:
 
     # ------------------------------------------------------------------- 4. memory
     def memory(self, model_dir: Path, ready_rss: list[int]) -> None:
-        from ringd.config import format_size as fs
+        from ringd.units import format_size as fs
 
         base_rss, base_uss = baseline_memory(model_dir)
         print("[4] resident memory per node: right after the ring was ready, and after the runs")
@@ -487,7 +487,8 @@ def main() -> None:
     from ringd.compute.model_info import inspect_model
     from ringd.compute.store import ensure_default_model
     from ringd.compute.tokenizer import Tokenizer
-    from ringd.config import Settings, format_size
+    from ringd.config import Settings
+    from ringd.units import format_size
     from ringd.core.plan import model_shape
     from ringd.demo import demo_budgets
 

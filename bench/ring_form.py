@@ -160,7 +160,8 @@ def main() -> None:
 
     from ringd.compute.model_info import inspect_model
     from ringd.compute.store import ensure_default_model
-    from ringd.config import Settings, format_size
+    from ringd.config import Settings
+    from ringd.units import format_size
     from ringd.core.agreement import AgreementConfig
     from ringd.core.plan import model_shape
     from ringd.demo import DEMO_CONCURRENCY, DEMO_CONTEXT, demo_budgets

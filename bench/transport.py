@@ -518,10 +518,11 @@ class BareChannel:
     with ours' message codec and frame protection costs before it is made reliable."""
 
     def __init__(self, sock: socket.socket, sealed: bool, on_message) -> None:
-        from ringd.core import wire
+        from ringd.core import seal, wire
 
         self.wire, self.sock, self.on_message = wire, sock, on_message
-        self.sealer = wire.Sealer(KEY, "bare", wire.new_session(1, 1)) if sealed else None
+        self.channel = seal.CHANNEL_UDP
+        self.sealer = seal.Sealer(KEY, "bare", seal.new_session(1, 1)) if sealed else None
         self.pn = 0
         self.buf = bytearray(65536)
         self.view = memoryview(self.buf)
@@ -543,7 +544,7 @@ class BareChannel:
             self.sock.sendto(data, addr)
             return
         self.pn += 1
-        unit = self.sealer.seal(self.wire.CHANNEL_UDP, self.pn, data)
+        unit = self.sealer.seal(self.channel, self.pn, data)
         self.sock.sendmsg([self.pn.to_bytes(8, "little"), unit], (), 0, addr)
 
     def readable(self) -> None:
@@ -554,7 +555,8 @@ class BareChannel:
         data = self.view[:n]
         if self.sealer is not None:
             pn = int.from_bytes(data[:8], "little")
-            _sender, data, _owned = self.sealer.open(self.wire.CHANNEL_UDP, self.sealer.session, pn, data[8:])
+            _sender, data, _owned = self.sealer.open(self.channel, self.sealer.session, pn,
+                                                     data[8:])
         self.on_message(addr, self.wire.decode(data))
 
 

@@ -84,7 +84,7 @@ def verify(ctx: click.Context, prompt: str, steps: int, block_bytes: str | None,
     from ringd.compute.reference import compare, reference_logits
     from ringd.compute.store import resolve_model
     from ringd.compute.tokenizer import Tokenizer
-    from ringd.config import format_size, parse_size
+    from ringd.units import format_size, parse_size
 
     s = settings_from(ctx, http_host=host, http_port=port, model_store=store)
     client = client_from(ctx, host, port)

@@ -15,8 +15,8 @@ from typing import Any, Callable
 import click
 
 from ringd.client import Client, DaemonNotRunning
-from ringd.config import format_size
 from ringd.errors import RingdError, UsageError
+from ringd.units import format_size
 
 BAR_WIDTH = 24
 NO_PEER_HINT = (

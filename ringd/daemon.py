@@ -24,11 +24,12 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable
 
-from ringd.config import Settings, format_size
-from ringd.core import wire
+from ringd.config import Settings
+from ringd.core import seal, wire
 from ringd.core.requests import FinishEvent, GenerationRequest, TokenEvent
 from ringd.errors import ConfigError, ModelError, RingdError, UsageError
 from ringd.faults import Faults
+from ringd.units import format_size
 
 log = logging.getLogger("ringd.daemon")
 
@@ -69,7 +70,7 @@ class Daemon:
         if created:
             log.warning("created a new cluster key in %s: copy it (mode 0600) to every node of "
                         "this ring", s.key_path)
-        self.cluster_id = wire.cluster_id(key)
+        self.cluster_id = seal.cluster_id(key)
         model_dir = store.resolve_model(s.model_store, s.model)
         self.info = info = inspect_model(model_dir)
         usable, total = usable_memory(s.memory_reserve)

@@ -8,8 +8,9 @@ import time
 from typing import Callable
 
 from ringd.cli_ring import render_status
-from ringd.config import Settings, format_size
+from ringd.config import Settings
 from ringd.localring import LocalRing
+from ringd.units import format_size
 
 DEMO_CONTEXT = 2048
 DEMO_CONCURRENCY = 4

@@ -12,7 +12,7 @@ import os
 import stat
 from pathlib import Path
 
-from ringd.core.wire import KEY_SIZE, cluster_id
+from ringd.core.seal import KEY_SIZE, cluster_id
 from ringd.errors import ConfigError, UsageError
 
 __all__ = ["KEY_SIZE", "cluster_id", "generate_key_file", "load_key", "load_or_create_key"]

@@ -28,6 +28,7 @@ from ringd.core.pipeline import (Compute, Deliver, EntryRequest, Free, Pipeline,
                                  Send, StepResult)
 from ringd.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from ringd.core.route import Route, prefill_chunk_tokens
+from ringd.core.stream import TCP_MAX_FRAME
 from ringd.core.textstream import TextStream
 from ringd.errors import RequestError
 
@@ -45,12 +46,12 @@ def pipeline_config(settings: Settings, info: Any) -> PipelineConfig:
     """
     item = wire.DTYPE_SIZES[info.activation_dtype]
     chunk = prefill_chunk_tokens(settings.prefill_chunk, info.hidden_size, item,
-                                 wire.TCP_MAX_FRAME)
+                                 TCP_MAX_FRAME)
     if chunk < settings.prefill_chunk:
         log.warning("prefill_chunk = %d makes activation frames of %d MiB, above the %d MiB a "
                     "peer accepts: prompts go in chunks of %d tokens", settings.prefill_chunk,
                     settings.prefill_chunk * info.hidden_size * item >> 20,
-                    wire.TCP_MAX_FRAME >> 20, chunk)
+                    TCP_MAX_FRAME >> 20, chunk)
     return PipelineConfig(max_concurrent=settings.max_concurrent,
                           max_context=settings.max_context, prefill_chunk=chunk,
                           request_timeout=settings.request_timeout)

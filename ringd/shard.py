@@ -20,11 +20,12 @@ from ringd.compute.bandwidth import detect_bandwidth
 from ringd.compute.manifest import Manifest, expected_tensors, load_manifest
 from ringd.compute.model_info import ModelInfo
 from ringd.compute.stage import StageCompute
-from ringd.config import Settings, format_size
+from ringd.config import Settings
 from ringd.core.plan import Assignment, Plan
 from ringd.core.proof import StageClaim, check_fingerprints, check_loaded
 from ringd.errors import ModelError
 from ringd.faults import Fault
+from ringd.units import format_size
 
 log = logging.getLogger(__name__)
 

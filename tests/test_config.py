@@ -1,6 +1,7 @@
 import pytest
 
-from ringd.config import Settings, describe_settings, format_size, parse_size
+from ringd.config import Settings, describe_settings
+from ringd.units import format_size, parse_size
 from ringd.errors import ConfigError
 
 

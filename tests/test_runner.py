@@ -14,6 +14,7 @@ from ringd.core import wire
 from ringd.core.pipeline import Compute, Filled, Hidden, Pipeline, PipelineConfig, Sampled
 from ringd.core.requests import GenerationRequest, SamplingParams
 from ringd.core.route import Route, Stage, prefill_chunk_tokens
+from ringd.core.stream import TCP_MAX_FRAME
 from ringd.errors import RequestError
 from ringd.runner import Runner, pipeline_config
 
@@ -146,8 +147,8 @@ def test_prompts_go_in_chunks_whose_activations_fit_one_frame(caplog) -> None:
     info = SimpleNamespace(hidden_size=16384, activation_dtype="bfloat16")
     cfg = pipeline_config(Settings(prefill_chunk=4096, max_context=8192), info)
     assert "prompts go in chunks of" in caplog.text
-    fit = prefill_chunk_tokens(4096, 16384, 2, wire.TCP_MAX_FRAME)
-    assert cfg.prefill_chunk == fit and fit * 16384 * 2 < wire.TCP_MAX_FRAME < 4096 * 16384 * 2
+    fit = prefill_chunk_tokens(4096, 16384, 2, TCP_MAX_FRAME)
+    assert cfg.prefill_chunk == fit and fit * 16384 * 2 < TCP_MAX_FRAME < 4096 * 16384 * 2
     p = Pipeline("e", (0,), cfg)
     p.serve(Route(3, (Stage("n1", 0, 10), Stage("n2", 10, 20)), 20), None, {})
     p.open("r", list(range(5000)), SamplingParams(), 0.0)

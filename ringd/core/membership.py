@@ -45,6 +45,7 @@ import msgpack
 
 from ringd import PROTOCOL_VERSION
 from ringd.core.plan import canonical_hash
+from ringd.core.wire import FieldReader
 from ringd.errors import LocalProtocolError, RemoteProtocolError
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,6 @@ MAX_FINGERPRINT = 128
 MAX_REFUSAL = 240
 MAX_UPDATES = 64
 MAX_SYNC_MEMBERS = 1024
-_U63 = (1 << 63) - 1
 _U32 = (1 << 32) - 1
 
 
@@ -245,35 +245,14 @@ def to_payload(msg: Message) -> bytes:
     return msgpack.packb([_TAGS[type(msg)], *body], use_bin_type=True)
 
 
-# Decoding: every value is checked; any problem is a RemoteProtocolError.
+# Decoding: every value is checked with the core's one field kit (ringd.core.wire); any
+# problem is a RemoteProtocolError.
 def _bad(what: str) -> RemoteProtocolError:
     return RemoteProtocolError(f"membership payload: {what}")
 
 
-def _list(v: Any, what: str, n: int | None = None, max_len: int | None = None) -> list[Any]:
-    if type(v) is not list:
-        raise _bad(f"{what}: expected a list")
-    if n is not None and len(v) != n:
-        raise _bad(f"{what}: expected {n} fields, got {len(v)}")
-    if max_len is not None and len(v) > max_len:
-        raise _bad(f"{what}: {len(v)} items, at most {max_len} allowed")
-    return v
-
-
-def _int(v: Any, what: str, lo: int = 0, hi: int = _U63) -> int:
-    if type(v) is not int or not lo <= v <= hi:
-        raise _bad(f"{what}: expected an integer in {lo}..{hi}")
-    return v
-
-
-def _str(v: Any, what: str, max_len: int, min_len: int = 0) -> str:
-    if type(v) is not str or not min_len <= len(v) <= max_len or not v.isprintable():
-        raise _bad(f"{what}: expected printable text of {min_len}..{max_len} characters")
-    return v
-
-
-def _opt_str(v: Any, what: str, max_len: int) -> str | None:
-    return None if v is None else _str(v, what, max_len, 1)
+_read = FieldReader(_bad)
+_list, _int, _str, _opt_str = _read.items, _read.integer, _read.text, _read.opt_text
 
 
 def _dec_meta(v: Any) -> NodeMeta:

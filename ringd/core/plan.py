@@ -17,7 +17,7 @@ Rules:
   packed instead to minimise the fullest node's fill ratio (``Plan.packed``). If nothing
   fits, :class:`ringd.errors.PlanError` says so with the numbers.
 
-Sizes are shown with :func:`ringd.config.format_size` (binary units, GiB) everywhere.
+Sizes are shown with :func:`ringd.units.format_size` (binary units, GiB) everywhere.
 
 Hashes: :attr:`Plan.layout_hash` identifies the model and the ranges; :attr:`Plan.hash`
 also covers the epoch, so every commit is distinct. The epoch is an input: the
@@ -33,8 +33,8 @@ from typing import Any
 
 import msgpack
 
-from ringd.config import format_size
 from ringd.errors import LocalProtocolError, PlanError
+from ringd.units import format_size
 
 #: Shown with every "does not fit" error.
 FIT_HINT = (

@@ -14,7 +14,7 @@ Layers, bottom up:
   adapter can send them with one ``sendmsg`` (UDP GSO) and receive them with one
   ``recvmsg`` (UDP GRO); elsewhere they go one by one. IP fragmentation is never used.
 - **Packet**: the concatenated segment payloads form one sealed unit
-  (:meth:`ringd.core.wire.Sealer.seal`): one AEAD tag per packet, nonce = packet number
+  (:meth:`ringd.core.seal.Sealer.seal`): one AEAD tag per packet, nonce = packet number
   (never reused: a retransmission is a new packet). Nothing is parsed before the tag checks
   out, and a forged segment can at most make its packet fail (and be sent again). Replays of
   captured packets are turned away before the AEAD, by the replay window of the node the
@@ -38,8 +38,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Union
 
-from ringd.core.wire import (CHANNEL_UDP, WIRE_VERSION, Buffer, Dropped, ReplayGuard, Sealer,
-                             new_counters)
+from ringd.core.seal import CHANNEL_UDP, ReplayGuard, Sealer
+from ringd.core.wire import WIRE_VERSION, Buffer, Dropped, new_counters
 from ringd.errors import LocalProtocolError
 
 Addr = tuple[str, int]

@@ -20,8 +20,10 @@ from collections import deque
 from typing import Callable, Iterator
 
 from ringd import PROTOCOL_VERSION, __version__
-from ringd.core import wire
-from ringd.core.wire import Buffer, BufferPool, Handshake, ReplayGuard, Sealer, StreamDecoder
+from ringd.core import stream, wire
+from ringd.core.seal import ReplayGuard, Sealer
+from ringd.core.stream import BufferPool, StreamDecoder
+from ringd.core.wire import Buffer, Handshake
 from ringd.errors import LocalProtocolError
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ MAX_PENDING = 64 << 20  # bytes queued per peer while (re)connecting
 #: Bytes of messages queued per connection behind the transport (not yet sealed). A peer
 #: that stops reading fills it; past it messages are dropped (counted ``overflow``, one
 #: warning a minute) rather than held without bound. Four of the largest TCP messages.
-MAX_QUEUED = 4 * wire.TCP_MAX_FRAME
+MAX_QUEUED = 4 * stream.TCP_MAX_FRAME
 #: From this size a message is sent in records of ``RECORD`` bytes, each sealed and written
 #: as soon as it is ready, so the peer opens one record while the next is being sealed.
 LARGE_FRAME = 256 << 10
@@ -125,7 +127,7 @@ class _Conn(asyncio.BufferedProtocol):
         self._update_writable()
 
     # ----------------------------------------------------------- helpers
-    def _handshake(self, frame: wire.StreamFrame) -> bool:
+    def _handshake(self, frame: stream.StreamFrame) -> bool:
         try:
             hs = wire.decode(frame.data)
         except wire.Dropped as e:
@@ -159,7 +161,7 @@ class _Conn(asyncio.BufferedProtocol):
 
         From ``LARGE_FRAME`` bytes the message goes in records of ``RECORD`` bytes sealed from
         slices of the parts (no join) into pooled buffers (see
-        :func:`ringd.core.wire.seal_tcp_records`), and not all at once: one record per turn
+        :func:`ringd.core.stream.seal_tcp_records`), and not all at once: one record per turn
         of the event loop, and none while the transport is above its high-water mark. So a
         64 MiB prefill neither stalls the loop (decode steps on UDP, probes and timers go on
         between its records) nor lands sealed in the transport's buffer whole. Messages sent
@@ -172,12 +174,12 @@ class _Conn(asyncio.BufferedProtocol):
             return
         size = sum(memoryview(x).nbytes for x in parts)
         if size < LARGE_FRAME and not self._queue and not self._paused:
-            n = wire.TCP_HEADER.size + self.ch.sealer.overhead + size
+            n = stream.TCP_HEADER.size + self.ch.sealer.overhead + size
             buf = self._sendbuf
             if buf is None or len(buf) < n or t.get_write_buffer_size():
                 buf = bytearray(n)
-            frame = wire.seal_tcp_frame(self.ch.sealer, self.ch.next_seq(),
-                                        b"".join(parts) if len(parts) > 1 else parts[0], out=buf)
+            frame = stream.seal_tcp_frame(self.ch.sealer, self.ch.next_seq(),
+                                          b"".join(parts) if len(parts) > 1 else parts[0], out=buf)
             t.write(frame)
             self._sendbuf = buf
             self.ch.totals["frames_sent"] += 1
@@ -188,8 +190,8 @@ class _Conn(asyncio.BufferedProtocol):
             self.ch.warn(("queue", self.addr), "peer %s is not reading: dropped a message of %d bytes with %d "
                          "already queued for it", self.peer or self.addr, size, self._queued)
             return
-        chunks = wire.seal_tcp_records(self.ch.sealer, self.ch.next_seq, parts, record=RECORD,
-                                       buffer=self._record_buffer)
+        chunks = stream.seal_tcp_records(self.ch.sealer, self.ch.next_seq, parts, record=RECORD,
+                                         buffer=self._record_buffer)
         self._queue.append((chunks, size))
         self._queued += size
         self._writable.clear()
@@ -268,7 +270,7 @@ class TcpChannel:
 
     def __init__(self, sealer: Sealer, guard: ReplayGuard, counters: dict[str, int], *,
                  port: int, on_frame: Callable[[str, Addr, memoryview], None],
-                 max_frame: int = wire.TCP_MAX_FRAME, connect_timeout: float = 3.0,
+                 max_frame: int = stream.TCP_MAX_FRAME, connect_timeout: float = 3.0,
                  connect_attempts: int = 6, max_queued: int = MAX_QUEUED) -> None:
         self.sealer = sealer
         self.guard = guard

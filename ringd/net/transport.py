@@ -26,7 +26,9 @@ from typing import Any, Callable
 from ringd.config import Settings
 from ringd.core import wire
 from ringd.core.reliable import Endpoint, Event, FrameReceived, PeerUnreachable, ReliableConfig
-from ringd.core.wire import Message, ReplayGuard, Sealer
+from ringd.core.seal import ReplayGuard, Sealer, new_session
+from ringd.core.stream import TCP_MAX_FRAME
+from ringd.core.wire import Message
 from ringd.errors import ConfigError, LocalProtocolError
 from ringd.net.loop import loop_name
 from ringd.net.tcp import TcpChannel
@@ -52,14 +54,14 @@ class Transport:
     def __init__(self, settings: Settings, *, node_id: str, key: bytes, on_message: OnMessage,
                  on_channel_change: Callable[[Addr, str], None] | None = None,
                  on_stale: OnStale | None = None,
-                 reliable: ReliableConfig | None = None, max_tcp_frame: int = wire.TCP_MAX_FRAME,
+                 reliable: ReliableConfig | None = None, max_tcp_frame: int = TCP_MAX_FRAME,
                  udp_retry: float = 30.0, udp_offload: bool = True) -> None:
         self.settings = settings
         self.node_id = node_id
         self._on_message = on_message
         self._on_channel_change = on_channel_change
         self._on_stale = on_stale
-        session = wire.new_session(time.time_ns() // 1_000_000, int.from_bytes(os.urandom(2), "little"))
+        session = new_session(time.time_ns() // 1_000_000, int.from_bytes(os.urandom(2), "little"))
         self.sealer = Sealer(key, node_id, session, encrypt=settings.encrypt)
         self.counters = wire.new_counters()
         self.guard = ReplayGuard()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from ringd.core import reliable
 from ringd.core.reliable import (SEGMENT, Endpoint, FrameReceived, PeerUnreachable,
                                  ReliableConfig, Transmit)
-from ringd.core.wire import ReplayGuard, Sealer, new_session
+from ringd.core.seal import ReplayGuard, Sealer, new_session
 from ringd.errors import LocalProtocolError
 
 KEY = bytes(range(32))

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from ringd import PROTOCOL_VERSION
-from ringd.core import wire
+from ringd.core import stream, wire
 from ringd.core.requests import SamplingParams
-from ringd.core.wire import (Activation, Gossip, Handshake, ReplayGuard, Sealer, Tensor, decode,
-                             encode_bytes, new_session)
+from ringd.core.seal import ReplayGuard, Sealer, new_session
+from ringd.core.wire import Activation, Gossip, Handshake, Tensor, decode, encode_bytes
 from ringd.errors import LocalProtocolError
 from ringd.net import tcp
 from ringd.net.tcp import TcpChannel
@@ -104,7 +104,7 @@ async def test_large_frames_go_in_records_between_small_frames_in_order() -> Non
         # each 4 MiB message went in records (a u32 total in the first one, a header and a tag on
         # each): 3 x (the head alone + n of the body), n for the one without a head, 3 small ones
         n = (4 << 20) // tcp.RECORD
-        per_record = wire.TCP_HEADER.size + a.sealer.overhead
+        per_record = stream.TCP_HEADER.size + a.sealer.overhead
         overhead = a.totals["bytes_sent"] - sent_before - sum(len(x) for x in expected)
         assert n >= 4 and overhead == 4 * 4 + (3 * (n + 1) + n + 3) * per_record
         assert sum(b.counters.values()) == 0 and b.totals["frames_received"] == 1 + len(expected)  # + connected()'s
@@ -244,15 +244,15 @@ async def test_a_message_that_cannot_be_sealed_fails_its_sender_not_the_connecti
         huge = memoryview(mmap.mmap(-1, 64 << 20))  # untouched pages: no memory
         with pytest.raises(LocalProtocolError, match="exceeds the limit"):
             a.send_frame(ba, gossip(b"x"), huge)  # at once, not later in the loop
-        real = wire.seal_tcp_records
+        real = stream.seal_tcp_records
 
         def broken(*args, **kw):
             yield from ()
             raise RuntimeError("a sealing bug")
 
-        monkeypatch.setattr(wire, "seal_tcp_records", broken)
+        monkeypatch.setattr(stream, "seal_tcp_records", broken)
         a.send_frame(ba, activation(os.urandom(1 << 20)))
-        monkeypatch.setattr(wire, "seal_tcp_records", real)
+        monkeypatch.setattr(stream, "seal_tcp_records", real)
         a.send_frame(ba, gossip(b"after"))
         await inb.wait(lambda xs: len(xs) == 1)
         assert inb.items[0][2] == gossip(b"after") and a.counters["overflow"] == 1
@@ -305,9 +305,10 @@ async def test_bad_peers_are_counted_and_disconnected() -> None:
         dial = x._connecting[ba]
         # an oversize length, then garbage, then a frame that is not a handshake first
         sealer = Sealer(KEY, "y", new_session(1, 1))
-        huge = wire.TCP_HEADER.pack(1 << 30, wire.TCP_MAGIC, wire.WIRE_VERSION, sealer.cluster_tag, 1, 1)
-        first_not_handshake = bytes(wire.seal_tcp_frame(sealer, 1, gossip(b"no hello")))
-        old = bytes(wire.seal_tcp_frame(Sealer(KEY, "z", new_session(2, 2)), 1, encode_bytes(
+        huge = stream.TCP_HEADER.pack(1 << 30, stream.TCP_MAGIC, wire.WIRE_VERSION,
+                                      sealer.cluster_tag, 1, 1)
+        first_not_handshake = bytes(stream.seal_tcp_frame(sealer, 1, gossip(b"no hello")))
+        old = bytes(stream.seal_tcp_frame(Sealer(KEY, "z", new_session(2, 2)), 1, encode_bytes(
             Handshake("z", sealer.cluster_id, PROTOCOL_VERSION + 1, "9.9", 1))))
         for payload in (huge, b"GET / HTTP/1.1\r\n\r\n" + bytes(40), first_not_handshake, old):
             r, w = await _raw_conn(ba)

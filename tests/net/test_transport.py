@@ -11,7 +11,7 @@ import msgpack
 import pytest
 
 from ringd.config import Settings
-from ringd.core import wire
+from ringd.core import stream, wire
 from ringd.core.reliable import ReliableConfig
 from ringd.core.requests import SamplingParams
 from ringd.core.wire import Activation, Gossip, Tensor, Token
@@ -191,8 +191,8 @@ async def test_bad_input_is_counted_never_delivered() -> None:
         a.udp.send_frame(b.local_addr, b"\x63\0\0\0\0")  # sealed, but an unknown message type
         a.udp.send_frame(b.local_addr, b"\x02\0\0")  # sealed, truncated message
         r, w = await asyncio.open_connection(*b.local_addr)
-        w.write(wire.TCP_HEADER.pack(1 << 30, wire.TCP_MAGIC, wire.WIRE_VERSION,
-                                     a.sealer.cluster_tag, 1, 1))  # oversize length
+        w.write(stream.TCP_HEADER.pack(1 << 30, stream.TCP_MAGIC, wire.WIRE_VERSION,
+                                       a.sealer.cluster_tag, 1, 1))  # oversize length
         await asyncio.wait_for(r.read(), 5)  # b sends its handshake, then hangs up (reads to EOF)
         w.close()
         a.send(b.local_addr, Gossip(b"the only good one"))  # sent last on the same path

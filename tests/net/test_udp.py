@@ -18,7 +18,8 @@ import pytest
 import uvloop
 
 from ringd.core.reliable import MAX_BURST, Endpoint, FrameReceived, PeerUnreachable, ReliableConfig
-from ringd.core.wire import WIRE_VERSION, ReplayGuard, Sealer, new_session
+from ringd.core.seal import ReplayGuard, Sealer, new_session
+from ringd.core.wire import WIRE_VERSION
 from ringd.net.udp import UdpChannel
 from tests.net.netns import unavailable_reason
 
