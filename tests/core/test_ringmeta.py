@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ringd.core.membership import Member, MemberState
+from ringd.core.membership import Member, MembershipConfig, MemberState
 from ringd.core.ringmeta import (
     MAX_ENCODED,
     MAX_FINGERPRINT,
@@ -113,7 +113,7 @@ def test_serving_metadata_is_small_and_the_worst_case_fits_the_membership_bound(
         memory_bandwidth=2**63 - 1,
         refusal="\U0001f600" * MAX_REFUSAL,  # 4 bytes a character
     )
-    assert len(worst.encode()) <= 2048
+    assert len(worst.encode()) <= MembershipConfig().max_meta_bytes
 
 
 # Each key: a value at the bound (accepted) and values past it or of the wrong type.
