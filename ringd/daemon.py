@@ -12,6 +12,7 @@ and the clock, does what they say, and re-arms one timer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import faulthandler
 import importlib
 import logging
@@ -27,16 +28,16 @@ from typing import Any, AsyncIterator
 
 import click
 
-from ringd import PROTOCOL_VERSION, __version__
+from ringd import __version__
 from ringd.config import Settings, format_size
 from ringd.core import wire
 from ringd.core.agreement import (Agreement, LoadShard, PlanDropped, PlanUnfit, RingReady,
                                   StopServing)
-from ringd.core.membership import (Member, MemberState, Membership, MembershipConfig, NodeMeta,
-                                   NodePhase)
+from ringd.core.membership import Membership, MembershipConfig
 from ringd.core.pipeline import Route, Stage
 from ringd.core.plan import ModelShape, Plan
 from ringd.core.requests import FinishEvent, GenerationRequest, TokenEvent
+from ringd.core.ringmeta import MetaDecoder, NodeMeta, NodePhase, adopt_active_model, make_view
 from ringd.daemon_cli import build_settings, settings_options
 from ringd.errors import ConfigError, ModelError, RemoteProtocolError, RingdError, UsageError
 
@@ -116,11 +117,11 @@ class Node:
                              on_shutdown=self.request_stop)
         self.http_port = await self.api.start()
 
-        meta = NodeMeta(usable_memory=usable, total_memory=total, models=(self.info.name,),
-                        phase=NodePhase.JOINING, software_version=__version__,
-                        protocol_version=PROTOCOL_VERSION, http_port=self.http_port,
-                        model=s.model, model_version=0)
-        self.membership = Membership(self.node_id, s.node_name, self.addr, meta,
+        self.meta = NodeMeta(usable_memory=usable, total_memory=total, models=(self.info.name,),
+                             phase=NodePhase.JOINING, software_version=__version__,
+                             http_port=self.http_port, model=s.model, model_version=0)
+        self.metas = MetaDecoder()  # the members' metadata as the ring reads it
+        self.membership = Membership(self.node_id, s.node_name, self.addr, self.meta.encode(),
                                      rng=random.Random(), config=MembershipConfig.from_settings(s))
         self.agreement = Agreement(self.node_id, last_epoch=self.state.plan_epoch)
         self.discovery = None
@@ -238,20 +239,28 @@ class Node:
         """After any input: membership events -> agreement -> published meta -> outbox."""
         for ev in self.membership.events():
             log.debug("membership: %s", ev)
-        view = self.membership.view()
-        metas = {m.node_id: m.meta for m in self.membership.members()}
+        metas = self.metas.decode(self.membership.members())
+        if not self.membership.leaving:  # the ring-wide model setting outlives its writer
+            self.meta = adopt_active_model(self.node_id, self.meta, metas)
+        metas[self.node_id] = self.meta
+        view = make_view(self.membership.live_members(), metas)
         self.agreement.update(now, view, metas, self.shape if view.model == self.info.name else None)
         for ev in self.agreement.events():
             self._on_agreement(ev, now)
         pub = self.agreement.published()
         if self.membership.leaving:
             pub["phase"] = NodePhase.LEAVING
-        self.membership.update_meta(**pub)
+        self._publish(**pub)
         self.transport.set_epoch(self.agreement.epoch)
         for addr, payload in self.membership.outbox():
             # SWIM does its own retries: probes must not be masked by retransmission
             self.transport.send(addr, wire.Gossip(payload), reliable=False)
         self._wake.set()
+
+    def _publish(self, **changes: Any) -> None:
+        """Change this node's metadata; membership gossips it if the bytes changed."""
+        self.meta = dataclasses.replace(self.meta, **changes)
+        self.membership.update_meta(self.meta.encode())
 
     def _on_agreement(self, ev: Any, now: float) -> None:
         from ringd.service.sdnotify import notify
@@ -267,7 +276,7 @@ class Node:
                 self._load_task.cancel()
         elif isinstance(ev, LoadShard):
             self.timeline.setdefault("committed", now - self.started)
-            self.membership.update_meta(refusal=None)
+            self._publish(refusal=None)
             self.state.save_plan_epoch(ev.plan.epoch)
             self._load_task = asyncio.get_running_loop().create_task(self._load(ev.plan, ev.assignment))
             self._keep(self._load_task)
@@ -277,9 +286,11 @@ class Node:
 
             # Every node checks the others' gossiped fingerprints against its own model files.
             members = {m.node_id: m for m in self.membership.members()}
+            metas = self.metas.decode(members.values())
             claims = [StageClaim(a.node_id, m.name if m else a.node_id[:8], a.start, a.end,
-                                 m.meta.fingerprint if m else None)
-                      for a in ev.plan.order for m in [members.get(a.node_id)]]
+                                 meta.fingerprint if meta else None)
+                      for a in ev.plan.order
+                      for m, meta in [(members.get(a.node_id), metas.get(a.node_id))]]
             manifest = self.manifest
             problems = (check_fingerprints(claims, lambda a, b: manifest.expected(self.info, a, b),
                                            self.node_id)
@@ -288,7 +299,7 @@ class Node:
                 reason = fingerprint_problem(problems)
                 log.error("refusing to serve plan epoch %d: %s", ev.plan.epoch, reason)
                 self.agreement.load_failed(ev.plan.hash, reason)
-                self.membership.update_meta(refusal=refusal_text(reason))
+                self._publish(refusal=refusal_text(reason))
                 notify(status=f"refusing to serve: {reason}")
                 return
             self.ring_fingerprint = ring_fingerprint(ev.plan.hash,
@@ -319,12 +330,12 @@ class Node:
             self.bandwidth = ((float(s.memory_bandwidth), "configured") if s.memory_bandwidth
                               else await asyncio.to_thread(detect_bandwidth))
             log.info("memory bandwidth %.1f GB/s (%s)", self.bandwidth[0] / 1e9, self.bandwidth[1])
-            self.membership.update_meta(memory_bandwidth=int(self.bandwidth[0]))
+            self._publish(memory_bandwidth=int(self.bandwidth[0]))
         try:
             # Per-tensor hashes of the local files: built once, then read (and kept) in memory.
             self.manifest = manifest = await asyncio.to_thread(load_manifest, self.model_dir)
             if assignment is None:
-                self.membership.update_meta(fingerprint=None)
+                self._publish(fingerprint=None)
                 self.agreement.loaded(plan.hash, time.monotonic())
                 self._pump(time.monotonic())
                 return
@@ -335,7 +346,7 @@ class Node:
                 notify(status=f"loading layers {start}-{end - 1} of {plan.num_layers}")
                 log.info("loading layers [%d, %d) of %s", start, end, self.info.name)
                 old, self.compute, self.loaded_for = self.compute, None, None
-                self.membership.update_meta(fingerprint=None)
+                self._publish(fingerprint=None)
                 t0 = time.monotonic()
                 if old is not None:
                     await self.runner.run_compute(old.free_all)
@@ -351,14 +362,14 @@ class Node:
                 fingerprint = manifest.fingerprint(start, end, compute.tensor_names)
                 self.load_seconds = time.monotonic() - t0
                 self.compute, self.loaded_for = compute, plan.layout_hash
-                self.membership.update_meta(fingerprint=fingerprint)
+                self._publish(fingerprint=fingerprint)
                 log.info("loaded layers [%d, %d): %s in %.2f s, fingerprint %s", start, end,
                          format_size(compute.loaded_bytes), self.load_seconds, fingerprint)
         except RingdError as e:
             log.error("cannot serve plan %s: %s", plan.hash[:8], e)
             self.agreement.load_failed(plan.hash,
                                        e.message + (f" (hint: {e.hint})" if e.hint else ""))
-            self.membership.update_meta(refusal=refusal_text(e.message))
+            self._publish(refusal=refusal_text(e.message))
             self._pump(time.monotonic())
             return
         self.agreement.loaded(plan.hash, time.monotonic())
@@ -421,6 +432,7 @@ class Node:
             self.runner.stop_serving(f"node {s.node_name} is shutting down and ended the requests "
                                      f"still running after shutdown_timeout ({s.shutdown_timeout:g} s)",
                                      code="leaving")
+        self._publish(phase=NodePhase.LEAVING)  # the LEFT record carries it
         self.membership.leave(time.monotonic())
         self._pump(time.monotonic())
         self._accepting = False  # from here on only the leave gossip goes out
@@ -442,32 +454,39 @@ class Node:
         """Why the ring is not serving: the agreement's reason, or the nodes that refuse."""
         from ringd.core.proof import not_ready_reason
 
+        members = self.membership.members()
+        metas = self.metas.decode(members)
         return not_ready_reason(self.agreement.reason, [
-            (m.name or m.node_id[:8], m.meta.refusal) for m in self.membership.members()
-            if m.meta.refusal and m.node_id != self.node_id])
+            (m.name or m.node_id[:8], meta.refusal) for m in members
+            if (meta := metas.get(m.node_id)) and meta.refusal and m.node_id != self.node_id])
 
     def status(self) -> dict[str, Any]:
         ag = self.agreement.status()
         plan = self.agreement.plan
         members = []
+        metas = self.metas.decode(self.membership.members())
         for m in sorted(self.membership.members(), key=lambda m: m.node_id):
             a = plan.assignment(m.node_id) if plan else None
             rtt = self.membership.rtt(m.node_id) if m.node_id != self.node_id else None
+            meta = metas.get(m.node_id)  # None: metadata this node cannot read
             members.append({
                 "id": m.node_id, "name": m.name, "addr": f"{m.addr[0]}:{m.addr[1]}",
-                "state": m.state.value, "phase": m.meta.phase.value,
-                "usable_memory": m.meta.usable_memory, "total_memory": m.meta.total_memory,
+                "state": m.state.value, "phase": meta.phase.value if meta else None,
+                "usable_memory": meta.usable_memory if meta else None,
+                "total_memory": meta.total_memory if meta else None,
                 "layers": [a.start, a.end] if a else None,
                 "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
-                "software_version": m.meta.software_version, "http_port": m.meta.http_port,
+                "software_version": meta.software_version if meta else None,
+                "http_port": meta.http_port if meta else None,
                 "self": m.node_id == self.node_id,
-                "fingerprint": m.meta.fingerprint, "refusal": m.meta.refusal,
-                "memory_bandwidth": m.meta.memory_bandwidth or None,
+                "fingerprint": meta.fingerprint if meta else None,
+                "refusal": meta.refusal if meta else None,
+                "memory_bandwidth": (meta.memory_bandwidth or None) if meta else None,
             })
         return {
             "node": {"id": self.node_id, "name": self.settings.node_name,
                      "addr": f"{self.addr[0]}:{self.addr[1]}", "http_port": self.http_port,
-                     "phase": self.membership.local.meta.phase.value},
+                     "phase": self.meta.phase.value},
             "ready": self.runner.route is not None,
             "reason": None if self.runner.route is not None else self.not_ready_reason(),
             "model": {"name": self.info.name, "num_layers": self.info.num_layers,
@@ -495,10 +514,11 @@ class Node:
         if plan is None:
             return None
         members = {m.node_id: m for m in self.membership.members()}
+        metas = self.metas.decode(members.values())
         stages = []
         for a in plan.order:
-            m = members.get(a.node_id)
-            bandwidth = float(m.meta.memory_bandwidth) if m and m.meta.memory_bandwidth else None
+            m, meta = members.get(a.node_id), metas.get(a.node_id)
+            bandwidth = float(meta.memory_bandwidth) if meta and meta.memory_bandwidth else None
             stages.append(StageLoad(a.node_id, m.name if m else a.node_id[:8],
                                     self.info.shard_bytes(a.start, a.end), bandwidth))
         rtts = [r for i in members
