@@ -376,8 +376,9 @@ class MembershipConfig:
     #: value. memberlist allows 512 bytes; the ring's metadata (:mod:`ringd.core.ringmeta`)
     #: takes ~300 bytes serving, but its bounds (three plan hashes, a fingerprint, a
     #: 240-character refusal, model names) reach ~1.0 KB in ASCII and ~1.7 KB with a
-    #: multi-byte refusal: 2 KiB holds them with room for fields to come. Metadata that large
-    #: no longer piggy-backs on probes (``max_payload_bytes``) and spreads by push-pull.
+    #: multi-byte refusal: 2 KiB holds them with room for fields to come. A record too big to
+    #: ride next to a probe within ``max_payload_bytes`` (metadata over ~700 bytes) spreads
+    #: only by push-pull and its owner's own messages.
     max_meta_bytes: int = MAX_META
 
     def __post_init__(self) -> None:
