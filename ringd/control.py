@@ -11,20 +11,23 @@ authority on whether the ring serves.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
 from typing import Any, Callable
 
-from ringd import PROTOCOL_VERSION, __version__
+from ringd import __version__
 from ringd.config import Settings
 from ringd.core import wire
 from ringd.core.agreement import (Agreement, LoadShard, PlanDropped, PlanUnfit, RingReady,
                                   StopServing)
-from ringd.core.membership import Member, Membership, MembershipConfig, NodeMeta, NodePhase
+from ringd.core.membership import Member, Membership, MembershipConfig
 from ringd.core.plan import Plan, model_shape
 from ringd.core.proof import (StageClaim, fingerprint_problem, not_ready_reason, refusal_text,
                               ring_fingerprint)
+from ringd.core.ringmeta import (MetaDecoder, NodeMeta, NodePhase, adopt_active_model,
+                                  make_view)
 from ringd.core.route import Route, Stage
 from ringd.errors import RemoteProtocolError, RingdError
 from ringd.faults import Fault
@@ -66,11 +69,11 @@ class RingControl:
         self.timeline: dict[str, float] = {}
         self.ready = asyncio.Event()  # set while the ring serves (sd_notify READY, test hooks)
         self.wake = asyncio.Event()  # set when a timer may have moved earlier
-        meta = NodeMeta(usable_memory=usable, total_memory=total, models=(info.name,),
-                        phase=NodePhase.JOINING, software_version=__version__,
-                        protocol_version=PROTOCOL_VERSION, http_port=http_port,
-                        model=settings.model, model_version=0)
-        self.membership = Membership(node_id, settings.node_name, addr, meta,
+        self.meta = NodeMeta(usable_memory=usable, total_memory=total, models=(info.name,),
+                             phase=NodePhase.JOINING, software_version=__version__,
+                             http_port=http_port, model=settings.model, model_version=0)
+        self._decoder = MetaDecoder()  # the members' metadata as the ring reads it
+        self.membership = Membership(node_id, settings.node_name, addr, self.meta.encode(),
                                      rng=random.Random(),
                                      config=MembershipConfig.from_settings(settings))
         self.agreement = Agreement(node_id, last_epoch=state.plan_epoch)
@@ -104,6 +107,7 @@ class RingControl:
         return min(timers) if timers else None
 
     def leave(self, now: float) -> None:
+        self._publish(phase=NodePhase.LEAVING)  # the LEFT record carries it
         self.membership.leave(now)
         self.pump(now)
 
@@ -112,8 +116,11 @@ class RingControl:
         """After any input: membership events -> agreement -> published meta -> outbox."""
         for ev in self.membership.events():
             log.debug("membership: %s", ev)
-        view = self.membership.view()
-        metas = {m.node_id: m.meta for m in self.membership.members()}
+        metas = self._decoder.decode(self.membership.members())
+        if not self.membership.leaving:  # the ring-wide model setting outlives its writer
+            self.meta = adopt_active_model(self.node_id, self.meta, metas)
+        metas[self.node_id] = self.meta
+        view = make_view(self.membership.live_members(), metas)
         self.agreement.update(now, view, metas,
                               self.shape if view.model == self.info.name else None)
         for ev in self.agreement.events():
@@ -121,11 +128,16 @@ class RingControl:
         pub = self.agreement.published()
         if self.membership.leaving:
             pub["phase"] = NodePhase.LEAVING
-        self.membership.update_meta(**pub)
+        self._publish(**pub)
         for addr, payload in self.membership.outbox():
             # SWIM does its own retries: probes must not be masked by retransmission
             self.transport.send(addr, wire.Gossip(payload), reliable=False)
         self.wake.set()
+
+    def _publish(self, **changes: Any) -> None:
+        """Change this node's metadata; membership gossips it if the bytes changed."""
+        self.meta = dataclasses.replace(self.meta, **changes)
+        self.membership.update_meta(self.meta.encode())
 
     def _on_agreement(self, ev: Any, now: float) -> None:
         if isinstance(ev, StopServing):
@@ -139,7 +151,7 @@ class RingControl:
                 self._load_task.cancel()
         elif isinstance(ev, LoadShard):
             self.timeline.setdefault("committed", now - self.started)
-            self.membership.update_meta(refusal=None, fingerprint=None)
+            self._publish(refusal=None, fingerprint=None)
             self.state.save_plan_epoch(ev.plan.epoch)
             self._load_task = self._spawn(self._load(ev))
         elif isinstance(ev, RingReady):
@@ -152,31 +164,33 @@ class RingControl:
         plan = ev.plan
         try:
             bandwidth, _ = await self.loader.memory_bandwidth()
-            self.membership.update_meta(memory_bandwidth=int(bandwidth))
+            self._publish(memory_bandwidth=int(bandwidth))
             fingerprint = await self.loader.load(plan, ev.assignment,
                                                  status=lambda text: notify(status=text))
         except RingdError as e:
             log.error("cannot serve plan %s: %s", plan.hash[:8], e)
             self.agreement.load_failed(plan.hash,
                                        e.message + (f" (hint: {e.hint})" if e.hint else ""))
-            self.membership.update_meta(refusal=refusal_text(e.message))
+            self._publish(refusal=refusal_text(e.message))
         else:
-            self.membership.update_meta(fingerprint=fingerprint)
+            self._publish(fingerprint=fingerprint)
             self.agreement.loaded(plan.hash, time.monotonic())
         self.pump(time.monotonic())
 
     def _ring_ready(self, plan: Plan, now: float) -> None:
         # Every node checks the others' gossiped fingerprints against its own model files.
         members = {m.node_id: m for m in self.membership.members()}
+        metas = self.metas()
         claims = [StageClaim(a.node_id, m.name if m else a.node_id[:8], a.start, a.end,
-                             m.meta.fingerprint if m else None)
-                  for a in plan.order for m in [members.get(a.node_id)]]
+                             meta.fingerprint if meta else None)
+                  for a in plan.order
+                  for m, meta in [(members.get(a.node_id), metas.get(a.node_id))]]
         problems = self.loader.check_ring(claims, self.node_id)
         if problems:
             reason = fingerprint_problem(problems)
             log.error("refusing to serve plan epoch %d: %s", plan.epoch, reason)
             self.agreement.load_failed(plan.hash, reason)
-            self.membership.update_meta(refusal=refusal_text(reason))
+            self._publish(refusal=refusal_text(reason))
             notify(status=f"refusing to serve: {reason}")
             return
         self.ring_fingerprint = ring_fingerprint(plan.hash, [c.fingerprint or "" for c in claims])
@@ -201,8 +215,16 @@ class RingControl:
     def members(self) -> list[Member]:
         return self.membership.members()
 
+    def metas(self) -> dict[str, NodeMeta]:
+        """Every member's metadata as this node reads it (a member whose metadata cannot be
+        read is missing), this node's own included."""
+        metas = self._decoder.decode(self.membership.members())
+        metas[self.node_id] = self.meta
+        return metas
+
     def not_ready_reason(self) -> str:
         """Why the ring is not serving: the agreement's reason, or the nodes that refuse."""
+        metas = self.metas()
         return not_ready_reason(self.agreement.reason, [
-            (m.name or m.node_id[:8], m.meta.refusal) for m in self.membership.members()
-            if m.meta.refusal and m.node_id != self.node_id])
+            (m.name or m.node_id[:8], meta.refusal) for m in self.membership.members()
+            if (meta := metas.get(m.node_id)) and meta.refusal and m.node_id != self.node_id])

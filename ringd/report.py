@@ -19,25 +19,30 @@ def node_status(d: Any) -> dict[str, Any]:
     plan = agreement.plan
     serving = runner.pipeline.route is not None
     members = []
+    metas = control.metas()
     for m in sorted(membership.members(), key=lambda m: m.node_id):
         a = plan.assignment(m.node_id) if plan else None
         rtt = membership.rtt(m.node_id) if m.node_id != d.node_id else None
+        meta = metas.get(m.node_id)  # None: metadata this node cannot read
         members.append({
             "id": m.node_id, "name": m.name, "addr": f"{m.addr[0]}:{m.addr[1]}",
-            "state": m.state.value, "phase": m.meta.phase.value,
-            "usable_memory": m.meta.usable_memory, "total_memory": m.meta.total_memory,
+            "state": m.state.value, "phase": meta.phase.value if meta else None,
+            "usable_memory": meta.usable_memory if meta else None,
+            "total_memory": meta.total_memory if meta else None,
             "layers": [a.start, a.end] if a else None,
             "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
-            "software_version": m.meta.software_version, "http_port": m.meta.http_port,
+            "software_version": meta.software_version if meta else None,
+            "http_port": meta.http_port if meta else None,
             "self": m.node_id == d.node_id,
-            "fingerprint": m.meta.fingerprint, "refusal": m.meta.refusal,
-            "memory_bandwidth": m.meta.memory_bandwidth or None,
+            "fingerprint": meta.fingerprint if meta else None,
+            "refusal": meta.refusal if meta else None,
+            "memory_bandwidth": (meta.memory_bandwidth or None) if meta else None,
         })
     compute = d.loader.compute
     return {
         "node": {"id": d.node_id, "name": d.settings.node_name,
                  "addr": f"{d.addr[0]}:{d.addr[1]}", "http_port": d.http_port,
-                 "phase": membership.local.meta.phase.value},
+                 "phase": control.meta.phase.value},
         "ready": serving,
         "reason": None if serving else control.not_ready_reason(),
         "model": {"name": d.info.name, "num_layers": d.info.num_layers,
@@ -66,10 +71,11 @@ def ceiling(d: Any, plan: Plan | None) -> dict[str, Any] | None:
         return None
     membership = d.control.membership
     members = {m.node_id: m for m in membership.members()}
+    metas = d.control.metas()
     stages = []
     for a in plan.order:
-        m = members.get(a.node_id)
-        bandwidth = float(m.meta.memory_bandwidth) if m and m.meta.memory_bandwidth else None
+        m, meta = members.get(a.node_id), metas.get(a.node_id)
+        bandwidth = float(meta.memory_bandwidth) if meta and meta.memory_bandwidth else None
         stages.append(StageLoad(a.node_id, m.name if m else a.node_id[:8],
                                 d.info.shard_bytes(a.start, a.end), bandwidth))
     rtts = [r for i in members if i != d.node_id and (r := membership.rtt(i)) is not None]

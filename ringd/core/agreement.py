@@ -3,9 +3,9 @@
 Every node computes the plan itself from the view and the model's shape
 (:func:`ringd.core.plan.make_plan`); agreement only decides *when* to commit and *which
 epoch* the plan carries. Each node publishes, in its gossiped metadata
-(:meth:`Agreement.published` -> ``Membership.update_meta``), the view hash it sees, the
-epoch it proposes for that view, the plan it committed to and the plan whose layers it
-has loaded.
+(:meth:`Agreement.published` -> its :class:`ringd.core.ringmeta.NodeMeta`, encoded into
+``Membership.update_meta``), the view hash it sees, the epoch it proposes for that view,
+the plan it committed to and the plan whose layers it has loaded.
 
 Rules:
 
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Union
 
-from ringd.core.membership import NodeMeta, NodePhase, View
 from ringd.core.plan import Assignment, ModelShape, Plan, make_plan
+from ringd.core.ringmeta import NodeMeta, NodePhase, View
 from ringd.errors import PlanError
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ class Agreement:
         return self._reason
 
     def published(self) -> dict[str, Any]:
-        """Metadata fields to gossip: ``membership.update_meta(**agreement.published())``."""
+        """Metadata fields to gossip: ``dataclasses.replace(meta, **agreement.published())``."""
         committed = self._plan is not None
         return {
             "view_hash": self._view.hash if self._view else None,

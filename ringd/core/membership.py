@@ -17,6 +17,11 @@ and LEFT need ``>= i``. The local node changes its metadata by bumping its own
 incarnation, so newer metadata always wins. Every message carries the sender's
 own record, so one exchange is enough to learn a peer.
 
+A member's record is what SWIM needs (node id, name, address, incarnation, state, the
+protocol version it speaks) plus its metadata as bounded opaque bytes, as memberlist's
+``Node.Meta``: SWIM carries them and never reads them. The ring gives them their meaning
+(:mod:`ringd.core.ringmeta`) and builds its view from :meth:`Membership.live_members`.
+
 Usage (the adapter's loop)::
 
     m = Membership(node_id, name, addr, meta, rng=random.Random(seed))
@@ -44,7 +49,6 @@ from typing import Any, Union
 import msgpack
 
 from ringd import PROTOCOL_VERSION
-from ringd.core.plan import canonical_hash
 from ringd.core.wire import FieldReader
 from ringd.errors import LocalProtocolError, RemoteProtocolError
 
@@ -57,12 +61,8 @@ MAX_PAYLOAD = 1 << 20
 MAX_ID = 64
 MAX_NAME = 64
 MAX_HOST = 255
-MAX_MODELS = 64
-MAX_MODEL_NAME = 128
-MAX_VERSION = 32
-MAX_HASH = 64
-MAX_FINGERPRINT = 128
-MAX_REFUSAL = 240
+#: Default bound of one member's metadata (bytes); see MembershipConfig.max_meta_bytes.
+MAX_META = 2048
 MAX_UPDATES = 64
 MAX_SYNC_MEMBERS = 1024
 _U32 = (1 << 32) - 1
@@ -75,47 +75,8 @@ class MemberState(Enum):
     LEFT = "left"
 
 
-class NodePhase(Enum):
-    JOINING = "joining"
-    LOADING = "loading"
-    READY = "ready"
-    SERVING = "serving"
-    LEAVING = "leaving"
-
-
 _LIVE = (MemberState.ALIVE, MemberState.SUSPECT)
 _STATES = tuple(MemberState)
-_PHASES = tuple(NodePhase)
-
-
-@dataclass(frozen=True)
-class NodeMeta:
-    """What a node tells the ring about itself (gossiped with its record)."""
-
-    usable_memory: int = 0
-    total_memory: int = 0
-    models: tuple[str, ...] = ()
-    phase: NodePhase = NodePhase.JOINING
-    software_version: str = ""
-    protocol_version: int = PROTOCOL_VERSION
-    #: Port of the node's local HTTP API (for status), 0 if none.
-    http_port: int = 0
-    #: Hash of the view this node currently sees.
-    view_hash: str | None = None
-    #: Epoch this node proposes for its view; the committed plan's epoch once committed.
-    epoch: int = 0
-    #: Plan this node committed to, and the plan whose layers it has finished loading.
-    plan_hash: str | None = None
-    ready_plan_hash: str | None = None
-    #: Digest of the weights this node actually loaded (issue 6).
-    fingerprint: str | None = None
-    #: Ring-wide active model setting: last writer wins by (model_version, node_id).
-    model: str = ""
-    model_version: int = 0
-    #: Memory bandwidth in bytes/s, for the decode ceiling (issue 6); 0 when unknown.
-    memory_bandwidth: int = 0
-    #: Why this node refuses to serve its committed plan (e.g. weights that differ), if it does.
-    refusal: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,7 +86,11 @@ class Member:
     addr: Addr
     incarnation: int
     state: MemberState
-    meta: NodeMeta
+    #: The node's metadata: opaque bytes for SWIM (the ring reads them, see
+    #: :mod:`ringd.core.ringmeta`), at most ``MembershipConfig.max_meta_bytes``.
+    meta: bytes = b""
+    #: Peer protocol version the node speaks; only members of ours are live for the ring.
+    protocol_version: int = PROTOCOL_VERSION
 
 
 @dataclass(frozen=True)
@@ -185,27 +150,6 @@ Message = Union[Ping, Ack, PingReq, Broadcast, Sync]
 _TAGS: dict[type, int] = {Ping: 1, Ack: 2, PingReq: 3, Broadcast: 4, Sync: 5}
 
 
-def _enc_meta(m: NodeMeta) -> list[Any]:
-    return [
-        m.usable_memory,
-        m.total_memory,
-        list(m.models),
-        _PHASES.index(m.phase),
-        m.software_version,
-        m.protocol_version,
-        m.http_port,
-        m.view_hash,
-        m.epoch,
-        m.plan_hash,
-        m.ready_plan_hash,
-        m.fingerprint,
-        m.model,
-        m.model_version,
-        m.memory_bandwidth,
-        m.refusal,
-    ]
-
-
 def _enc_member(m: Member) -> list[Any]:
     return [
         m.node_id,
@@ -214,7 +158,8 @@ def _enc_member(m: Member) -> list[Any]:
         m.addr[1],
         m.incarnation,
         _STATES.index(m.state),
-        _enc_meta(m.meta),
+        m.protocol_version,
+        m.meta,
     ]
 
 
@@ -252,70 +197,51 @@ def _bad(what: str) -> RemoteProtocolError:
 
 
 _read = FieldReader(_bad)
-_list, _int, _str, _opt_str = _read.items, _read.integer, _read.text, _read.opt_text
-
-
-def _dec_meta(v: Any) -> NodeMeta:
-    f = _list(v, "meta", 16)
-    models = tuple(
-        _str(x, "meta.models[]", MAX_MODEL_NAME, 1)
-        for x in _list(f[2], "meta.models", max_len=MAX_MODELS)
-    )
-    return NodeMeta(
-        usable_memory=_int(f[0], "meta.usable_memory"),
-        total_memory=_int(f[1], "meta.total_memory"),
-        models=models,
-        phase=_PHASES[_int(f[3], "meta.phase", 0, len(_PHASES) - 1)],
-        software_version=_str(f[4], "meta.software_version", MAX_VERSION),
-        protocol_version=_int(f[5], "meta.protocol_version", 0, _U32),
-        http_port=_int(f[6], "meta.http_port", 0, 65535),
-        view_hash=_opt_str(f[7], "meta.view_hash", MAX_HASH),
-        epoch=_int(f[8], "meta.epoch"),
-        plan_hash=_opt_str(f[9], "meta.plan_hash", MAX_HASH),
-        ready_plan_hash=_opt_str(f[10], "meta.ready_plan_hash", MAX_HASH),
-        fingerprint=_opt_str(f[11], "meta.fingerprint", MAX_FINGERPRINT),
-        model=_str(f[12], "meta.model", MAX_MODEL_NAME),
-        model_version=_int(f[13], "meta.model_version"),
-        memory_bandwidth=_int(f[14], "meta.memory_bandwidth"),
-        refusal=_opt_str(f[15], "meta.refusal", MAX_REFUSAL),
-    )
+_list, _int, _str = _read.items, _read.integer, _read.text
 
 
 def _dec_addr(host: Any, port: Any, what: str) -> Addr:
     return (_str(host, f"{what}.host", MAX_HOST, 1), _int(port, f"{what}.port", 1, 65535))
 
 
-def _dec_member(v: Any, what: str = "member") -> Member:
-    f = _list(v, what, 7)
+def _bytes(v: Any, what: str, max_len: int) -> bytes:
+    if type(v) is not bytes or len(v) > max_len:
+        raise _bad(f"{what}: expected bytes, at most {max_len}")
+    return v
+
+
+def _dec_member(v: Any, max_meta: int, what: str = "member") -> Member:
+    f = _list(v, what, 8)
     return Member(
         node_id=_str(f[0], f"{what}.node_id", MAX_ID, 1),
         name=_str(f[1], f"{what}.name", MAX_NAME),
         addr=_dec_addr(f[2], f[3], f"{what}.addr"),
         incarnation=_int(f[4], f"{what}.incarnation"),
         state=_STATES[_int(f[5], f"{what}.state", 0, len(_STATES) - 1)],
-        meta=_dec_meta(f[6]),
+        protocol_version=_int(f[6], f"{what}.protocol_version", 0, _U32),
+        meta=_bytes(f[7], f"{what}.meta", max_meta),
     )
 
 
-def _dec_source(v: Any) -> Member:
-    m = _dec_member(v, "source")
+def _dec_source(v: Any, max_meta: int) -> Member:
+    m = _dec_member(v, max_meta, "source")
     if m.state not in (MemberState.ALIVE, MemberState.LEFT):
         raise _bad(f"source: a node cannot describe itself as {m.state.value}")
     return m
 
 
-def _dec_updates(v: Any) -> tuple[Update, ...]:
+def _dec_updates(v: Any, max_meta: int) -> tuple[Update, ...]:
     out = []
     for u in _list(v, "updates", max_len=MAX_UPDATES):
         f = _list(u, "update", 2)
-        out.append(
-            Update(_dec_member(f[0], "update.member"), _str(f[1], "update.origin", MAX_ID, 1))
-        )
+        member = _dec_member(f[0], max_meta, "update.member")
+        out.append(Update(member, _str(f[1], "update.origin", MAX_ID, 1)))
     return tuple(out)
 
 
-def decode_payload(data: bytes) -> Message:
-    """Decode and validate a membership payload; junk raises RemoteProtocolError only."""
+def decode_payload(data: bytes, max_meta: int = MAX_META) -> Message:
+    """Decode and validate a membership payload; junk raises RemoteProtocolError only.
+    A member's metadata longer than ``max_meta`` bytes is junk too."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise _bad("expected bytes")
     if len(data) > MAX_PAYLOAD:
@@ -327,7 +253,7 @@ def decode_payload(data: bytes) -> Message:
             use_list=True,
             strict_map_key=True,
             max_str_len=MAX_HOST,
-            max_bin_len=0,
+            max_bin_len=MAX_PAYLOAD,  # each member's meta: checked against max_meta below
             max_array_len=MAX_SYNC_MEMBERS,
             max_map_len=0,
             max_ext_len=0,
@@ -341,32 +267,34 @@ def decode_payload(data: bytes) -> Message:
     if tag == _TAGS[Ping] and type(tag) is int:
         _list(f, "ping", 5)
         target = None if f[3] is None else _str(f[3], "ping.target_id", MAX_ID, 1)
-        return Ping(_int(f[1], "ping.seq", 0, _U32), _dec_source(f[2]), target, _dec_updates(f[4]))
+        seq = _int(f[1], "ping.seq", 0, _U32)
+        return Ping(seq, _dec_source(f[2], max_meta), target, _dec_updates(f[4], max_meta))
     if tag == _TAGS[Ack] and type(tag) is int:
         _list(f, "ack", 4)
-        return Ack(_int(f[1], "ack.seq", 0, _U32), _dec_source(f[2]), _dec_updates(f[3]))
+        seq = _int(f[1], "ack.seq", 0, _U32)
+        return Ack(seq, _dec_source(f[2], max_meta), _dec_updates(f[3], max_meta))
     if tag == _TAGS[PingReq] and type(tag) is int:
         _list(f, "ping_req", 6)
         a = _list(f[4], "ping_req.target_addr", 2)
         return PingReq(
             _int(f[1], "ping_req.seq", 0, _U32),
-            _dec_source(f[2]),
+            _dec_source(f[2], max_meta),
             _str(f[3], "ping_req.target_id", MAX_ID, 1),
             _dec_addr(a[0], a[1], "ping_req.target_addr"),
-            _dec_updates(f[5]),
+            _dec_updates(f[5], max_meta),
         )
     if tag == _TAGS[Broadcast] and type(tag) is int:
         _list(f, "broadcast", 3)
-        return Broadcast(_dec_source(f[1]), _dec_updates(f[2]))
+        return Broadcast(_dec_source(f[1], max_meta), _dec_updates(f[2], max_meta))
     if tag == _TAGS[Sync] and type(tag) is int:
         _list(f, "sync", 4)
         members = tuple(
-            _dec_member(m, "sync.members[]")
+            _dec_member(m, max_meta, "sync.members[]")
             for m in _list(f[2], "sync.members", max_len=MAX_SYNC_MEMBERS)
         )
         if type(f[3]) is not bool:
             raise _bad("sync.reply: expected a boolean")
-        return Sync(_dec_source(f[1]), members, f[3])
+        return Sync(_dec_source(f[1], max_meta), members, f[3])
     raise _bad(f"unknown message type {tag!r}")
 
 
@@ -396,49 +324,7 @@ class MemberLeft:
     member: Member
 
 
-@dataclass(frozen=True)
-class ViewMember:
-    node_id: str
-    name: str
-    addr: Addr
-    usable_memory: int
-
-
-@dataclass(frozen=True)
-class View:
-    """The live members (ALIVE or SUSPECT, same protocol version) sorted by node id, and
-    the ring-wide active model. ``hash`` covers what the plan depends on: node ids,
-    addresses, usable memory and the model name."""
-
-    members: tuple[ViewMember, ...]
-    model: str
-    hash: str
-
-    @property
-    def node_ids(self) -> tuple[str, ...]:
-        return tuple(m.node_id for m in self.members)
-
-    def short(self) -> str:
-        return self.hash[:8]
-
-
-@dataclass(frozen=True)
-class ViewChanged:
-    view: View
-
-
-Event = Union[MemberJoined, MemberUpdated, MemberSuspected, MemberFailed, MemberLeft, ViewChanged]
-
-
-def make_view(members: Iterable[Member], model: str) -> View:
-    vm = tuple(
-        sorted(
-            (ViewMember(m.node_id, m.name, m.addr, m.meta.usable_memory) for m in members),
-            key=lambda v: v.node_id,
-        )
-    )
-    h = canonical_hash([model, [[v.node_id, v.addr[0], v.addr[1], v.usable_memory] for v in vm]])
-    return View(vm, model, h)
+Event = Union[MemberJoined, MemberUpdated, MemberSuspected, MemberFailed, MemberLeft]
 
 
 # ------------------------------------------------------------------------------- config
@@ -468,6 +354,15 @@ class MembershipConfig:
     #: Forget dead and left members after this long.
     reap_after: float = 300.0
     max_members: int = 256
+    #: Longest metadata a member may carry, in bytes: the local node's is refused above it,
+    #: a peer's payload holding a longer one is junk, so every node of a ring needs the same
+    #: value. memberlist allows 512 bytes; the ring's metadata (:mod:`ringd.core.ringmeta`)
+    #: takes ~300 bytes serving, but its bounds (three plan hashes, a fingerprint, a
+    #: 240-character refusal, model names) reach ~1.0 KB in ASCII and ~1.7 KB with a
+    #: multi-byte refusal: 2 KiB holds them with room for fields to come. A record too big to
+    #: ride next to a probe within ``max_payload_bytes`` (metadata over ~700 bytes) spreads
+    #: only by push-pull and its owner's own messages.
+    max_meta_bytes: int = MAX_META
 
     def __post_init__(self) -> None:
         if not 0 < self.probe_timeout < self.probe_interval:
@@ -477,6 +372,11 @@ class MembershipConfig:
             )
         if min(self.suspicion_timeout, self.gossip_interval, self.reconnect_interval) <= 0:
             raise LocalProtocolError("membership: timeouts and intervals must be positive")
+        if not 0 <= self.max_meta_bytes <= MAX_PAYLOAD // 16:
+            raise LocalProtocolError(
+                f"membership: max_meta_bytes ({self.max_meta_bytes}) must be in "
+                f"0..{MAX_PAYLOAD // 16}"
+            )
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> MembershipConfig:
@@ -544,9 +444,6 @@ class _Relay:
     expires: float
 
 
-_META_FIELDS = {f.name for f in dataclasses.fields(NodeMeta)}
-
-
 class Membership:
     """One node's membership state machine. See the module docstring for the loop."""
 
@@ -555,15 +452,19 @@ class Membership:
         node_id: str,
         name: str,
         addr: Addr,
-        meta: NodeMeta,
+        meta: bytes,
         *,
         rng: random.Random,
         config: MembershipConfig = MembershipConfig(),
         incarnation: int = 0,
+        protocol_version: int = PROTOCOL_VERSION,
     ) -> None:
         self.config = config
         self._rng = rng
-        self._self = Member(node_id, name, addr, incarnation, MemberState.ALIVE, meta)
+        self._check_meta(meta)
+        self._self = Member(
+            node_id, name, addr, incarnation, MemberState.ALIVE, meta, protocol_version
+        )
         self._members: dict[str, _Entry] = {}
         self._events: deque[Event] = deque()
         self._out: list[tuple[Addr, bytes]] = []
@@ -580,7 +481,6 @@ class Membership:
         self._next_gossip = math.inf
         self._next_reconnect = math.inf
         self._next_sync = math.inf
-        self._view = self._compute_view()
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "pings_sent",
@@ -642,7 +542,7 @@ class Membership:
     def receive(self, payload: bytes, from_addr: Addr, now: float) -> None:
         """Handle one payload from ``from_addr``. Junk raises RemoteProtocolError (counted)."""
         try:
-            msg = decode_payload(payload)
+            msg = decode_payload(payload, self.config.max_meta_bytes)
         except RemoteProtocolError:
             self.counters["rejected_payloads"] += 1
             raise
@@ -677,7 +577,6 @@ class Membership:
                 self._send(msg.target_addr, Ping(seq, self._self, msg.target_id), piggyback=True)
         elif isinstance(msg, Sync) and msg.reply:
             self._send_sync(from_addr, reply=False)
-        self._refresh()
 
     def handle_timer(self, now: float) -> None:
         if not self._started:
@@ -717,7 +616,6 @@ class Membership:
                 target = self._members[self._rng.choice(sorted(live))].member
                 self._send_sync(target.addr, reply=True)
             self._next_sync = now + cfg.sync_interval
-        self._refresh()
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` next needs to run, or None."""
@@ -751,10 +649,7 @@ class Membership:
         if self.leaving:
             return
         self._self = dataclasses.replace(
-            self._self,
-            state=MemberState.LEFT,
-            incarnation=self._self.incarnation + 1,
-            meta=dataclasses.replace(self._self.meta, phase=NodePhase.LEAVING),
+            self._self, state=MemberState.LEFT, incarnation=self._self.incarnation + 1
         )
         self._probe = None
         self._next_probe = math.inf
@@ -764,32 +659,15 @@ class Membership:
         self._enqueue(update)
         for node_id in sorted(self._live_ids()):
             self._send(self._members[node_id].member.addr, Broadcast(self._self, (update,)))
-        self._refresh()
 
-    def update_meta(self, **changes: Any) -> bool:
-        """Change the local node's metadata; gossips it with a new incarnation if it changed."""
-        unknown = set(changes) - _META_FIELDS
-        if unknown:
-            raise LocalProtocolError(f"update_meta: unknown field(s) {sorted(unknown)}")
-        if "models" in changes:
-            changes["models"] = tuple(changes["models"])
-        meta = dataclasses.replace(self._self.meta, **changes)
+    def update_meta(self, meta: bytes) -> bool:
+        """Replace the local node's metadata; gossips it with a new incarnation if the bytes
+        changed (True), else does nothing (False)."""
+        self._check_meta(meta)
         if meta == self._self.meta:
             return False
         self._set_self(meta=meta)
-        self._refresh()
         return True
-
-    def set_active_model(self, model: str) -> None:
-        """Make ``model`` the ring-wide active model (a newer version than any seen)."""
-        version = (
-            max(
-                [self._self.meta.model_version]
-                + [e.member.meta.model_version for e in self._members.values()]
-            )
-            + 1
-        )
-        self.update_meta(model=model, model_version=version)
 
     def members(self) -> list[Member]:
         """Every known member including the local node, by node id."""
@@ -803,8 +681,17 @@ class Membership:
         e = self._members.get(node_id)
         return e.member if e else None
 
-    def view(self) -> View:
-        return self._view
+    def live_members(self) -> list[Member]:
+        """The members a ring may hold, by node id: the local node unless it is leaving, and
+        every ALIVE or SUSPECT member that speaks our protocol version."""
+        me = self._self
+        live = [] if self.leaving else [me]
+        live += [
+            e.member
+            for e in self._members.values()
+            if e.member.state in _LIVE and e.member.protocol_version == me.protocol_version
+        ]
+        return sorted(live, key=lambda m: m.node_id)
 
     def rtt(self, node_id: str) -> float | None:
         """Smoothed round trip (seconds) of direct probes to ``node_id``."""
@@ -819,13 +706,8 @@ class Membership:
                 "addr": f"{m.addr[0]}:{m.addr[1]}",
                 "state": m.state.value,
                 "incarnation": m.incarnation,
-                "phase": m.meta.phase.value,
-                "usable_memory": m.meta.usable_memory,
-                "total_memory": m.meta.total_memory,
-                "models": list(m.meta.models),
-                "software_version": m.meta.software_version,
-                "protocol_version": m.meta.protocol_version,
-                "http_port": m.meta.http_port,
+                "protocol_version": m.protocol_version,
+                "meta_bytes": len(m.meta),
                 "rtt_ms": None if e is None or e.rtt is None else round(e.rtt * 1000, 3),
                 "last_rtt_ms": None
                 if e is None or e.last_rtt is None
@@ -835,8 +717,6 @@ class Membership:
 
         return {
             "node_id": self.node_id,
-            "view_hash": self._view.hash,
-            "model": self._view.model,
             "members": [row(m, self._members.get(m.node_id)) for m in self.members()],
             "counters": dict(self.counters),
         }
@@ -969,6 +849,14 @@ class Membership:
         elif was is not MemberState.LEFT:
             self._events.append(MemberLeft(new))
 
+    def _check_meta(self, meta: bytes) -> None:
+        if type(meta) is not bytes or len(meta) > self.config.max_meta_bytes:
+            raise LocalProtocolError(
+                f"membership: metadata must be bytes of at most {self.config.max_meta_bytes}, "
+                f"got {type(meta).__name__}"
+                + (f" of {len(meta)}" if isinstance(meta, bytes) else "")
+            )
+
     def _set_self(self, **changes: Any) -> None:
         inc = changes.pop("incarnation", self._self.incarnation + 1)
         self._self = dataclasses.replace(self._self, incarnation=inc, **changes)
@@ -981,41 +869,6 @@ class Membership:
         entry.dead_notice_at = now
         m = entry.member
         self._send(addr, Broadcast(self._self, (Update(m, self.node_id),)))
-
-    def _refresh(self) -> None:
-        """Adopt a newer ring-wide model setting, then emit ViewChanged if the view changed."""
-        if not self.leaving:
-            live = [self._self] + [self._members[i].member for i in self._live_ids()]
-            best = max(live, key=lambda m: (m.meta.model_version, m.node_id))
-            me = self._self.meta
-            if best.node_id != self.node_id and (best.meta.model, best.meta.model_version) != (
-                me.model,
-                me.model_version,
-            ):
-                self._set_self(
-                    meta=dataclasses.replace(
-                        me, model=best.meta.model, model_version=best.meta.model_version
-                    )
-                )
-        view = self._compute_view()
-        if view.hash != self._view.hash:
-            self._view = view
-            self._events.append(ViewChanged(view))
-        else:
-            self._view = view
-
-    def _compute_view(self) -> View:
-        me = self._self
-        live = [] if self.leaving else [me]
-        live += [
-            self._members[i].member
-            for i in self._live_ids()
-            if self._members[i].member.meta.protocol_version == me.meta.protocol_version
-        ]
-        if self.leaving:
-            return make_view(live, me.meta.model)
-        best = max(live, key=lambda m: (m.meta.model_version, m.node_id))
-        return make_view(live, best.meta.model)
 
     def _live_ids(self) -> list[str]:
         return [i for i, e in self._members.items() if e.member.state in _LIVE]

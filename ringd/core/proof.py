@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ringd.core.ceiling import aggregate_ceiling, decode_ceiling, is_impossible
-from ringd.core.membership import MAX_REFUSAL
+from ringd.core.ringmeta import MAX_REFUSAL
 from ringd.errors import LocalProtocolError
 
 DIGEST_SIZE = 16  # bytes of BLAKE2b: 32 hex digits

@@ -4,12 +4,13 @@ Deterministic for a given seed: per-message delay (base + uniform jitter), rando
 partitions, crashed nodes, and a filter to drop chosen messages. Endpoints are any
 object with ``addr``, ``receive(payload, src, now)``, ``handle_timer(now)``,
 ``get_timer()`` and ``outbox()``; :class:`MemberNode` wraps a Membership,
-:class:`RingNode` wires Membership + Agreement + a fake shard loader the way the daemon
-does.
+:class:`RingNode` wires Membership + the ring's metadata + Agreement + a fake shard loader
+the way the daemon does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import random
@@ -18,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ringd.core.agreement import Agreement, AgreementConfig, LoadShard, PlanDropped
-from ringd.core.membership import Addr, Membership, MembershipConfig, NodeMeta
+from ringd.core.membership import Addr, Membership, MembershipConfig
 from ringd.core.plan import ModelShape
+from ringd.core.ringmeta import (MetaDecoder, NodeMeta, NodePhase, View, adopt_active_model,
+                                 make_view, set_active_model)
 from ringd.errors import RemoteProtocolError
 
 
@@ -191,19 +194,22 @@ class MemberNode:
         port: int,
         *,
         seed: int,
-        meta: NodeMeta | None = None,
+        meta: bytes | None = None,
         config: MembershipConfig = MembershipConfig(),
         incarnation: int = 0,
+        protocol_version: int | None = None,
     ) -> None:
         self.addr: Addr = ("10.0.0.1", port)
+        extra = {} if protocol_version is None else {"protocol_version": protocol_version}
         self.m = Membership(
             node_id,
             node_id,
             self.addr,
-            meta or meta_for(),
+            meta_for().encode() if meta is None else meta,
             rng=random.Random(seed),
             config=config,
             incarnation=incarnation,
+            **extra,
         )
         self.log: list[tuple[float, Any]] = []
 
@@ -237,7 +243,8 @@ class MemberNode:
 
 class RingNode(MemberNode):
     """Membership + Agreement + a loader that takes ``load_time`` seconds, wired as the daemon does:
-    after every input, feed the agreement with the view and metadata, publish its fields."""
+    after every input, read the members' metadata, adopt the ring-wide model setting, feed the
+    agreement with the view and metadata, publish its fields."""
 
     def __init__(
         self,
@@ -252,7 +259,10 @@ class RingNode(MemberNode):
         agreement: AgreementConfig = AgreementConfig(),
         last_epoch: int = 0,
     ) -> None:
-        super().__init__(node_id, port, seed=seed, meta=meta_for(usable, shape.name), config=config)
+        self.meta = meta_for(usable, shape.name)
+        super().__init__(node_id, port, seed=seed, meta=self.meta.encode(), config=config)
+        self.metas = MetaDecoder()
+        self.view: View = make_view([], {})
         self.shape = shape
         self.load_time = load_time
         self.a = Agreement(node_id, config=agreement, last_epoch=last_epoch)
@@ -293,8 +303,11 @@ class RingNode(MemberNode):
     def _drain(self, now: float) -> int:
         for _ in range(100):
             n = super()._drain(now)
-            view = self.m.view()
-            metas = {m.node_id: m.meta for m in self.m.members()}
+            metas = self.metas.decode(self.m.members())
+            if not self.m.leaving:
+                self.meta = adopt_active_model(self.m.node_id, self.meta, metas)
+            metas[self.m.node_id] = self.meta
+            self.view = view = make_view(self.m.live_members(), metas)
             shape = self.shape if view.model == self.shape.name else None
             self.a.update(now, view, metas, shape)
             events = self.a.events()
@@ -308,7 +321,25 @@ class RingNode(MemberNode):
             current = sp.hash if sp else None
             if not self.serving or self.serving[-1][1] != current:
                 self.serving.append((now, current))
-            changed = self.m.update_meta(**self.a.published())
+            pub = self.a.published()
+            if self.m.leaving:
+                pub["phase"] = NodePhase.LEAVING
+            changed = self.publish(**pub)
             if not n and not events and not changed:
                 return 0
         raise AssertionError("agreement and membership did not settle")
+
+    def publish(self, **changes: Any) -> bool:
+        """Change this node's metadata; True if membership gossips new bytes."""
+        self.meta = dataclasses.replace(self.meta, **changes)
+        return self.m.update_meta(self.meta.encode())
+
+    def use_model(self, model: str, now: float) -> None:
+        """``ringctl model use``: make ``model`` the ring-wide active model."""
+        self.meta = set_active_model(self.meta, self.metas.decode(self.m.members()), model)
+        self.m.update_meta(self.meta.encode())
+        self._drain(now)
+
+    def meta_of(self, node_id: str) -> NodeMeta | None:
+        """``node_id``'s metadata as this node reads it."""
+        return self.metas.decode(self.m.members()).get(node_id)

@@ -15,9 +15,10 @@ from ringd.core.agreement import (
     RingReady,
     StopServing,
 )
-from ringd.core.membership import Member, MemberState, NodeMeta, NodePhase, make_view
+from ringd.core.membership import Member, MemberState
 from ringd.core.plan import ModelShape
-from tests.core.simnet import RingNode, SimNet
+from ringd.core.ringmeta import NodeMeta, NodePhase, make_view
+from tests.core.simnet import MemberNode, RingNode, SimNet
 
 GiB = 1024**3
 SHAPE = ModelShape("tiny", (100 * 2**20,) * 30, embed_bytes=50 * 2**20, head_bytes=50 * 2**20)
@@ -26,10 +27,10 @@ SHAPE = ModelShape("tiny", (100 * 2**20,) * 30, embed_bytes=50 * 2**20, head_byt
 def view_of(*members: tuple[str, int], model: str = "tiny"):
     return make_view(
         [
-            Member(i, i, ("10.0.0.1", 7000 + k), 0, MemberState.ALIVE, NodeMeta(usable_memory=u))
-            for k, (i, u) in enumerate(members)
+            Member(i, i, ("10.0.0.1", 7000 + k), 0, MemberState.ALIVE)
+            for k, (i, _) in enumerate(members)
         ],
-        model,
+        {i: NodeMeta(usable_memory=u, model=model) for i, u in members},
     )
 
 
@@ -211,7 +212,7 @@ def test_three_nodes_converge_on_one_plan_hash_and_epoch() -> None:
         assert loads[-1].plan == plan and loads[-1].assignment == plan.assignment(n.m.node_id)
         assert n.a.status()["reason"] == "ready" and n.a.epoch == plan.epoch
         for other in nodes:
-            meta = other.m.member(n.m.node_id).meta
+            meta = other.meta_of(n.m.node_id)
             assert meta.ready_plan_hash == plan.hash and meta.phase is NodePhase.SERVING
     net.run_for(20.0)  # and it stays that way
     assert serving(nodes) == {h}
@@ -291,6 +292,44 @@ def test_never_two_plans_serving_through_joins_leaves_and_crashes(seed: int) -> 
             assert a is None or b is None
         epochs = [ev.plan.epoch for _, ev in n.alog if isinstance(ev, LoadShard)]
         assert epochs == sorted(set(epochs))  # strictly increasing
+
+
+def test_the_active_model_setting_spreads_and_outlives_its_writer() -> None:
+    net, nodes = ring([2 * GiB, 2 * GiB, 2 * GiB], seed=8)
+    net.run_until_true(lambda: None not in serving(nodes), timeout=5.0)
+    h0 = nodes[0].view.hash
+    assert {n.view.model for n in nodes} == {"tiny"}
+    nodes[2].use_model("other", net.now)
+    net.run_until_true(lambda: all(n.view.model == "other" for n in nodes), 2.0)
+    assert len({n.view.hash for n in nodes}) == 1 and nodes[0].view.hash != h0
+    assert all(n.a.serving_plan is None for n in nodes)  # a model change is a view change
+    unknown = "model other is unknown on this node: its files are not in the store"
+    net.run_until_true(lambda: all(n.a.reason == unknown for n in nodes), 1.0)
+    for n in nodes:  # each node adopted the setting (version 1, written by r2)
+        assert (n.meta.model, n.meta.model_version) == ("other", 1)
+    net.crash(nodes[2].addr)
+    net.run_until_true(lambda: nodes[0].view.node_ids == ("r0", "r1"), 10.0)
+    assert nodes[0].view.model == nodes[1].view.model == "other"
+    # a later writer wins, whatever its node id
+    nodes[0].use_model("tiny", net.now)
+    net.run_until_true(lambda: None not in serving(nodes[:2]), timeout=5.0)
+    assert (nodes[1].meta.model, nodes[1].meta.model_version) == ("tiny", 2)
+
+
+def test_a_member_with_unreadable_metadata_is_left_out_of_the_ring(caplog) -> None:
+    net, nodes = ring([2 * GiB, 2 * GiB], seed=9)
+    bad = net.add(MemberNode("r9", 7009, seed=90, meta=b"\xc1 not a map"))
+    bad.m.join([nodes[0].addr], net.now)
+    with caplog.at_level("WARNING", logger="ringd.core.ringmeta"):
+        net.run_until_true(lambda: None not in serving(nodes), timeout=5.0)
+        net.run_for(5.0)
+    for n in nodes:
+        assert n.state_of("r9") == "alive"  # SWIM knows it
+        assert n.view.node_ids == ("r0", "r1") and n.metas.unreadable == ["r9"]
+    assert serving(nodes) != {None}
+    warnings = [r.getMessage() for r in caplog.records if "r9" in r.getMessage()]
+    assert len(warnings) == 2  # once per node, not once per message
+    assert "cannot read" in warnings[0] and "not valid msgpack" in warnings[0]
 
 
 def add(net: SimNet, nodes: list[RingNode], node_id: str, port: int, usable: int) -> None:

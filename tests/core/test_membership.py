@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ringd import PROTOCOL_VERSION
 from ringd.config import Settings
 from ringd.core.membership import (
     Ack,
@@ -22,19 +23,15 @@ from ringd.core.membership import (
     MemberState,
     MemberSuspected,
     MemberUpdated,
-    NodeMeta,
-    NodePhase,
     Ping,
     PingReq,
     Sync,
     Update,
-    ViewChanged,
     decode_payload,
-    make_view,
     to_payload,
 )
 from ringd.errors import LocalProtocolError, RemoteProtocolError
-from tests.core.simnet import MemberNode, SimNet, meta_for
+from tests.core.simnet import MemberNode, SimNet
 
 CFG = MembershipConfig()
 
@@ -47,9 +44,14 @@ def ring(n: int, seed: int = 1, **net_kw) -> tuple[SimNet, list[MemberNode]]:
     return net, nodes
 
 
+def live(node: MemberNode) -> tuple[str, ...]:
+    return tuple(m.node_id for m in node.m.live_members())
+
+
 def converged(nodes: list[MemberNode], size: int) -> bool:
-    views = {n.m.view().hash for n in nodes}
-    return len(views) == 1 and len(nodes[0].m.view().members) == size
+    """Every node sees the same live members, with the same records (metadata included)."""
+    views = {tuple(node.m.live_members()) for node in nodes}
+    return len(views) == 1 and len(live(nodes[0])) == size
 
 
 def events_about(node: MemberNode, node_id: str, kind: type) -> list[float]:
@@ -76,12 +78,9 @@ def test_nodes_join_through_one_seed_and_agree_on_the_view(n: int) -> None:
     assert t < 1.0
     ids = tuple(f"n{i}" for i in range(n))
     for node in nodes:
-        assert node.m.view().node_ids == ids
+        assert live(node) == ids
         joined = {ev.member.node_id for _, ev in node.log if isinstance(ev, MemberJoined)}
         assert joined == set(ids) - {node.m.node_id}
-        assert isinstance(
-            [ev for _, ev in node.log if isinstance(ev, ViewChanged)][-1], ViewChanged
-        )
     # Stays converged and quiet: probes keep succeeding, nobody is suspected.
     net.run_for(10.0)
     assert converged(nodes, n)
@@ -123,7 +122,7 @@ def test_graceful_leave_is_left_not_failed_within_a_probe_interval() -> None:
     leaver = nodes[3]
     t0 = net.now
     leaver.m.leave(net.now)
-    assert leaver.m.leaving and leaver.m.view().node_ids == ("n0", "n1", "n2")
+    assert leaver.m.leaving and live(leaver) == ("n0", "n1", "n2")
     t = net.run_until_true(lambda: all(n.state_of("n3") == "left" for n in nodes[:3]), timeout=5.0)
     assert t - t0 < CFG.probe_interval
     net.run_until_true(lambda: leaver.m.leave_complete, timeout=5.0)
@@ -131,7 +130,7 @@ def test_graceful_leave_is_left_not_failed_within_a_probe_interval() -> None:
     for n in nodes[:3]:
         assert n.state_of("n3") == "left"
         assert events_about(n, "n3", MemberLeft) and not events_about(n, "n3", MemberFailed)
-        assert n.m.view().node_ids == ("n0", "n1", "n2")
+        assert live(n) == ("n0", "n1", "n2")
 
 
 def test_graceful_leave_survives_a_lossy_network() -> None:
@@ -141,7 +140,7 @@ def test_graceful_leave_survives_a_lossy_network() -> None:
     net.run_for(15.0)
     for n in nodes[1:]:
         assert n.state_of("n0") == "left"
-        assert n.m.view().node_ids == ("n1", "n2", "n3")
+        assert live(n) == ("n1", "n2", "n3")
 
 
 # ------------------------------------------------------------------------------ crash
@@ -159,7 +158,7 @@ def test_crash_is_suspected_then_dead_at_exact_deadlines() -> None:
         assert crash_at < t_sus <= crash_at + 2 * CFG.probe_interval + 0.01
         # 3 nodes: too few for Lifeguard confirmations, so the base timeout applies.
         assert t_dead == pytest.approx(t_sus + CFG.suspicion_timeout, abs=1e-9)
-        assert node.m.view().node_ids == ("n0", "n1")
+        assert live(node) == ("n0", "n1")
     # n0's own probe: ping at T, indirect probe (via n1) at T + probe_timeout,
     # suspect at T + probe_interval.
     pings = [
@@ -259,8 +258,8 @@ def test_partition_splits_the_view_and_heal_merges_it() -> None:
     left, right = {nodes[0].addr, nodes[1].addr}, {nodes[2].addr, nodes[3].addr}
     net.partition(left, right)
     net.run_for(20.0)
-    assert nodes[0].m.view().node_ids == nodes[1].m.view().node_ids == ("n0", "n1")
-    assert nodes[2].m.view().node_ids == nodes[3].m.view().node_ids == ("n2", "n3")
+    assert live(nodes[0]) == live(nodes[1]) == ("n0", "n1")
+    assert live(nodes[2]) == live(nodes[3]) == ("n2", "n3")
     net.heal()
     t0 = net.now
     t = net.run_until_true(lambda: converged(nodes, 4), timeout=10.0)
@@ -270,69 +269,64 @@ def test_partition_splits_the_view_and_heal_merges_it() -> None:
     assert all(n.m.member(f"n{i}").state is MemberState.ALIVE for n in nodes for i in range(4))
 
 
-# ------------------------------------------------------------------------ meta, model
-def test_meta_updates_and_the_active_model_spread() -> None:
+# ------------------------------------------------------------------------------ meta
+def test_metadata_is_opaque_bytes_that_spread_with_a_new_incarnation() -> None:
     net, nodes = ring(3, seed=12)
     net.run_until_true(lambda: converged(nodes, 3), timeout=2.0)
-    h0 = nodes[0].m.view().hash
-    assert nodes[1].m.update_meta(phase=NodePhase.LOADING, plan_hash="ab" * 16)
-    assert not nodes[1].m.update_meta(phase=NodePhase.LOADING)  # no change, no gossip
+    inc = nodes[1].m.local.incarnation
+    assert nodes[1].m.update_meta(b"\x00 any bytes \xff")
+    assert not nodes[1].m.update_meta(b"\x00 any bytes \xff")  # no change, no gossip
+    assert nodes[1].m.local.incarnation == inc + 1
     net.run_until_true(
-        lambda: all(n.m.member("n1").meta.phase is NodePhase.LOADING for n in nodes), 1.0
+        lambda: all(n.m.member("n1").meta == b"\x00 any bytes \xff" for n in nodes), 1.0
     )
-    assert nodes[0].m.view().hash == h0  # phase is not part of the view
-    assert any(isinstance(ev, MemberUpdated) for _, ev in nodes[0].log)
-
-    nodes[2].m.set_active_model("other")
-    net.run_until_true(lambda: all(n.m.view().model == "other" for n in nodes), 2.0)
-    assert len({n.m.view().hash for n in nodes}) == 1 and nodes[0].m.view().hash != h0
-    # adoption: the setting survives the node that made it
-    net.crash(nodes[2].addr)
-    net.run_until_true(lambda: nodes[0].m.view().node_ids == ("n0", "n1"), 10.0)
-    assert nodes[0].m.view().model == nodes[1].m.view().model == "other"
-
-    nodes[0].m.update_meta(usable_memory=123)
-    net.run_until_true(lambda: nodes[1].m.view().hash == nodes[0].m.view().hash, 1.0)
-    assert nodes[1].m.view().members[0].usable_memory == 123
-    with pytest.raises(LocalProtocolError):
-        nodes[0].m.update_meta(colour="blue")
+    assert all(n.m.member("n1").incarnation == inc + 1 for n in nodes)
+    assert any(
+        isinstance(ev, MemberUpdated) and ev.member.node_id == "n1" for _, ev in nodes[0].log
+    )
+    big = b"x" * CFG.max_meta_bytes
+    assert nodes[1].m.update_meta(big)  # the bound itself is allowed
+    net.run_until_true(lambda: all(n.m.member("n1").meta == big for n in nodes), 11.0)
+    for bad in (big + b"x", "text", bytearray(b"x")):
+        with pytest.raises(LocalProtocolError, match="metadata must be bytes"):
+            nodes[1].m.update_meta(bad)
+    with pytest.raises(LocalProtocolError, match="bytes of at most 4, got bytes of 5"):
+        Membership("me", "me", ("10.0.0.1", 1), b"12345", rng=random.Random(1),
+                   config=MembershipConfig(max_meta_bytes=4))
 
 
-def test_view_hash_is_canonical() -> None:
-    def mem(i: str, usable: int, port: int = 1) -> Member:
-        return Member(i, i, ("10.0.0.1", port), 3, MemberState.ALIVE, meta_for(usable))
+def test_a_peer_with_metadata_over_our_bound_is_junk() -> None:
+    m = Membership("me", "me", ("10.0.0.1", 1), b"", rng=random.Random(1),
+                   config=MembershipConfig(max_meta_bytes=8))
+    m.join([], 0.0)
+    fits = Member("x", "x", ("10.0.0.2", 2), 0, MemberState.ALIVE, b"8 bytes!")
+    m.receive(to_payload(Ping(1, fits, None)), ("10.0.0.2", 2), 0.1)
+    assert m.member("x").meta == b"8 bytes!"
+    over = Member("y", "y", ("10.0.0.3", 3), 0, MemberState.ALIVE, b"9 bytes!!")
+    with pytest.raises(RemoteProtocolError, match="source.meta: expected bytes, at most 8"):
+        m.receive(to_payload(Ping(2, over, None)), ("10.0.0.3", 3), 0.2)
+    assert m.member("y") is None and m.counters["rejected_payloads"] == 1
 
-    a, b, c = mem("a", 5), mem("b", 6), mem("c", 7)
-    assert make_view([a, b, c], "m").hash == make_view([c, a, b], "m").hash
-    assert make_view([a, b], "m").hash != make_view([a, b, c], "m").hash
-    assert make_view([a, b], "m").hash != make_view([a, mem("b", 7)], "m").hash
-    assert make_view([a, b], "m").hash != make_view([a, mem("b", 6, port=2)], "m").hash
-    assert make_view([a, b], "m").hash != make_view([a, b], "n").hash
+
+def test_members_of_another_protocol_version_are_tracked_but_not_live() -> None:
+    net = SimNet(seed=14)
+    a = net.add(MemberNode("a", 7000, seed=1))
+    b = net.add(MemberNode("b", 7001, seed=2))
+    newer = net.add(MemberNode("c", 7002, seed=3, protocol_version=PROTOCOL_VERSION + 1))
+    for n in (a, b, newer):
+        n.m.join([a.addr], net.now)
+    net.run_until_true(lambda: all(n.state_of(i) == "alive" for n in (a, b, newer) for i in "abc"),
+                       timeout=2.0)
+    net.run_for(5.0)
+    assert live(a) == live(b) == ("a", "b")
+    assert live(newer) == ("c",)  # it sees us as the other version
+    assert a.m.member("c").protocol_version == PROTOCOL_VERSION + 1
+    assert all(n.m.counters["suspicions"] == 0 for n in (a, b, newer))
 
 
 # ------------------------------------------------------------------ messages and junk
 ids = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=16)
-hashes = st.none() | st.text("0123456789abcdef", min_size=32, max_size=32)
-metas = st.builds(
-    NodeMeta,
-    usable_memory=st.integers(0, 2**62),
-    total_memory=st.integers(0, 2**62),
-    models=st.lists(ids, max_size=3).map(tuple),
-    phase=st.sampled_from(NodePhase),
-    software_version=st.just("0.1.0"),
-    protocol_version=st.integers(0, 5),
-    http_port=st.integers(0, 65535),
-    view_hash=hashes,
-    epoch=st.integers(0, 2**40),
-    plan_hash=hashes,
-    ready_plan_hash=hashes,
-    fingerprint=hashes,
-    model=ids,
-    model_version=st.integers(0, 99),
-    memory_bandwidth=st.integers(0, 2**50),
-    refusal=st.none()
-    | st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=240),
-)
+metas = st.binary(max_size=80)
 
 
 def members(states=st.sampled_from(MemberState)):
@@ -344,6 +338,7 @@ def members(states=st.sampled_from(MemberState)):
         incarnation=st.integers(0, 2**40),
         state=states,
         meta=metas,
+        protocol_version=st.integers(0, 5),
     )
 
 
@@ -425,8 +420,9 @@ def test_mutated_valid_payloads_only_raise_remote_protocol_error(msg, data) -> N
 
 
 def test_specific_junk_is_rejected_with_a_reason() -> None:
-    good = Member("a", "a", ("10.0.0.1", 1), 0, MemberState.ALIVE, NodeMeta())
+    good = Member("a", "a", ("10.0.0.1", 1), 0, MemberState.ALIVE, b"meta")
     ping = msgpack.unpackb(to_payload(Ping(1, good, None)))
+    src = ping[2]
     cases = {
         b"": "not valid msgpack",
         msgpack.packb({"a": 1}): "not valid msgpack",
@@ -435,11 +431,14 @@ def test_specific_junk_is_rejected_with_a_reason() -> None:
         msgpack.packb([1, -1, *ping[2:]]): "ping.seq",
         msgpack.packb([1, 1, ping[2], "x" * 65, []]): "ping.target_id",
         msgpack.packb([*ping[:4], [[ping[2], "a"]] * 65]): "at most 64",
+        msgpack.packb([1, 1, [*src[:5], 1, *src[6:]], None, []]): "cannot describe itself as",
+        msgpack.packb([1, 1, [*src[:3], 0, *src[4:]], None, []]): "source.addr.port",
+        msgpack.packb([1, 1, src[:7], None, []]): "source: expected 8 fields",
+        msgpack.packb([1, 1, [*src[:6], -1, src[7]], None, []]): "source.protocol_version",
+        msgpack.packb([1, 1, [*src[:7], "meta"], None, []]): "source.meta: expected bytes",
         msgpack.packb(
-            [1, 1, [*ping[2][:5], 1, ping[2][6]], None, []]
-        ): "cannot describe itself as suspect",
-        msgpack.packb([1, 1, [*ping[2][:3], 0, *ping[2][4:]], None, []]): "source.addr.port",
-        msgpack.packb([1, 1, [*ping[2][:6], ping[2][6][:-1]], None, []]): "meta: expected 16",
+            [1, 1, [*src[:7], b"m" * (CFG.max_meta_bytes + 1)], None, []], use_bin_type=True
+        ): f"source.meta: expected bytes, at most {CFG.max_meta_bytes}",
         msgpack.packb([1, 1, ping[2], None, [], "extra"]): "ping: expected 5",
         b"\x91" * 5000: "not valid msgpack",
     }
@@ -451,13 +450,13 @@ def test_specific_junk_is_rejected_with_a_reason() -> None:
 def test_membership_counts_and_survives_junk() -> None:
     net, nodes = ring(2, seed=13)
     net.run_until_true(lambda: converged(nodes, 2), timeout=1.0)
-    before = nodes[0].m.view()
+    before = nodes[0].m.live_members()
     rng = random.Random(0)
     for _ in range(50):
         net.inject(("10.6.6.6", 666), nodes[0].addr, rng.randbytes(rng.randint(0, 200)))
     net.run_for(3.0)
     assert net.rejected == 50 and nodes[0].m.counters["rejected_payloads"] == 50
-    assert nodes[0].m.view() == before and converged(nodes, 2)
+    assert nodes[0].m.live_members() == before and converged(nodes, 2)
 
 
 def test_config_from_settings_and_checks() -> None:
@@ -469,17 +468,18 @@ def test_config_from_settings_and_checks() -> None:
 
 
 def test_a_lone_node_leaves_at_once() -> None:
-    m = Membership("me", "me", ("10.0.0.1", 1), NodeMeta(), rng=random.Random(1))
+    m = Membership("me", "me", ("10.0.0.1", 1), b"meta", rng=random.Random(1))
     m.join([], 0.0)
+    assert m.live_members() == [m.local]
     m.leave(1.0)
     assert m.leave_complete and m.local.state is MemberState.LEFT
-    assert m.local.meta.phase is NodePhase.LEAVING and m.view().members == ()
+    assert m.local.meta == b"meta" and m.live_members() == []
 
 
 def test_a_ping_for_another_node_is_not_acked() -> None:
-    m = Membership("me", "me", ("10.0.0.1", 1), NodeMeta(), rng=random.Random(1))
+    m = Membership("me", "me", ("10.0.0.1", 1), b"", rng=random.Random(1))
     m.join([], 0.0)
-    other = Member("x", "x", ("10.0.0.2", 2), 0, MemberState.ALIVE, NodeMeta())
+    other = Member("x", "x", ("10.0.0.2", 2), 0, MemberState.ALIVE, b"")
     m.receive(to_payload(Ping(5, other, "someone-else")), ("10.0.0.2", 2), 0.1)
     assert m.outbox() == []
     m.receive(to_payload(Ping(6, other, "me")), ("10.0.0.2", 2), 0.2)

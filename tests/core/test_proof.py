@@ -7,12 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ringd.core.ceiling import GB, aggregate_ceiling, decode_ceiling
-from ringd.core.membership import (MAX_REFUSAL, Member, MemberState, NodeMeta, Ping,
-                                   decode_payload, to_payload)
+from ringd.core.membership import Member, MemberState, Ping, decode_payload, to_payload
 from ringd.core.proof import (StageClaim, StageLoad, check_fingerprints, check_loaded,
                               fingerprint_problem, name_nodes, not_ready_reason, parse_fingerprint,
                               rate_verdict, refusal_text, ring_ceiling, ring_fingerprint,
                               shard_fingerprint, tensors_digest)
+from ringd.core.ringmeta import MAX_REFUSAL, NodeMeta
 from ringd.errors import LocalProtocolError
 
 PAIRS = [("model.layers.0.w", "aa" * 16), ("model.layers.1.w", "bb" * 16),
@@ -129,8 +129,8 @@ def test_rate_verdict() -> None:
 
 
 def test_memory_bandwidth_is_gossiped() -> None:
-    me = Member("a", "a", ("10.0.0.1", 1), 3, MemberState.ALIVE,
-                NodeMeta(memory_bandwidth=273 * 10**9, fingerprint=shard_fingerprint(0, 4, PAIRS),
-                         refusal=refusal_text("weights differ " * 40)))
+    meta = NodeMeta(memory_bandwidth=273 * 10**9, fingerprint=shard_fingerprint(0, 4, PAIRS),
+                    refusal=refusal_text("weights differ " * 40))
+    me = Member("a", "a", ("10.0.0.1", 1), 3, MemberState.ALIVE, meta.encode())
     got = decode_payload(to_payload(Ping(1, me, None)))
-    assert isinstance(got, Ping) and got.source.meta == me.meta
+    assert isinstance(got, Ping) and NodeMeta.decode(got.source.meta) == meta

@@ -1,0 +1,327 @@
+"""The ring's metadata schema: what each node tells the ring about itself, and the view.
+
+SWIM (:mod:`ringd.core.membership`) gossips every member's metadata as opaque bytes, as
+memberlist does; this module gives those bytes their meaning for the ring, next to the
+agreement that reads them. Pure: no I/O, no clock.
+
+- :class:`NodeMeta` is one node's metadata with named fields; :meth:`NodeMeta.encode` and
+  :meth:`NodeMeta.decode` turn it into and out of the bytes membership carries.
+- :func:`make_view` builds the ring's :class:`View` from the live members and their
+  metadata: what the plan depends on, with a hash every node compares.
+- :func:`active_model` is the ring-wide active model setting (last writer wins by
+  ``(model_version, node_id)``); :func:`adopt_active_model` and :func:`set_active_model`
+  change a node's own metadata by it.
+- :class:`MetaDecoder` is how the ring reads the members: each member's bytes decoded once
+  per change; a member whose metadata does not decode has none (it takes no part in the
+  view), with one warning, never a crash.
+
+Encoding: a msgpack map from the short keys of :data:`_SCHEMA` to values. Keys a node does
+not know are ignored (their values may be any msgpack with string map keys) and missing
+keys take the field's default, so fields can be added without breaking older peers; a
+field at its default is left out. Keys are short because every probe carries its sender's
+record: a serving node's metadata takes ~300 bytes. Every value is type-checked and
+bounded both ways: a bad local value raises :class:`LocalProtocolError` on encode, a bad
+peer value :class:`RemoteProtocolError` on decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import msgpack
+
+from ringd.core.membership import Addr, Member
+from ringd.core.plan import canonical_hash
+from ringd.errors import LocalProtocolError, RemoteProtocolError
+
+log = logging.getLogger(__name__)
+
+# Bounds of each value (checked on encode and decode).
+MAX_MODELS = 64
+MAX_MODEL_NAME = 128
+MAX_VERSION = 32
+MAX_HASH = 64
+MAX_FINGERPRINT = 128
+MAX_REFUSAL = 240
+#: Longest encoding decoded at all (membership's bound is smaller; this one keeps
+#: :meth:`NodeMeta.decode` safe on its own).
+MAX_ENCODED = 64 * 1024
+#: At most this many keys, known or not.
+MAX_KEYS = 64
+_U63 = (1 << 63) - 1
+
+
+class NodePhase(Enum):
+    JOINING = "joining"
+    LOADING = "loading"
+    READY = "ready"
+    SERVING = "serving"
+    LEAVING = "leaving"
+
+
+@dataclass(frozen=True)
+class NodeMeta:
+    """What a node tells the ring about itself (gossiped as its membership metadata)."""
+
+    usable_memory: int = 0
+    total_memory: int = 0
+    models: tuple[str, ...] = ()
+    phase: NodePhase = NodePhase.JOINING
+    software_version: str = ""
+    #: Port of the node's local HTTP API (for status), 0 if none.
+    http_port: int = 0
+    #: Hash of the view this node currently sees.
+    view_hash: str | None = None
+    #: Epoch this node proposes for its view; the committed plan's epoch once committed.
+    epoch: int = 0
+    #: Plan this node committed to, and the plan whose layers it has finished loading.
+    plan_hash: str | None = None
+    ready_plan_hash: str | None = None
+    #: Digest of the weights this node actually loaded (issue 6).
+    fingerprint: str | None = None
+    #: Ring-wide active model setting: last writer wins by (model_version, node_id).
+    model: str = ""
+    model_version: int = 0
+    #: Memory bandwidth in bytes/s, for the decode ceiling (issue 6); 0 when unknown.
+    memory_bandwidth: int = 0
+    #: Why this node refuses to serve its committed plan (e.g. weights that differ), if it does.
+    refusal: str | None = None
+
+    def encode(self) -> bytes:
+        """The bytes to hand to ``Membership.update_meta``. A bad value raises
+        LocalProtocolError (our misuse)."""
+        out: dict[str, Any] = {}
+        for f in _SCHEMA:
+            value = getattr(self, f.name)
+            if value == _DEFAULTS[f.name]:
+                continue
+            wire = f.dump(value)
+            if not f.ok(wire):
+                raise LocalProtocolError(f"NodeMeta.{f.name}: bad value {value!r:.80}")
+            out[f.key] = wire
+        return msgpack.packb(out, use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes) -> NodeMeta:
+        """A peer's metadata bytes; anything malformed raises RemoteProtocolError only."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise _bad("expected bytes")
+        if len(data) > MAX_ENCODED:
+            raise _bad(f"{len(data)} bytes, at most {MAX_ENCODED} allowed")
+        try:
+            obj = msgpack.unpackb(
+                data,
+                raw=False,
+                use_list=True,
+                strict_map_key=True,
+                max_map_len=MAX_KEYS,
+            )
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            raise _bad(f"not valid msgpack ({type(e).__name__})") from None
+        if type(obj) is not dict:
+            raise _bad("expected a map")
+        values: dict[str, Any] = {}
+        for f in _SCHEMA:
+            if f.key not in obj:
+                continue
+            wire = obj[f.key]
+            if not f.ok(wire):
+                raise _bad(f"{f.key}: bad value {wire!r:.40}")
+            values[f.name] = f.load(wire)
+        return cls(**values)
+
+
+# Field checks, in core/wire.py's style: a predicate per value.
+# TODO: use the shared validator kit being extracted from ringd.core.wire once it lands.
+def _int(lo: int, hi: int) -> Callable[[Any], bool]:
+    return lambda v: type(v) is int and lo <= v <= hi
+
+
+def _text(limit: int, *, empty: bool = False) -> Callable[[Any], bool]:
+    return lambda v: (
+        type(v) is str and (empty or v != "") and len(v) <= limit and v.isprintable()
+    )
+
+
+def _optional(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or ok(v)
+
+
+def _texts(items: int, limit: int) -> Callable[[Any], bool]:
+    one = _text(limit)
+    return lambda v: type(v) is list and len(v) <= items and all(one(x) for x in v)
+
+
+def _same(v: Any) -> Any:
+    return v
+
+
+_PHASES = {p.value: p for p in NodePhase}
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str  # NodeMeta attribute
+    key: str  # msgpack map key
+    ok: Callable[[Any], bool]  # check of the wire value
+    load: Callable[[Any], Any] = _same  # wire value -> attribute
+    dump: Callable[[Any], Any] = _same  # attribute -> wire value
+
+
+_u63 = _int(0, _U63)
+_hash = _optional(_text(MAX_HASH))
+
+#: The schema: one row per NodeMeta field. Never reuse a key for another meaning.
+_SCHEMA = (
+    _Field("usable_memory", "mem", _u63),
+    _Field("total_memory", "total", _u63),
+    _Field(
+        "models",
+        "models",
+        _texts(MAX_MODELS, MAX_MODEL_NAME),
+        load=tuple,
+        dump=lambda v: list(v) if type(v) in (tuple, list) else v,
+    ),
+    _Field(
+        "phase",
+        "phase",
+        lambda v: type(v) is str and v in _PHASES,
+        load=_PHASES.__getitem__,
+        dump=lambda v: v.value if isinstance(v, NodePhase) else v,
+    ),
+    _Field("software_version", "sw", _text(MAX_VERSION, empty=True)),
+    _Field("http_port", "http", _int(0, 65535)),
+    _Field("view_hash", "view", _hash),
+    _Field("epoch", "epoch", _u63),
+    _Field("plan_hash", "plan", _hash),
+    _Field("ready_plan_hash", "ready", _hash),
+    _Field("fingerprint", "fp", _optional(_text(MAX_FINGERPRINT))),
+    _Field("model", "model", _text(MAX_MODEL_NAME, empty=True)),
+    _Field("model_version", "model_v", _u63),
+    _Field("memory_bandwidth", "bw", _u63),
+    _Field("refusal", "refusal", _optional(_text(MAX_REFUSAL))),
+)
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(NodeMeta)}
+assert {f.name for f in _SCHEMA} == set(_DEFAULTS), "every NodeMeta field needs a schema row"
+
+
+def _bad(what: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"ring metadata: {what}")
+
+
+# ------------------------------------------------------------------------ reading members
+class MetaDecoder:
+    """Reads the members' metadata for the ring: each member's bytes are decoded once per
+    change. A member whose metadata does not decode has no usable metadata: it is left out
+    of what :meth:`decode` returns (so out of the view), with one warning per bad value."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[bytes, NodeMeta | None]] = {}
+        #: Distinct unreadable metadata values seen.
+        self.rejected = 0
+
+    def decode(self, members: Iterable[Member]) -> dict[str, NodeMeta]:
+        """The readable metadata of ``members``, by node id."""
+        seen: dict[str, tuple[bytes, NodeMeta | None]] = {}
+        out: dict[str, NodeMeta] = {}
+        for m in members:
+            prev = self._seen.get(m.node_id)
+            if prev is not None and prev[0] == m.meta:
+                meta = prev[1]
+            else:
+                try:
+                    meta = NodeMeta.decode(m.meta)
+                except RemoteProtocolError as e:
+                    meta = None
+                    self.rejected += 1
+                    log.warning(
+                        "node %s (%s) gossips metadata this node cannot read, so it takes no "
+                        "part in the ring: %s",
+                        m.name or m.node_id[:8],
+                        m.node_id,
+                        e.message,
+                    )
+            seen[m.node_id] = (m.meta, meta)
+            if meta is not None:
+                out[m.node_id] = meta
+        self._seen = seen
+        return out
+
+    @property
+    def unreadable(self) -> list[str]:
+        """Node ids whose current metadata does not decode."""
+        return sorted(i for i, (_, meta) in self._seen.items() if meta is None)
+
+
+# ------------------------------------------------------------------------- active model
+def active_model(metas: Mapping[str, NodeMeta]) -> tuple[str, int]:
+    """The ring-wide active model setting ``(model, model_version)`` among ``metas`` (by
+    node id): the last writer wins, by ``(model_version, node_id)``. ``("", 0)`` if none."""
+    if not metas:
+        return "", 0
+    winner = max(metas, key=lambda i: (metas[i].model_version, i))
+    return metas[winner].model, metas[winner].model_version
+
+
+def adopt_active_model(node_id: str, own: NodeMeta, metas: Mapping[str, NodeMeta]) -> NodeMeta:
+    """``own`` carrying the ring-wide setting among ``metas`` and itself (so the setting
+    survives the node that made it)."""
+    model, version = active_model({**metas, node_id: own})
+    if (model, version) == (own.model, own.model_version):
+        return own
+    return dataclasses.replace(own, model=model, model_version=version)
+
+
+def set_active_model(own: NodeMeta, metas: Mapping[str, NodeMeta], model: str) -> NodeMeta:
+    """``own`` making ``model`` the ring-wide active model: a newer version than any in
+    ``metas`` (pass every known member's, dead ones included) or its own."""
+    version = max([own.model_version, *(m.model_version for m in metas.values())]) + 1
+    return dataclasses.replace(own, model=model, model_version=version)
+
+
+# --------------------------------------------------------------------------------- view
+@dataclass(frozen=True)
+class ViewMember:
+    node_id: str
+    name: str
+    addr: Addr
+    usable_memory: int
+
+
+@dataclass(frozen=True)
+class View:
+    """The live members with usable metadata sorted by node id, and the ring-wide active
+    model. ``hash`` covers what the plan depends on: node ids, addresses, usable memory and
+    the model name."""
+
+    members: tuple[ViewMember, ...]
+    model: str
+    hash: str
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(m.node_id for m in self.members)
+
+    def short(self) -> str:
+        return self.hash[:8]
+
+
+def make_view(members: Iterable[Member], metas: Mapping[str, NodeMeta]) -> View:
+    """The view of ``members`` (``Membership.live_members()``) given their metadata by node
+    id (e.g. from :class:`MetaDecoder`). A member without metadata is left out: the ring
+    cannot plan with a node whose memory it does not know."""
+    known = [m for m in members if m.node_id in metas]
+    model, _ = active_model({m.node_id: metas[m.node_id] for m in known})
+    vm = tuple(
+        sorted(
+            (ViewMember(m.node_id, m.name, m.addr, metas[m.node_id].usable_memory) for m in known),
+            key=lambda v: v.node_id,
+        )
+    )
+    h = canonical_hash([model, [[v.node_id, v.addr[0], v.addr[1], v.usable_memory] for v in vm]])
+    return View(vm, model, h)
