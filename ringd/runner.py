@@ -36,7 +36,7 @@ from ringd.core.pipeline import (RequestTable, Route, StopMatcher, check_activat
                                  chunks, epoch_error, prefill_chunk_tokens)
 from ringd.core.proof import name_nodes
 from ringd.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
-from ringd.errors import RequestError
+from ringd.errors import ErrorCode, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ class RingRunner:
             message += f" (hint: {err.hint})"
         log.warning("request %s failed here: %s", rid[:8], message)
         self._free(rid)
-        self.send(entry_node, wire.Error(rid, err.code, message[: wire.MAX_TEXT]))
+        self.send(entry_node, wire.Error(rid, err.code.value, message[: wire.MAX_TEXT]))
 
     def _free(self, rid: str) -> None:
         known = self.table.end(rid, time.monotonic())
@@ -481,7 +481,7 @@ class RingRunner:
     def _on_error(self, msg: wire.Error, sender: str) -> None:
         entry = self._entries.get(msg.request_id)
         if entry is not None:
-            code = msg.code if msg.code in _CODES else "internal"
+            code = ErrorCode.parse(msg.code)
             entry.queue.put_nowait(RequestError(code, name_nodes(f"node {sender}: {msg.message}",
                                                                  self.names)))
 
@@ -494,9 +494,6 @@ class RingRunner:
 
 MAX_EARLY = 64
 RATE_MIN_TOKENS = 16  # shorter requests give too noisy a decode rate to judge against the ceiling
-
-_CODES = frozenset({"busy", "not_ready", "cancelled", "timeout", "peer_lost", "leaving", "bad_request",
-                    "context_length", "model_not_served", "coverage", "internal"})
 
 
 def tokens_tensor(ids: list[int]) -> wire.Tensor:

@@ -38,7 +38,7 @@ from typing import Any, AsyncIterator, Callable
 from aiohttp import web
 
 from ringd.core.requests import Backend, FinishEvent, GenerationRequest, SamplingParams, TokenEvent
-from ringd.errors import RequestError, UsageError
+from ringd.errors import ErrorCode, RequestError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +46,6 @@ DEFAULT_MAX_BODY = 2 * 1024 * 1024
 MAX_VERIFY_STEPS = 32
 DEFAULT_MAX_TOKENS = 1024
 CHAT_ROLES = ("system", "user", "assistant", "developer")
-
-HTTP_STATUS = {
-    "bad_request": 400,
-    "context_length": 400,
-    "invalid_api_key": 401,
-    "not_found": 404,
-    "model_not_served": 404,
-    "method_not_allowed": 405,
-    "request_too_large": 413,
-    "busy": 429,
-    "internal": 500,
-    "coverage": 500,
-    "not_ready": 503,
-    "leaving": 503,
-    "peer_lost": 503,
-    "cancelled": 503,
-    "timeout": 504,
-}
-
-
-def http_status(code: str) -> int:
-    """HTTP status for a :class:`RequestError` code (500 for unknown codes)."""
-    return HTTP_STATUS.get(code, 500)
-
 
 def _error_type(status: int) -> str:
     if status == 401:
@@ -96,7 +72,7 @@ class ApiError(Exception):
 
     def __init__(
         self,
-        code: str,
+        code: ErrorCode | str,
         message: str,
         *,
         param: str | None = None,
@@ -104,11 +80,11 @@ class ApiError(Exception):
         status: int | None = None,
     ) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = ErrorCode(code)
         self.message = message
         self.param = param
         self.hint = hint
-        self.status = status if status is not None else http_status(code)
+        self.status = status if status is not None else self.code.http_status
 
     @classmethod
     def from_request_error(cls, e: RequestError) -> "ApiError":
