@@ -50,7 +50,7 @@ class Client:
 
     # ------------------------------------------------------------------------- calls
     def status(self) -> dict[str, Any]:
-        """The daemon's status as JSON (``GET /ringd/status``; read it with ``Status.from_json``)."""
+        """The daemon's status as JSON (``GET /ringd/status``); ``Status.from_json`` reads it."""
         return self._call("GET", "/ringd/status", None, self.timeout, MAX_LINE)
 
     def post_json(

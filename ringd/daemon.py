@@ -39,6 +39,7 @@ from ringd.core.plan import ModelShape, Plan
 from ringd.core.requests import FinishEvent, GenerationRequest, TokenEvent
 from ringd.daemon_cli import build_settings, settings_options
 from ringd.errors import ConfigError, ModelError, RemoteProtocolError, RingdError, UsageError
+from ringd.status import ModelStatus, Status, ring_status
 
 log = logging.getLogger("ringd.daemon")
 
@@ -446,69 +447,23 @@ class Node:
             (m.name or m.node_id[:8], m.meta.refusal) for m in self.membership.members()
             if m.meta.refusal and m.node_id != self.node_id])
 
-    def status(self) -> dict[str, Any]:
-        ag = self.agreement.status()
-        plan = self.agreement.plan
-        members = []
-        for m in sorted(self.membership.members(), key=lambda m: m.node_id):
-            a = plan.assignment(m.node_id) if plan else None
-            rtt = self.membership.rtt(m.node_id) if m.node_id != self.node_id else None
-            members.append({
-                "id": m.node_id, "name": m.name, "addr": f"{m.addr[0]}:{m.addr[1]}",
-                "state": m.state.value, "phase": m.meta.phase.value,
-                "usable_memory": m.meta.usable_memory, "total_memory": m.meta.total_memory,
-                "layers": [a.start, a.end] if a else None,
-                "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
-                "software_version": m.meta.software_version, "http_port": m.meta.http_port,
-                "self": m.node_id == self.node_id,
-                "fingerprint": m.meta.fingerprint, "refusal": m.meta.refusal,
-                "memory_bandwidth": m.meta.memory_bandwidth or None,
-            })
-        return {
-            "node": {"id": self.node_id, "name": self.settings.node_name,
-                     "addr": f"{self.addr[0]}:{self.addr[1]}", "http_port": self.http_port,
-                     "phase": self.membership.local.meta.phase.value},
-            "ready": self.runner.route is not None,
-            "reason": None if self.runner.route is not None else self.not_ready_reason(),
-            "model": {"name": self.info.name, "num_layers": self.info.num_layers,
-                      "total_bytes": self.info.total_bytes},
-            "plan": ({"epoch": plan.epoch, "hash": plan.hash,
-                      "assignments": [{"node_id": a.node_id, "start": a.start, "end": a.end,
-                                       "bytes": a.bytes_needed} for a in plan.order],
-                      "excluded": [{"node_id": e.node_id, "reason": e.reason} for e in plan.excluded]}
-                     if plan else None),
-            "members": members,
-            "fingerprint": self.ring_fingerprint if self.runner.route is not None else None,
-            "ceiling": self._ceiling(plan),
-            "agreement": ag,
-            "timeline": {k: round(v, 3) for k, v in self.timeline.items()},
-            "stats": {"runner": self.runner.status(), "membership": self.membership.stats(),
-                      "transport": self.transport.stats(),
-                      "discovery": self.discovery.stats().__dict__ if self.discovery else None,
-                      "compute": self.compute.stats() if self.compute else None},
-        }
-
-    def _ceiling(self, plan: Plan | None) -> dict[str, Any] | None:
-        """Decode ceilings of the committed plan, and the last measured rate judged against them."""
-        from ringd.core.proof import StageLoad, rate_verdict, ring_ceiling
-
-        if plan is None:
-            return None
-        members = {m.node_id: m for m in self.membership.members()}
-        stages = []
-        for a in plan.order:
-            m = members.get(a.node_id)
-            bandwidth = float(m.meta.memory_bandwidth) if m and m.meta.memory_bandwidth else None
-            stages.append(StageLoad(a.node_id, m.name if m else a.node_id[:8],
-                                    self.info.shard_bytes(a.start, a.end), bandwidth))
-        rtts = [r for i in members
-                if i != self.node_id and (r := self.membership.rtt(i)) is not None]
-        out = ring_ceiling(stages, min(rtts) / 2 if rtts else 0.0)
+    def status(self) -> Status:
+        serving = self.runner.route is not None
         rate = self.runner.last_rate
-        out["measured_tps"] = rate["tokens_per_second"] if rate else None
-        out["verdict"] = (rate_verdict(rate["tokens_per_second"], out["single_stream_tps"])
-                          if rate else None)
-        return out
+        return ring_status(
+            node_id=self.node_id, node_name=self.settings.node_name, addr=self.addr,
+            http_port=self.http_port, members=self.membership.members(),
+            plan=self.agreement.plan, rtt=self.membership.rtt,
+            model=ModelStatus(self.info.name, self.info.num_layers, self.info.total_bytes),
+            shard_bytes=self.info.shard_bytes, serving=serving,
+            reason=None if serving else self.not_ready_reason(),
+            fingerprint=self.ring_fingerprint,
+            measured_tps=rate["tokens_per_second"] if rate else None,
+            agreement=self.agreement.status(), timeline=self.timeline,
+            stats={"runner": self.runner.status(), "membership": self.membership.stats(),
+                   "transport": self.transport.stats(),
+                   "discovery": self.discovery.stats().__dict__ if self.discovery else None,
+                   "compute": self.compute.stats() if self.compute else None})
 
 
 class NodeBackend:
@@ -527,7 +482,7 @@ class NodeBackend:
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
         return self.node.runner.generate(request)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         return self.node.status()
 
 

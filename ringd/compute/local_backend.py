@@ -37,9 +37,12 @@ from ringd.compute.engine import Sampler, ShardEngine
 from ringd.compute.model_info import ModelInfo, inspect_model
 from ringd.compute.tokenizer import Tokenizer
 from ringd.config import Settings
+from ringd.core.membership import MemberState, NodePhase
 from ringd.core.pipeline import StopMatcher, chunks
 from ringd.core.requests import FinishEvent, GenerationRequest, TokenEvent
 from ringd.errors import RequestError
+from ringd.status import (AssignmentStatus, MemberStatus, ModelStatus, NodeStatus, PlanStatus,
+                          Status)
 
 log = logging.getLogger(__name__)
 
@@ -198,56 +201,30 @@ class LocalBackend:
     def served_models(self) -> list[str]:
         return [self.info.name]
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         ready = self._phase == "serving"
         n = self.info.num_layers
         total = self.info.total_bytes
         s = self.settings
-        return {
-            "node": {
-                "id": "local",
-                "name": s.node_name,
-                "addr": None,
-                "http_port": s.http_port,
-                "phase": self._phase,
-            },
-            "ready": ready,
-            "reason": None
-            if ready
-            else {"loading": "the model is loading", "leaving": "this node is shutting down"}[
-                self._phase
-            ],
-            "model": {"name": self.info.name, "num_layers": n, "total_bytes": total},
-            "plan": {
-                "epoch": 0,
-                "hash": None,
-                "assignments": [{"node_id": "local", "start": 0, "end": n, "bytes": total}],
-                "excluded": [],
-            },
-            "members": [
-                {
-                    "id": "local",
-                    "name": s.node_name,
-                    "addr": None,
-                    "state": "ready" if ready else self._phase,
-                    "phase": self._phase,
-                    "usable_memory": s.memory_budget,
-                    "total_memory": None,
-                    "layers": [0, n],
-                    "rtt_ms": None,
-                    "software_version": None,
-                }
-            ],
-            "fingerprint": None,
-            "ceiling": None,
-            "stats": {
+        phase = NodePhase(self._phase)
+        return Status(
+            node=NodeStatus(id="local", name=s.node_name, http_port=s.http_port, phase=phase),
+            ready=ready,
+            reason=None if ready else {"loading": "the model is loading",
+                                       "leaving": "this node is shutting down"}[self._phase],
+            model=ModelStatus(self.info.name, n, total),
+            plan=PlanStatus(epoch=0, assignments=(AssignmentStatus("local", 0, n, total),)),
+            members=(MemberStatus(id="local", state=MemberState.ALIVE, name=s.node_name,
+                                  phase=phase, usable_memory=s.memory_budget, layers=(0, n),
+                                  http_port=s.http_port, is_self=True),),
+            stats={
                 "active_requests": len(self._active),
                 "requests_served": self._outcomes["served"],
                 "requests_cancelled": self._outcomes["cancelled"],
                 "requests_failed": self._outcomes["failed"],
                 "tokens_generated": self._tokens,
             },
-        }
+        )
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
         return self._generate(request)

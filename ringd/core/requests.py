@@ -9,9 +9,12 @@ or one node holding the whole model) yields :class:`TokenEvent` then one
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
 
 from ringd.errors import RequestError
+
+if TYPE_CHECKING:  # the status contract sits above core (it reads membership and plans)
+    from ringd.status import Status
 
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_LENGTH = 256
@@ -94,4 +97,4 @@ class Backend(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]: ...
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> Status: ...

@@ -4,7 +4,7 @@ Routes (every one needs ``Authorization: Bearer KEY`` when an API key is set):
 
 - ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` --
   OpenAI-compatible, streaming (SSE) and not; errors as ``{"error": {message, type, param, code}}``.
-- ``GET /ringd/status`` -- the backend's status dict as JSON.
+- ``GET /ringd/status`` -- the backend's :class:`ringd.status.Status` as JSON.
 - ``POST /ringd/generate`` -- NDJSON events: ``{"type": "token", ...}`` lines, then one
   ``{"type": "finish", ...}`` or ``{"type": "error", "code", "message", "hint"}``.
 - ``POST /ringd/shutdown`` -- asks the daemon to stop (only when ``on_shutdown`` is given).
@@ -515,7 +515,7 @@ class ApiServer:
         return web.json_response({"status": "ok"})
 
     async def _status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.backend.status())
+        return web.json_response(self.backend.status().to_json())
 
     async def _shutdown(self, request: web.Request) -> web.Response:
         if self._on_shutdown is None:

@@ -303,7 +303,7 @@ async def test_busy_beyond_max_concurrent_then_disconnect_frees(api) -> None:
         r1.close()  # the client goes away mid-stream
         r2.close()
     await asyncio.wait_for(backend.wait_idle(), 30)
-    st = backend.status()["stats"]
+    st = backend.status().stats
     assert st["active_requests"] == 0 and st["requests_cancelled"] == 2
     assert backend._engine.active_requests() == []  # no KV cache left behind
     r = await client.chat.completions.create(messages=CHAT, model=openai.NOT_GIVEN, max_tokens=2)
