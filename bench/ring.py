@@ -489,7 +489,7 @@ def main() -> None:
     from ringd.compute.tokenizer import Tokenizer
     from ringd.config import Settings, format_size
     from ringd.daemon import model_shape
-    from ringd.demo import demo_budgets
+    from ringd.localring import demo_budgets
 
     settings = Settings()
     model_dir = ensure_default_model(settings.model_store, progress=print)

@@ -163,7 +163,7 @@ def main() -> None:
     from ringd.config import Settings, format_size
     from ringd.core.agreement import AgreementConfig
     from ringd.daemon import model_shape
-    from ringd.demo import DEMO_CONCURRENCY, DEMO_CONTEXT, demo_budgets
+    from ringd.localring import DEMO_CONCURRENCY, DEMO_CONTEXT, demo_budgets
 
     settings = Settings()
     info = inspect_model(ensure_default_model(settings.model_store, progress=print))
