@@ -147,11 +147,34 @@ def test_the_cycle_finder_finds_cycles():
     assert find_cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_the_import_graph_sees_deferred_and_from_imports():
-    graph = import_graph(module_names())
-    assert "ringd.compute.store" in graph["ringd.cli.model"]  # inside a function
-    assert "ringd.cli.common" in graph["ringd.cli.ring"]
-    assert "ringd.status" in graph["ringd.core.requests"]  # under TYPE_CHECKING
+def test_the_import_graph_sees_every_kind_of_import(tmp_path):
+    files = {
+        "ringd.__init__": "",
+        "ringd.pkg.__init__": "from . import leaf\n",
+        "ringd.pkg.leaf": "from typing import TYPE_CHECKING\n"
+                          "if TYPE_CHECKING:\n    from ringd.typed import T\n",
+        "ringd.typed": "import os\n",
+        "ringd.top": "from ringd.pkg import leaf\nfrom ringd import typed\n"
+                     "def later():\n    import ringd.deferred.x\n",
+        "ringd.deferred.__init__": "",
+        "ringd.deferred.x": "from ..typed import T\n",
+    }
+    modules = {}
+    for name, text in files.items():
+        path = tmp_path.joinpath(*name.split(".")).with_suffix(".py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        modules[name.removesuffix(".__init__")] = path
+    assert import_graph(modules) == {
+        "ringd": set(),
+        "ringd.pkg": {"ringd.pkg.leaf"},  # relative, from a package
+        "ringd.pkg.leaf": {"ringd.typed"},  # under TYPE_CHECKING
+        "ringd.typed": set(),
+        # inside a function too; `import ringd.deferred.x` names only ringd.deferred.x
+        "ringd.top": {"ringd", "ringd.pkg", "ringd.pkg.leaf", "ringd.typed", "ringd.deferred.x"},
+        "ringd.deferred": set(),
+        "ringd.deferred.x": {"ringd.typed"},  # relative, two levels up
+    }
 
 
 def test_no_import_circles_in_ringd():
