@@ -490,7 +490,7 @@ def main() -> None:
     from ringd.config import Settings
     from ringd.units import format_size
     from ringd.core.plan import model_shape
-    from ringd.demo import demo_budgets
+    from ringd.localring import demo_budgets
 
     settings = Settings()
     model_dir = ensure_default_model(settings.model_store, progress=print)

@@ -164,7 +164,7 @@ def main() -> None:
     from ringd.units import format_size
     from ringd.core.agreement import AgreementConfig
     from ringd.core.plan import model_shape
-    from ringd.demo import DEMO_CONCURRENCY, DEMO_CONTEXT, demo_budgets
+    from ringd.localring import DEMO_CONCURRENCY, DEMO_CONTEXT, demo_budgets
 
     settings = Settings()
     info = inspect_model(ensure_default_model(settings.model_store, progress=print))

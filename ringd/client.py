@@ -12,13 +12,13 @@ import json
 import socket
 from typing import Any, Iterator
 
-from ringd.errors import RequestError, RingdError, UsageError
+from ringd.errors import DaemonNotRunning, ErrorCode, RequestError, RingdError, UsageError
+
+__all__ = ["Client", "DaemonNotRunning", "connect_host"]
 
 MAX_LINE = 1 << 20
-
-
-class DaemonNotRunning(RingdError):
-    """Nothing answers on the control API's address."""
+#: Most bytes of one JSON answer (a ``/ringd/verify`` trace of 32 steps is ~9 MB).
+MAX_ANSWER = 64 << 20
 
 
 def connect_host(host: str) -> str:
@@ -50,17 +50,20 @@ class Client:
 
     # ------------------------------------------------------------------------- calls
     def status(self) -> dict[str, Any]:
-        """The daemon's status dict (``GET /ringd/status``)."""
-        conn, resp = self._request("GET", "/ringd/status", None, self.timeout)
-        try:
-            body = self._read_json(resp)
-            if resp.status != 200:
-                raise self._error(resp.status, body)
-            if not isinstance(body, dict):
-                raise RingdError(f"ringd at {self.where} sent a status that is not a JSON object")
-            return body
-        finally:
-            conn.close()
+        """The daemon's status as JSON (``GET /ringd/status``); ``Status.from_json`` reads it."""
+        return self._call("GET", "/ringd/status", None, self.timeout, MAX_LINE)
+
+    def post_json(
+        self, path: str, body: dict[str, Any], timeout: float | None = None,
+        *, max_bytes: int = MAX_ANSWER,
+    ) -> dict[str, Any]:
+        """POST ``body`` as JSON to ``path``; the JSON object the daemon answers.
+
+        ``timeout`` defaults to the client's; an error answer raises its :class:`RingdError`
+        (a :class:`RequestError` with the daemon's code), as :meth:`status` does.
+        """
+        return self._call("POST", path, json.dumps(body).encode(),
+                          self.timeout if timeout is None else timeout, max_bytes)
 
     def stream_generate(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Events of ``POST /ringd/generate``: token dicts, then one finish dict.
@@ -79,13 +82,13 @@ class Client:
                     line = resp.readline(MAX_LINE)
                 except (OSError, http.client.HTTPException) as e:
                     raise RequestError(
-                        "peer_lost",
+                        ErrorCode.PEER_LOST,
                         f"lost the connection to ringd at {self.where}: {e}",
                         hint="see `ringctl status` and the daemon's log",
                     ) from None
                 if not line:
                     raise RequestError(
-                        "internal",
+                        ErrorCode.INTERNAL,
                         f"ringd at {self.where} ended the stream without a finish event",
                         hint="see the daemon's log",
                     )
@@ -143,9 +146,32 @@ class Client:
             conn.close()
             raise
 
-    def _read_json(self, resp: http.client.HTTPResponse) -> Any:
+    def _call(
+        self, method: str, path: str, body: bytes | None, timeout: float | None, max_bytes: int
+    ) -> dict[str, Any]:
+        """One request whose answer is a JSON object; errors as :meth:`_error` makes them."""
+        conn, resp = self._request(method, path, body, timeout)
         try:
-            raw = resp.read(MAX_LINE)
+            try:
+                answer = self._read_json(resp, max_bytes)
+            except RingdError:
+                if resp.status == 200:
+                    raise
+                answer = None  # an error status says enough
+            if resp.status != 200:
+                raise self._error(resp.status, answer)
+            if not isinstance(answer, dict):
+                raise RingdError(f"ringd at {self.where} sent an answer to {path} "
+                                 "that is not a JSON object")
+            return answer
+        finally:
+            conn.close()
+
+    def _read_json(self, resp: http.client.HTTPResponse, max_bytes: int = MAX_LINE) -> Any:
+        try:
+            raw = resp.read(max_bytes + 1)
+            if len(raw) > max_bytes:
+                raise ValueError(f"larger than {max_bytes} bytes")
             return json.loads(raw)
         except (OSError, http.client.HTTPException, ValueError) as e:
             raise RingdError(
@@ -162,7 +188,7 @@ class Client:
             return _request_error(body)
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
             return RequestError(
-                str(body["error"].get("code") or "internal"), str(body["error"].get("message"))
+                ErrorCode.parse(body["error"].get("code")), str(body["error"].get("message"))
             )
         return RingdError(f"ringd at {self.where} answered HTTP {status}")
 
@@ -170,7 +196,7 @@ class Client:
 def _request_error(event: dict[str, Any]) -> RequestError:
     hint = event.get("hint")
     return RequestError(
-        str(event.get("code") or "internal"),
+        ErrorCode.parse(event.get("code")),
         str(event.get("message") or "request failed"),
         hint=str(hint) if hint else None,
     )

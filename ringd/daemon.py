@@ -29,6 +29,7 @@ from ringd.core import seal, wire
 from ringd.core.requests import FinishEvent, GenerationRequest, TokenEvent
 from ringd.errors import ConfigError, ModelError, RingdError, UsageError
 from ringd.faults import Faults
+from ringd.status import Status
 from ringd.units import format_size
 
 log = logging.getLogger("ringd.daemon")
@@ -285,7 +286,7 @@ class NodeBackend:
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
         return self.daemon.runner.generate(request)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         from ringd.report import node_status
 
         return node_status(self.daemon)

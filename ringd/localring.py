@@ -9,6 +9,7 @@ peers, mDNS confined to 127.0.0.1, or both (``static_peers``, ``mdns``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -22,6 +23,10 @@ from typing import Any, Sequence
 
 from ringd.client import Client, DaemonNotRunning
 from ringd.errors import RingdError
+
+#: Context and concurrency of the daemons of ``ringctl demo`` and the benches' local rings.
+DEMO_CONTEXT = 2048
+DEMO_CONCURRENCY = 4
 
 #: Ports handed to local daemons come from below every common ephemeral range (Linux
 #: 32768-60999, macOS and Windows 49152-65535). A port the kernel picked with ``bind(0)`` is
@@ -54,6 +59,13 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         _handed.add(port)
         return port
     raise RingdError("could not find a free port on 127.0.0.1")
+
+
+def demo_budgets(need: int, nodes: int) -> list[int]:
+    """Memory budgets in the ratio 1:2:3:... whose sum is 1.5x what the model needs."""
+    weights = list(range(1, nodes + 1))
+    unit = math.ceil(need * 1.5 / sum(weights))
+    return [unit * w for w in weights]
 
 
 @dataclass

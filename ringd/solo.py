@@ -20,9 +20,13 @@ from ringd.config import Settings
 from ringd.core import wire
 from ringd.core.pipeline import Pipeline
 from ringd.core.requests import FinishEvent, GenerationRequest, TokenEvent
+from ringd.core.membership import MemberState
+from ringd.core.ringmeta import NodePhase
 from ringd.core.route import Route, Stage
 from ringd.errors import LocalProtocolError, RequestError
 from ringd.runner import Runner, pipeline_config
+from ringd.status import (AssignmentStatus, MemberStatus, ModelStatus, NodeStatus, PlanStatus,
+                          Status)
 
 NODE_ID = "local"
 
@@ -86,28 +90,22 @@ class SoloBackend:
             raise RequestError("not_ready", "the model is still loading")
         return await self.runner.trace(prompt, steps)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         info, s = self.info, self.settings
         ready = self._phase == "serving"
         n, total = info.num_layers, info.total_bytes
-        node = {"id": NODE_ID, "name": s.node_name, "addr": None, "http_port": s.http_port,
-                "phase": self._phase}
-        return {
-            "node": node,
-            "ready": ready,
-            "reason": None if ready else {"loading": "the model is loading",
-                                          "leaving": "this node is shutting down"}[self._phase],
-            "model": {"name": info.name, "num_layers": n, "total_bytes": total},
-            "plan": {"epoch": 0, "hash": None, "excluded": [],
-                     "assignments": [{"node_id": NODE_ID, "start": 0, "end": n, "bytes": total}]},
-            "members": [{**node, "state": "alive", "usable_memory": s.memory_budget,
-                         "total_memory": None, "layers": [0, n], "rtt_ms": None,
-                         "software_version": None}],
-            "fingerprint": None,
-            "ceiling": None,
-            "stats": {"runner": self.runner.status() if self.runner else None},
-        }
-
+        phase = NodePhase(self._phase)
+        return Status(
+            node=NodeStatus(id=NODE_ID, name=s.node_name, http_port=s.http_port, phase=phase),
+            ready=ready,
+            reason=None if ready else {"loading": "the model is loading",
+                                       "leaving": "this node is shutting down"}[self._phase],
+            model=ModelStatus(info.name, n, total),
+            plan=PlanStatus(epoch=0, assignments=(AssignmentStatus(NODE_ID, 0, n, total),)),
+            members=(MemberStatus(id=NODE_ID, state=MemberState.ALIVE, name=s.node_name,
+                                  phase=phase, usable_memory=s.memory_budget, layers=(0, n),
+                                  http_port=s.http_port, is_self=True),),
+            stats={"runner": self.runner.status() if self.runner else None})
 
 def _nowhere(node_id: str, msg: wire.Message) -> None:
     raise LocalProtocolError(f"a one-stage ring sent {type(msg).__name__} to node {node_id}")

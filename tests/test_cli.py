@@ -15,7 +15,7 @@ def test_keygen_writes_a_private_key_once(tmp_path):
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
     assert "cluster id" in r.output and key.read_text().strip() not in r.output
     r = CliRunner().invoke(main, ["keygen", "--key-file", str(key)])
-    assert r.exit_code == 1 and "already exists" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "already exists" in r.output and "Traceback" not in r.output
     old = key.read_text()
     assert CliRunner().invoke(main, ["keygen", "--key-file", str(key), "--force"]).exit_code == 0
     assert key.read_text() != old
@@ -35,4 +35,4 @@ def test_bad_config_file_is_a_message(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("port = 'x'\n")
     r = CliRunner().invoke(main, ["--config", str(cfg), "model", "list"])
-    assert r.exit_code == 1 and "bad value 'x' for port" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "bad value 'x' for port" in r.output and "Traceback" not in r.output

@@ -1,7 +1,9 @@
 """``ringctl status`` and ``ringctl prompt`` against a real ApiServer on loopback.
 
-Status rendering uses a backend whose only job is to return a given status dict; every
-generation goes through the real SoloBackend (a one-stage ring) on the tiny model.
+Every status is one a node builds: a ring node's through :func:`ringd.status.ring_status`
+(what the daemon's status calls) from real core members and plans, or the real
+SoloBackend's (a one-stage ring). Every generation goes through the real SoloBackend on the
+tiny model.
 """
 
 from __future__ import annotations
@@ -19,102 +21,27 @@ import aiohttp
 import pytest
 from click.testing import CliRunner, Result
 
-from ringd.cli_ring import layer_bar, prompt, status
+from ringd.cli.ring import layer_bar, layers_text, prompt, status
 from ringd.compute.engine import generate_local
 from ringd.compute.mlx_thread import mlx_executor
 from ringd.solo import SoloBackend
 from ringd.compute.tokenizer import Tokenizer
 from ringd.config import Settings
+from ringd.units import format_size
 from ringd.core.requests import SamplingParams
 from ringd.net.api import ApiServer
+from ringd.status import Status
+from tests.statuses import member, node_status, plan_of, ring_members
 
 QUESTION = "What is the capital of France?"
 N = 10
 HOLD = "Tell me a story."  # greedy on the tiny model it never samples EOS: the request stays open
 
-READY: dict[str, Any] = {
-    "node": {
-        "id": "a1",
-        "name": "alpha",
-        "addr": "127.0.0.1:7411",
-        "http_port": 7412,
-        "phase": "serving",
-    },
-    "ready": True,
-    "reason": None,
-    "model": {"name": "SmolLM2-135M-Instruct", "num_layers": 30, "total_bytes": 100 * 2**20},
-    "plan": {
-        "epoch": 3,
-        "hash": "9f86d081884c7d659a2feaa0c55ad015",
-        "assignments": [
-            {"node_id": "a1", "start": 0, "end": 5, "bytes": 1},
-            {"node_id": "b2", "start": 5, "end": 15, "bytes": 1},
-            {"node_id": "c3", "start": 15, "end": 30, "bytes": 1},
-        ],
-        "excluded": [
-            {"node_id": "d4", "reason": "too small for one layer (needs 4.1 MiB, has 1.0 MiB)"}
-        ],
-    },
-    "members": [
-        {
-            "id": "a1",
-            "name": "alpha",
-            "addr": "127.0.0.1:7411",
-            "state": "ready",
-            "phase": "serving",
-            "usable_memory": 2**30,
-            "total_memory": 24 * 2**30,
-            "layers": [0, 5],
-            "rtt_ms": None,
-            "software_version": "0.1.0",
-        },
-        {
-            "id": "b2",
-            "name": "beta",
-            "addr": "127.0.0.1:7421",
-            "state": "ready",
-            "phase": "serving",
-            "usable_memory": 2 * 2**30,
-            "total_memory": 24 * 2**30,
-            "layers": [5, 15],
-            "rtt_ms": 0.314,
-            "software_version": "0.1.0",
-        },
-        {
-            "id": "c3",
-            "name": "gamma",
-            "addr": "127.0.0.1:7431",
-            "state": "ready",
-            "phase": "serving",
-            "usable_memory": 3 * 2**30,
-            "total_memory": 24 * 2**30,
-            "layers": [15, 30],
-            "rtt_ms": 0.42,
-            "software_version": "0.1.0",
-        },
-        {
-            "id": "d4",
-            "name": "delta",
-            "addr": "127.0.0.1:7441",
-            "state": "ready",
-            "phase": "idle",
-            "usable_memory": 2**20,
-            "total_memory": 24 * 2**30,
-            "layers": None,
-            "rtt_ms": 0.5,
-            "software_version": "0.1.0",
-        },
-    ],
-    "fingerprint": "c0ffee1234",
-    "ceiling": {"single_stream_tps": 9.87},
-    "stats": {"requests_served": 4},
-}
-
 
 class StatusOnly:
-    """Test double for status rendering only: returns a fixed status dict, serves nothing."""
+    """Test double for status rendering only: serves a given status, generates nothing."""
 
-    def __init__(self, st: dict[str, Any]) -> None:
+    def __init__(self, st: Status | dict[str, Any]) -> None:
         self.st = st
 
     def served_models(self) -> list[str]:
@@ -123,8 +50,16 @@ class StatusOnly:
     def generate(self, request: Any) -> Any:
         raise AssertionError("StatusOnly does not generate")
 
-    def status(self) -> dict[str, Any]:
-        return self.st
+    def status(self) -> Any:
+        if isinstance(self.st, Status):
+            return self.st
+        raw = self.st  # a malformed status, as a broken or foreign daemon might send
+
+        class Raw:
+            def to_json(self) -> dict[str, Any]:
+                return raw
+
+        return Raw()
 
 
 async def invoke(cmd: Any, args: list[str], input: str | None = None) -> Result:
@@ -139,7 +74,7 @@ def no_traceback(r: Result) -> None:
     assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
 
 
-async def run_status(st: dict[str, Any], *args: str) -> Result:
+async def run_status(st: Status | dict[str, Any], *args: str) -> Result:
     server = ApiServer(StatusOnly(st), host="127.0.0.1", port=0)
     port = await server.start()
     try:
@@ -148,73 +83,103 @@ async def run_status(st: dict[str, Any], *args: str) -> Result:
         await server.close()
 
 
+def rows_by_name(out: str, names: set[str]) -> dict[str, str]:
+    rows = {}
+    for line in out.splitlines():
+        words = line.lstrip("*").split()
+        if words and words[0] in names and "127.0.0.1:74" in line:
+            rows[words[0]] = line
+    return rows
+
+
 # ------------------------------------------------------------------------------- status
 async def test_status_table_of_a_ready_ring() -> None:
-    r = await run_status(READY)
+    members = ring_members(dead=True)
+    plan = plan_of(members)
+    st = node_status(members, plan)
+    r = await run_status(st)
     no_traceback(r)
     assert r.exit_code == 0, r.output
     out = r.stdout
     assert out.splitlines()[0] == "ring: ready"
-    assert "SmolLM2-135M-Instruct, 30 layers, 100.0 MiB" in out
-    assert "epoch 3, hash 9f86d081884c7d65" in out and "c0ffee1234" in out
-    rows = {
-        line.split()[1] if line.startswith("*") else line.split()[0]: line
-        for line in out.splitlines()
-        if "127.0.0.1:74" in line and not line.startswith("this node")
-    }
-    assert set(rows) == {"alpha", "beta", "gamma", "delta"}
-    assert rows["alpha"].startswith("*")
-    assert "[####....................]" in rows["alpha"] and "0-4 (5)" in rows["alpha"]
-    assert (
-        "[....########............]" in rows["beta"]
-        and "5-14 (10)" in rows["beta"]
-        and "0.31 ms" in rows["beta"]
-    )
-    assert "[............############]" in rows["gamma"] and "15-29 (15)" in rows["gamma"]
-    assert "none" in rows["delta"] and "1.0 MiB" in rows["delta"] and "24.0 GiB" in rows["delta"]
-    assert "excluded: delta: too small for one layer" in out
-    assert "9.9 tokens/s" in out and "requests_served=4" in out
+    assert f"{st.model.name}, 30 layers, {format_size(st.model.total_bytes)}" in out
+    assert f"epoch {plan.epoch}, hash {plan.hash[:16]}" in out and "c0ffee1234" in out
+    rows = rows_by_name(out, {m.name for m in members})
+    assert set(rows) == {"alpha", "beta", "gamma", "delta", "epsilon"}
+    assert rows["alpha"].startswith("*") and not rows["beta"].startswith("*")
+    names = {m.node_id: m.name for m in members}
+    for a in plan.order:  # every stage shows its range, as a bar over the depth and in numbers
+        row = rows[names[a.node_id]]
+        assert layer_bar((a.start, a.end), plan.num_layers) in row.split()
+        assert layers_text((a.start, a.end)) in row
+        assert row.lstrip("*").split()[2:4] == ["alive", "serving"]
+    assert "0.31 ms" in rows["beta"] and "0.42 ms" in rows["gamma"]
+    assert " none " in rows["delta"] and "1.0 MiB  24.0 GiB" in rows["delta"]
+    # epsilon died while serving: its last gossiped phase is not shown as current
+    assert rows["epsilon"].split()[2:4] == ["dead", "?"] and "serving" not in rows["epsilon"]
+    assert f"excluded: delta: {plan.excluded[0].reason}" in out
+    assert st.ceiling is not None and st.ceiling.single_stream_tps is not None
+    assert f"ceiling: {st.ceiling.single_stream_tps:.1f} tokens/s for one stream" in out
+    assert "last measured: 5.0 tokens/s" in out and "IMPOSSIBLE" not in out
+    assert "requests_served=4" in out
     assert "Local Network" not in out
 
 
+async def test_status_flags_a_rate_above_the_ceiling() -> None:
+    members = ring_members()
+    st = node_status(members, plan_of(members), measured_tps=1e6)
+    r = await run_status(st)
+    assert r.exit_code == 0 and "last measured: 1000000.0 tokens/s -- IMPOSSIBLE" in r.stdout
+
+
 async def test_status_not_ready_says_why_and_exits_1() -> None:
-    st = {**READY, "ready": False, "reason": "waiting for beta to load layers 5-14"}
+    members = ring_members()
+    st = node_status(members, plan_of(members), serving=False,
+                     reason="waiting for beta to load layers 5-14")
     r = await run_status(st)
     no_traceback(r)
     assert r.exit_code == 1
     assert r.stdout.splitlines()[0] == "ring: NOT READY: waiting for beta to load layers 5-14"
+    assert "ring fingerprint" not in r.stdout
 
 
 async def test_status_alone_gives_the_local_network_hint() -> None:
-    st = {
-        "node": {"id": "a1", "name": "alpha"},
-        "ready": False,
-        "reason": "no peers: the model needs 2 nodes",
-        "members": [READY["members"][0]],
-    }
+    st = node_status([member("a1", "alpha", 7411, 2**30)], None, serving=False,
+                     reason="waiting for peers")
     r = await run_status(st)
     no_traceback(r)
     assert r.exit_code == 1
-    assert "Local Network" in r.stdout and "--peer" in r.stdout and "model: none" in r.stdout
+    assert "Local Network" in r.stdout and "--peer" in r.stdout
+    assert "plan: none committed" in r.stdout
 
 
-async def test_status_tolerates_an_empty_dict() -> None:
-    r = await run_status({})
+@pytest.mark.parametrize("raw, message", [
+    ({}, "sent a malformed status: status.node is missing"),
+    ({"node": {"id": "a1"}, "ready": True, "members": [{"id": "a1", "state": "ready"}]},
+     "status.members[0].state must be one of alive, suspect, dead, left, got 'ready'"),
+])
+async def test_a_malformed_status_is_a_message_not_a_traceback(raw, message) -> None:
+    r = await run_status(raw)
     no_traceback(r)
-    assert r.exit_code == 1 and "no reason given" in r.stdout
+    assert r.exit_code == 1
+    assert message in r.stderr and "hint:" in r.stderr and r.stdout == ""
 
 
 async def test_status_json_is_the_same_facts() -> None:
-    r = await run_status(READY, "--json")
+    members = ring_members(dead=True)
+    st = node_status(members, plan_of(members))
+    r = await run_status(st, "--json")
     assert r.exit_code == 0
-    assert json.loads(r.stdout) == READY
+    assert json.loads(r.stdout) == st.to_json()
+    assert Status.from_json(json.loads(r.stdout)) == st
 
 
 def test_layer_bar_covers_the_depth() -> None:
-    assert layer_bar([0, 4], 4, width=8) == "[########]"
-    assert layer_bar([1, 2], 4, width=8) == "[..##....]"
+    assert layer_bar((0, 4), 4, width=8) == "[########]"
+    assert layer_bar((1, 2), 4, width=8) == "[..##....]"
     assert layer_bar(None, 4, width=4) == "[....]"
-    assert layer_bar([0, 2], None) == ""
+    assert layer_bar((0, 2), None) == ""
+    assert layers_text((5, 15)) == "5-14 (10)" and layers_text(None) == "none"
 
 
 def free_port() -> int:
@@ -223,12 +188,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_no_daemon_exits_2_with_a_hint() -> None:
+async def test_no_daemon_exits_3_with_a_hint() -> None:
     port = free_port()
     for cmd, args in ((status, []), (prompt, ["hello"])):
         r = await invoke(cmd, ["--port", str(port), *args])
         no_traceback(r)
-        assert r.exit_code == 2
+        assert r.exit_code == 3
         assert f"no ringd running on 127.0.0.1:{port}" in r.stderr and "ringd run" in r.stderr
 
 
@@ -340,7 +305,7 @@ async def test_prompt_bad_arguments_are_messages(daemon, args, input, message) -
     _, port = daemon
     r = await invoke(prompt, ["--port", str(port), *args], input=input)
     no_traceback(r)
-    assert r.exit_code in (1, 2) and message in r.stderr
+    assert r.exit_code == 2 and message in r.stderr
 
 
 async def test_prompt_busy_is_a_clear_error(daemon) -> None:
@@ -351,7 +316,7 @@ async def test_prompt_busy_is_a_clear_error(daemon) -> None:
             await held.content.readline()  # one token: the only slot is taken
             r = await invoke(prompt, ["--port", str(port), QUESTION])
     no_traceback(r)
-    assert r.exit_code == 1
+    assert r.exit_code == 4  # busy: retry later
     assert "already running" in r.stderr and "hint: retry later" in r.stderr
     await asyncio.wait_for(backend.wait_idle(), 30)
 
@@ -361,7 +326,7 @@ async def test_ctrl_c_cancels_the_request(daemon) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        "from ringd.cli_ring import prompt; prompt()",
+        "from ringd.cli.ring import prompt; prompt()",
         "--port",
         str(port),
         "--max-tokens",
@@ -385,13 +350,29 @@ async def test_ctrl_c_cancels_the_request(daemon) -> None:
     err = (await proc.stderr.read()).decode()
     assert rc == 130 and "cancelled" in err and "Traceback" not in err
     await asyncio.wait_for(backend.wait_idle(), 30)
-    assert backend.status()["stats"]["runner"]["requests_cancelled"] == 1
+    assert backend.status().stats["runner"]["requests_cancelled"] == 1
+
+
+async def test_status_of_a_single_process_node(daemon) -> None:
+    backend, port = daemon
+    r = await invoke(status, ["--port", str(port)])
+    no_traceback(r)
+    assert r.exit_code == 0, r.output
+    st = backend.status()
+    n = st.model.num_layers
+    row = next(line for line in r.stdout.splitlines() if line.startswith("*"))
+    assert row.split()[1:4] == ["test", "-", "alive"] and "serving" in row
+    assert layer_bar((0, n), n) in row and layers_text((0, n)) in row
+    r = await invoke(status, ["--port", str(port), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout) == st.to_json()
 
 
 async def test_ringctl_main_has_status_and_prompt_and_reads_the_port_from_config(tmp_path) -> None:
     from ringd.cli import main
 
-    server = ApiServer(StatusOnly(READY), host="127.0.0.1", port=0)
+    members = ring_members()
+    st = node_status(members, plan_of(members, epoch=7))
+    server = ApiServer(StatusOnly(st), host="127.0.0.1", port=0)
     port = await server.start()
     cfg = tmp_path / "ringd.toml"
     cfg.write_text(f"[ringd]\nhttp_port = {port}\n")
@@ -400,4 +381,4 @@ async def test_ringctl_main_has_status_and_prompt_and_reads_the_port_from_config
     finally:
         await server.close()
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["plan"]["epoch"] == 3
+    assert json.loads(r.stdout)["plan"]["epoch"] == 7

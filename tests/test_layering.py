@@ -69,3 +69,144 @@ def test_only_compute_imports_mlx():
         if found:
             bad[str(f.relative_to(PKG))] = found
     assert bad == {}
+
+
+# ------------------------------------------------------------------------ import circles
+def module_names() -> dict[str, Path]:
+    """Every module of ``ringd/`` by dotted name (a package by its own name)."""
+    out = {}
+    for f in PKG.rglob("*.py"):
+        parts = list(f.relative_to(PKG.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = f
+    return out
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the ``ringd`` modules it imports, at module level or inside a function
+    (a deferred import is still an edge), under ``if TYPE_CHECKING`` too.
+
+    An edge goes to the module an import names (``from ringd.compute import store``: to
+    ``ringd.compute`` and ``ringd.compute.store``; ``from ringd.x import name``: to
+    ``ringd.x``). The parent package a submodule sits in is not an edge of its own: Python
+    runs ``ringd/cli/__init__.py`` before ``ringd.cli.ring``, which is harmless while
+    ``ringd.cli.ring`` imports nothing from ``ringd.cli`` itself -- and that import would
+    be an edge.
+    """
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                named = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                named = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for n in named:
+                target = resolve(n) if n == "ringd" or n.startswith("ringd.") else None
+                if target is not None and target != name:
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (``[a, b, ..., a]``) per strongly connected group of modules."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[set[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+
+    def path_back(start: str, group: set[str]) -> list[str]:
+        seen, todo = {start: [start]}, [start]
+        while todo:
+            v = todo.pop(0)
+            for w in sorted(graph[v] & group):
+                if w == start:
+                    return seen[v] + [start]
+                if w not in seen:
+                    seen[w] = seen[v] + [w]
+                    todo.append(w)
+        raise AssertionError("a strongly connected group without a cycle")
+
+    return [path_back(min(g), g) for g in groups]
+
+
+def test_the_cycle_finder_finds_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"d"}}
+    assert find_cycles(graph) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_import_graph_sees_every_kind_of_import(tmp_path):
+    files = {
+        "ringd.__init__": "",
+        "ringd.pkg.__init__": "from . import leaf\n",
+        "ringd.pkg.leaf": "from typing import TYPE_CHECKING\n"
+                          "if TYPE_CHECKING:\n    from ringd.typed import T\n",
+        "ringd.typed": "import os\n",
+        "ringd.top": "from ringd.pkg import leaf\nfrom ringd import typed\n"
+                     "def later():\n    import ringd.deferred.x\n",
+        "ringd.deferred.__init__": "",
+        "ringd.deferred.x": "from ..typed import T\n",
+    }
+    modules = {}
+    for name, text in files.items():
+        path = tmp_path.joinpath(*name.split(".")).with_suffix(".py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        modules[name.removesuffix(".__init__")] = path
+    assert import_graph(modules) == {
+        "ringd": set(),
+        "ringd.pkg": {"ringd.pkg.leaf"},  # relative, from a package
+        "ringd.pkg.leaf": {"ringd.typed"},  # under TYPE_CHECKING
+        "ringd.typed": set(),
+        # inside a function too; `import ringd.deferred.x` names only ringd.deferred.x
+        "ringd.top": {"ringd", "ringd.pkg", "ringd.pkg.leaf", "ringd.typed", "ringd.deferred.x"},
+        "ringd.deferred": set(),
+        "ringd.deferred.x": {"ringd.typed"},  # relative, two levels up
+    }
+
+
+def test_no_import_circles_in_ringd():
+    cycles = find_cycles(import_graph(module_names()))
+    assert cycles == [], "import circles:\n" + "\n".join(" -> ".join(c) for c in cycles)

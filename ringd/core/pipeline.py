@@ -45,13 +45,10 @@ from ringd.core import wire
 from ringd.core.proof import name_nodes
 from ringd.core.requests import SamplingParams
 from ringd.core.route import (Route, check_activation, check_complete, chunks, epoch_error)
-from ringd.errors import LocalProtocolError, RequestError
+from ringd.errors import ErrorCode, LocalProtocolError, RequestError
 
 log = logging.getLogger(__name__)
 
-REQUEST_CODES = frozenset({"busy", "not_ready", "cancelled", "timeout", "peer_lost", "leaving",
-                           "bad_request", "context_length", "model_not_served", "coverage",
-                           "internal"})
 
 
 @dataclass(frozen=True)
@@ -399,9 +396,8 @@ class Pipeline:
         elif isinstance(msg, wire.Error):
             entry = self._entries.get(msg.request_id)
             if entry is not None:
-                code = msg.code if msg.code in REQUEST_CODES else "internal"
                 self._fail_entry(entry, RequestError(
-                    code, self._named(f"node {sender}: {msg.message}")))
+                    ErrorCode.parse(msg.code), self._named(f"node {sender}: {msg.message}")))
 
     def _stale(self, msg: wire.Activation | wire.Token, sender: str, now: float) -> None:
         """A message of another plan epoch, or one that arrived while not serving."""
@@ -546,7 +542,7 @@ class Pipeline:
             message += f" (hint: {err.hint})"
         log.warning("request %s failed here: %s", rid[:8], message)
         self._end_stage(rid)
-        self._send(entry, wire.Error(rid, err.code, message[: wire.MAX_TEXT]), now)
+        self._send(entry, wire.Error(rid, err.code.value, message[: wire.MAX_TEXT]), now)
 
     def _end_stage(self, rid: str) -> None:
         self._early.pop(rid, None)

@@ -9,9 +9,10 @@ or one node holding the whole model) yields :class:`TokenEvent` then one
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any
 
 from ringd.errors import RequestError
+
 
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_LENGTH = 256
@@ -113,12 +114,3 @@ class FinishEvent:
     tokens_per_second: float
     extra: dict[str, Any] = field(default_factory=dict)
 
-
-class Backend(Protocol):
-    """What the HTTP API and the control API need from whatever runs requests."""
-
-    def served_models(self) -> list[str]: ...
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]: ...
-
-    def status(self) -> dict[str, Any]: ...

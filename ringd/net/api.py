@@ -4,7 +4,7 @@ Routes (every one needs ``Authorization: Bearer KEY`` when an API key is set):
 
 - ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` --
   OpenAI-compatible, streaming (SSE) and not; errors as ``{"error": {message, type, param, code}}``.
-- ``GET /ringd/status`` -- the backend's status dict as JSON.
+- ``GET /ringd/status`` -- the backend's :class:`ringd.status.Status` as JSON.
 - ``POST /ringd/generate`` -- NDJSON events: ``{"type": "token", ...}`` lines, then one
   ``{"type": "finish", ...}`` or ``{"type": "error", "code", "message", "hint"}``.
 - ``POST /ringd/shutdown`` -- asks the daemon to stop (only when ``on_shutdown`` is given).
@@ -33,43 +33,32 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Protocol
 
 from aiohttp import web
 
-from ringd.core.requests import Backend, FinishEvent, GenerationRequest, SamplingParams, TokenEvent
-from ringd.errors import RequestError, UsageError
+from ringd.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from ringd.errors import ErrorCode, RequestError, UsageError
+from ringd.status import Status
 
 log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """What the HTTP API and the control API need from whatever runs requests: a ring
+    node (:class:`ringd.daemon.NodeBackend`) or one process (:class:`ringd.solo.SoloBackend`).
+    ``trace`` (for ``POST /ringd/verify``) is optional."""
+
+    def served_models(self) -> list[str]: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]: ...
+
+    def status(self) -> Status: ...
 
 DEFAULT_MAX_BODY = 2 * 1024 * 1024
 MAX_VERIFY_STEPS = 32
 DEFAULT_MAX_TOKENS = 1024
 CHAT_ROLES = ("system", "user", "assistant", "developer")
-
-HTTP_STATUS = {
-    "bad_request": 400,
-    "context_length": 400,
-    "invalid_api_key": 401,
-    "not_found": 404,
-    "model_not_served": 404,
-    "method_not_allowed": 405,
-    "request_too_large": 413,
-    "busy": 429,
-    "internal": 500,
-    "coverage": 500,
-    "not_ready": 503,
-    "leaving": 503,
-    "peer_lost": 503,
-    "cancelled": 503,
-    "timeout": 504,
-}
-
-
-def http_status(code: str) -> int:
-    """HTTP status for a :class:`RequestError` code (500 for unknown codes)."""
-    return HTTP_STATUS.get(code, 500)
-
 
 def _error_type(status: int) -> str:
     if status == 401:
@@ -96,7 +85,7 @@ class ApiError(Exception):
 
     def __init__(
         self,
-        code: str,
+        code: ErrorCode | str,
         message: str,
         *,
         param: str | None = None,
@@ -104,11 +93,11 @@ class ApiError(Exception):
         status: int | None = None,
     ) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = ErrorCode(code)
         self.message = message
         self.param = param
         self.hint = hint
-        self.status = status if status is not None else http_status(code)
+        self.status = status if status is not None else self.code.http_status
 
     @classmethod
     def from_request_error(cls, e: RequestError) -> "ApiError":
@@ -539,7 +528,7 @@ class ApiServer:
         return web.json_response({"status": "ok"})
 
     async def _status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.backend.status())
+        return web.json_response(self.backend.status().to_json())
 
     async def _shutdown(self, request: web.Request) -> web.Response:
         if self._on_shutdown is None:

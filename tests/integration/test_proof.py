@@ -22,8 +22,8 @@ from typing import Any, Callable
 import pytest
 from click.testing import CliRunner
 
-from ringd.cli_proof import bench, post_json, verify
-from ringd.cli_ring import status as status_cmd
+from ringd.cli.proof import bench, verify
+from ringd.cli.ring import status as status_cmd
 from ringd.compute.manifest import MANIFEST_FILE, tensor_spans
 from ringd.compute.model_info import inspect_model
 from ringd.core.proof import parse_fingerprint
@@ -115,7 +115,7 @@ def test_healthy_ring_fingerprint_ceiling_verify_and_bench(tiny: Path, tmp_path:
     assert f"ring fingerprint: {statuses[0]['fingerprint']}" in out and "ceiling:" in out
 
     with pytest.raises(RequestError, match="steps must be 1..32"):
-        post_json(ring.nodes[0].client, "/ringd/verify", {"prompt": "x", "steps": 99}, 10.0)
+        ring.nodes[0].client.post_json("/ringd/verify", {"prompt": "x", "steps": 99}, 10.0)
     res = run_verify(ring, 0, tiny, "--steps", "6")
     assert res.exit_code == 0 and "match: max |logit difference| 0 " in res.output, res.output
     assert "node1 layers 0-0, node2 layers 1-2, node3 layers 3-5" in res.output

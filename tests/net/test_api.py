@@ -304,7 +304,7 @@ async def test_busy_beyond_max_concurrent_then_disconnect_frees(api) -> None:
         r1.close()  # the client goes away mid-stream
         r2.close()
     await asyncio.wait_for(backend.wait_idle(), 30)
-    st = backend.status()["stats"]["runner"]
+    st = backend.status().stats["runner"]
     assert st["active_entries"] == st["active_stage_requests"] == 0
     assert st["requests_cancelled"] == 2
     assert backend.runner.compute.engine.active_requests() == []  # no KV cache left behind

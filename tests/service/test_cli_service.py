@@ -13,8 +13,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-import ringd.cli_service as cli_service
-from ringd.cli_service import service
+import ringd.cli.service as cli_service
+from ringd.cli.service import service
 from ringd.service.units import LABEL, Scope, render_env_file, render_launchd_plist, render_systemd_unit
 
 
@@ -151,7 +151,7 @@ def test_without_a_usable_manager_install_refuses_and_writes_nothing(
                         lambda manager, scope: "systemd is not running on this machine (PID 1 is 'init')")
     fake = FakeRunner()
     r = invoke(["install", "--manager", "systemd", "--exec", "/x/ringd"], runner=fake)
-    assert r.exit_code == 1 and fake.calls == []
+    assert r.exit_code == 2 and fake.calls == []
     assert "cannot install the systemd service here: systemd is not running" in r.output
     assert "--dry-run" in r.output and "--root" in r.output
     assert files_under(home) == {}
@@ -159,4 +159,4 @@ def test_without_a_usable_manager_install_refuses_and_writes_nothing(
 
 def test_run_as_only_for_system_scope(tmp_path: Path, home: Path) -> None:
     r = invoke(["install", "--run-as", "ringd", "--root", str(tmp_path), "--exec", "/x/ringd"])
-    assert r.exit_code == 1 and "--run-as is for --scope system" in r.output
+    assert r.exit_code == 2 and "--run-as is for --scope system" in r.output

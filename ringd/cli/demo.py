@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import Callable
 
-from ringd.cli_ring import render_status
+import click
+
+from ringd.cli.common import Command, settings_from
+from ringd.cli.ring import render_status
 from ringd.config import Settings
-from ringd.localring import LocalRing
 from ringd.units import format_size
+from ringd.localring import DEMO_CONCURRENCY, DEMO_CONTEXT, LocalRing, demo_budgets
+from ringd.status import Status
 
-DEMO_CONTEXT = 2048
-DEMO_CONCURRENCY = 4
+DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
-def demo_budgets(need: int, nodes: int) -> list[int]:
-    """Memory budgets in the ratio 1:2:3:... whose sum is 1.5x what the model needs."""
-    weights = list(range(1, nodes + 1))
-    unit = math.ceil(need * 1.5 / sum(weights))
-    return [unit * w for w in weights]
+@click.command(cls=Command)
+@click.argument("text", required=False, default=DEMO_PROMPT)
+@click.option("--nodes", type=click.IntRange(1, 8), default=3, show_default=True,
+              help="Daemons in the local ring.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--store", type=click.Path(file_okay=False), default=None,
+              help="Model store directory.")
+@click.pass_context
+def demo(ctx: click.Context, text: str, nodes: int, max_tokens: int, store: str | None) -> None:
+    """Start a local ring of daemons with unequal memory, answer a prompt, stop the ring.
+
+    Everything runs on this machine over loopback: each daemon holds only its layers.
+    """
+    s = settings_from(ctx, model_store=store)
+    run_demo(s, text, nodes=nodes, max_tokens=max_tokens, echo=click.echo)
 
 
 def run_demo(settings: Settings, prompt: str, *, nodes: int, max_tokens: int,
@@ -40,16 +52,19 @@ def run_demo(settings: Settings, prompt: str, *, nodes: int, max_tokens: int,
          f"({info.num_layers} layers, needs {format_size(shape.total_bytes)}); memory budgets "
          + ", ".join(format_size(b) for b in budgets), err=True)
     ring = LocalRing(settings.state_dir / "demo", budgets, settings.model, store, mdns=True,
-                     extra_args=(f"--max-context={DEMO_CONTEXT}", f"--max-concurrent={DEMO_CONCURRENCY}"))
+                     extra_args=(f"--max-context={DEMO_CONTEXT}",
+                                 f"--max-concurrent={DEMO_CONCURRENCY}"))
     t0 = time.monotonic()
     ring.start()
     try:
         statuses = ring.wait_ready(180, progress=lambda r: echo(f"    ... {r}", err=True))
         echo(f"==> ring ready in {time.monotonic() - t0:.1f} s\n", err=True)
-        echo(render_status(statuses[0]))
+        echo(render_status(Status.from_json(statuses[0], source=ring.nodes[0].name)))
         entry = ring.nodes[-1]
-        echo(f"\n==> {prompt}\n    (entering at {entry.name}; tokens pass through every node)\n", err=True)
-        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0.0}
+        echo(f"\n==> {prompt}\n    (entering at {entry.name}; tokens pass through every node)\n",
+             err=True)
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": 0.0}
         events = entry.client.stream_generate(body)
         try:
             for ev in events:
@@ -59,8 +74,8 @@ def run_demo(settings: Settings, prompt: str, *, nodes: int, max_tokens: int,
                 elif ev.get("type") == "finish":
                     echo("")
                     echo(f"\n==> {ev.get('completion_tokens')} tokens, time to first token "
-                         f"{ev.get('time_to_first_token', 0):.2f} s, {ev.get('tokens_per_second', 0):.1f} tokens/s",
-                         err=True)
+                         f"{ev.get('time_to_first_token', 0):.2f} s, "
+                         f"{ev.get('tokens_per_second', 0):.1f} tokens/s", err=True)
         finally:
             events.close()
     finally:

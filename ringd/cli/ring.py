@@ -1,22 +1,23 @@
 """``ringctl status`` and ``ringctl prompt``: thin shells over the local daemon's control API.
 
-Registered by :mod:`ringd.cli` with ``main.add_command``. Exit codes: 0 success (``status``:
-the ring is ready), 1 failure (``status``: not ready), 2 no daemon answering, 130 interrupted.
+``status`` renders the daemon's :class:`ringd.status.Status` (a table, or ``--json``) and
+exits 0 when the ring is ready, 1 when not. Other exit codes: ``ringctl --help``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
-from ringd.client import Client, DaemonNotRunning
-from ringd.errors import RingdError, UsageError
+from ringd.cli.common import Command, client_from, daemon_options, read_status
 from ringd.units import format_size
+from ringd.errors import ExitCode, UsageError
+from ringd.core.membership import MemberState
+from ringd.status import Ceiling, Status
 
 BAR_WIDTH = 24
 NO_PEER_HINT = (
@@ -24,103 +25,50 @@ NO_PEER_HINT = (
     "(System Settings > Privacy & Security > Local Network) -- without it peers never appear; "
     "where multicast is blocked, list peers with --peer host:port (peers = [...] in the config)."
 )
-
-
-def _exit(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
-    raise SystemExit(code)
-
-
-def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Errors as messages with exit codes (2: no daemon), never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except DaemonNotRunning as e:
-            _exit(str(e), 2)
-        except RingdError as e:
-            _exit(str(e), 1)
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted", err=True)
-            raise SystemExit(130) from None
-
-    return wrapper
-
-
-def client_from(
-    ctx: click.Context, host: str | None, port: int | None, *, stream_slack: float = 60.0
-) -> Client:
-    from ringd.cli import settings_from  # ringd.cli imports this module to register the commands
-
-    s = settings_from(ctx, http_host=host, http_port=port)
-    return Client(
-        s.http_host, s.http_port, api_key=s.api_key, stream_timeout=s.request_timeout + stream_slack
-    )
-
-
-host_option = click.option(
-    "--host", default=None, help="Address of the daemon's HTTP API (default: http_host)."
-)
-port_option = click.option(
-    "--port", type=int, default=None, help="Port of the daemon's HTTP API (default: http_port)."
-)
+#: Members whose phase is not known any more (their last word is stale).
+GONE = (MemberState.DEAD, MemberState.LEFT)
 
 
 # ----------------------------------------------------------------------------- status
-@click.command()
+@click.command(cls=Command)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-@host_option
-@port_option
+@daemon_options
 @click.pass_context
-@handled
 def status(ctx: click.Context, as_json: bool, host: str | None, port: int | None) -> None:
     """Show the ring: nodes, memory, layers, plan; ready (exit 0) or exactly why not (exit 1)."""
-    st = client_from(ctx, host, port).status()
+    st = read_status(client_from(ctx, host, port))
     if as_json:
-        click.echo(json.dumps(st, indent=2, sort_keys=True))
+        click.echo(json.dumps(st.to_json(), indent=2, sort_keys=True))
     else:
         click.echo(render_status(st))
-    raise SystemExit(0 if st.get("ready") is True else 1)
+    raise SystemExit(int(ExitCode.OK if st.ready else ExitCode.FAILURE))
 
 
 def _s(v: Any) -> str:
     return "-" if v is None or v == "" else str(v)
 
 
-def _size(v: Any) -> str:
-    return format_size(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+def _size(v: int | None) -> str:
+    return "-" if v is None else format_size(v)
 
 
-def layer_bar(layers: Any, num_layers: Any, width: int = BAR_WIDTH) -> str:
+def layer_bar(layers: tuple[int, int] | None, num_layers: int | None,
+              width: int = BAR_WIDTH) -> str:
     """``[start, end)`` drawn over the model's depth: ``[####........]``; empty when unknown."""
-    if not (isinstance(num_layers, int) and num_layers > 0):
+    if not num_layers or num_layers <= 0:
         return ""
-    start, end = _range(layers)
     cells = []
     for j in range(width):
         centre = (j + 0.5) * num_layers / width
-        cells.append("#" if start is not None and start <= centre < end else ".")
+        cells.append("#" if layers is not None and layers[0] <= centre < layers[1] else ".")
     return "[" + "".join(cells) + "]"
 
 
-def _range(layers: Any) -> tuple[int, int] | tuple[None, None]:
-    if (
-        isinstance(layers, (list, tuple))
-        and len(layers) == 2
-        and all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
-        and layers[1] > layers[0]
-    ):
-        return layers[0], layers[1]
-    return None, None
-
-
-def _layers_text(layers: Any) -> str:
-    start, end = _range(layers)
-    if start is None:
+def layers_text(layers: tuple[int, int] | None) -> str:
+    if layers is None:
         return "none"
-    return f"{start}-{end - 1} ({end - start})"  # type: ignore[operator]
+    start, end = layers
+    return f"{start}-{end - 1} ({end - start})"
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -128,104 +76,76 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
-def render_status(st: dict[str, Any]) -> str:
-    """The human table for ``ringctl status``; tolerates missing keys."""
-    node = st.get("node") if isinstance(st.get("node"), dict) else {}
-    model = st.get("model") if isinstance(st.get("model"), dict) else None
-    plan = st.get("plan") if isinstance(st.get("plan"), dict) else None
-    members = [m for m in st.get("members") or [] if isinstance(m, dict)]
-    lines = []
-
-    if st.get("ready") is True:
-        lines.append("ring: ready")
-    else:
-        lines.append(f"ring: NOT READY: {st.get('reason') or 'no reason given'}")
+def render_status(st: Status) -> str:
+    """The human table for ``ringctl status``."""
+    node, model, plan = st.node, st.model, st.plan
+    lines = ["ring: ready" if st.ready else f"ring: NOT READY: {st.reason or 'no reason given'}"]
     if model:
-        lines.append(
-            f"model: {_s(model.get('name'))}, {_s(model.get('num_layers'))} layers, "
-            f"{_size(model.get('total_bytes'))}"
-        )
+        lines.append(f"model: {model.name}, {model.num_layers} layers, "
+                     f"{_size(model.total_bytes)}")
     else:
         lines.append("model: none")
     if plan:
-        h = plan.get("hash")
-        lines.append(
-            f"plan: epoch {_s(plan.get('epoch'))}" + (f", hash {str(h)[:16]}" if h else "")
-        )
+        lines.append(f"plan: epoch {plan.epoch}"
+                     + (f", hash {plan.hash[:16]}" if plan.hash else ""))
     else:
         lines.append("plan: none committed")
-    if st.get("fingerprint"):
-        lines.append(f"ring fingerprint: {st['fingerprint']}")
-    lines.append(
-        f"this node: {_s(node.get('name'))} ({_s(node.get('id'))}) at {_s(node.get('addr'))}, "
-        f"phase {_s(node.get('phase'))}"
-    )
+    if st.fingerprint:
+        lines.append(f"ring fingerprint: {st.fingerprint}")
+    lines.append(f"this node: {_s(node.name)} ({node.id}) at {_s(node.addr)}, "
+                 f"phase {_s(node.phase and node.phase.value)}")
 
-    num_layers = model.get("num_layers") if model else None
-    if members:
+    num_layers = model.num_layers if model else None
+    if st.members:
         rows = [["", "NODE", "ADDRESS", "STATE", "PHASE", "USABLE", "TOTAL", "LAYERS", "", "RTT"]]
-        for m in members:
-            rtt = m.get("rtt_ms")
-            rows.append(
-                [
-                    "*" if m.get("id") is not None and m.get("id") == node.get("id") else "",
-                    _s(m.get("name") or m.get("id")),
-                    _s(m.get("addr")),
-                    _s(m.get("state")),
-                    _s(m.get("phase")),
-                    _size(m.get("usable_memory")),
-                    _size(m.get("total_memory")),
-                    layer_bar(m.get("layers"), num_layers) or "-",
-                    _layers_text(m.get("layers")),
-                    f"{rtt:.2f} ms"
-                    if isinstance(rtt, (int, float)) and not isinstance(rtt, bool)
-                    else "-",
-                ]
-            )
+        for m in st.members:
+            gone = m.state in GONE and not m.is_self  # (a daemon of another version)
+            phase = "?" if m.phase is None or gone else m.phase.value
+            rows.append([
+                "*" if m.is_self or m.id == node.id else "",
+                m.name or m.id,
+                _s(m.addr),
+                m.state.value,
+                phase,
+                _size(m.usable_memory),
+                _size(m.total_memory),
+                layer_bar(m.layers, num_layers) or "-",
+                layers_text(m.layers),
+                f"{m.rtt_ms:.2f} ms" if m.rtt_ms is not None else "-",
+            ])
         lines.append("")
         lines.extend(_table(rows))
-    for ex in (plan or {}).get("excluded") or []:
-        if isinstance(ex, dict):
-            names = {m.get("id"): m.get("name") for m in members}
-            who = names.get(ex.get("node_id")) or ex.get("node_id")
-            lines.append(f"excluded: {_s(who)}: {_s(ex.get('reason'))}")
+    names = {m.id: m.name for m in st.members}
+    for ex in plan.excluded if plan else ():
+        lines.append(f"excluded: {names.get(ex.node_id) or ex.node_id}: {_s(ex.reason)}")
 
-    ceiling = st.get("ceiling")
-    if isinstance(ceiling, dict):
-        lines.extend(_ceiling_lines(ceiling))
-    stats = st.get("stats")
-    if isinstance(stats, dict) and stats:
-        lines.append("stats: " + _stats_summary(stats) + "   (all counters: ringctl status --json)")
+    if st.ceiling is not None:
+        lines.extend(_ceiling_lines(st.ceiling))
+    if st.stats:
+        lines.append("stats: " + _stats_summary(st.stats)
+                     + "   (all counters: ringctl status --json)")
 
-    peers = [m for m in members if m.get("id") != node.get("id")]
-    if not peers:
+    if not any(m.id != node.id for m in st.members):
         lines.append("")
         lines.append("note: " + NO_PEER_HINT)
     return "\n".join(lines)
 
 
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _ceiling_lines(c: dict[str, Any]) -> list[str]:
+def _ceiling_lines(c: Ceiling) -> list[str]:
     """The decode ceiling (issue 6) and the last measured rate, flagged when impossible."""
     lines = []
-    single = c.get("single_stream_tps")
-    if _num(single):
-        agg = c.get("aggregate_tps") if isinstance(c.get("aggregate_tps"), dict) else {}
-        more = ", ".join(f"{v:.1f} with {k} streams" for k, v in agg.items()
-                         if k != "1" and _num(v))
-        hop = f", {c['hop_us']:.0f} us per hop" if _num(c.get("hop_us")) else ""
-        lines.append(f"ceiling: {single:.1f} tokens/s for one stream"
+    if c.single_stream_tps is not None:
+        more = ", ".join(f"{v:.1f} with {k} streams" for k, v in sorted(c.aggregate_tps.items())
+                         if k != 1)
+        hop = f", {c.hop_us:.0f} us per hop"
+        lines.append(f"ceiling: {c.single_stream_tps:.1f} tokens/s for one stream"
                      + (f" ({more})" if more else "") + hop)
-    elif c.get("missing_bandwidth"):
+    elif c.missing_bandwidth:
         lines.append("ceiling: unknown (no memory bandwidth from "
-                     + ", ".join(map(str, c["missing_bandwidth"])) + ")")
-    measured = c.get("measured_tps")
-    if _num(measured):
-        line = f"last measured: {measured:.1f} tokens/s"
-        if c.get("verdict") == "IMPOSSIBLE":
+                     + ", ".join(c.missing_bandwidth) + ")")
+    if c.measured_tps is not None:
+        line = f"last measured: {c.measured_tps:.1f} tokens/s"
+        if c.verdict == "IMPOSSIBLE":
             line += (" -- IMPOSSIBLE: above the ceiling, layers were not run (a broken ring); "
                      "run `ringctl verify`")
         lines.append(line)
@@ -240,7 +160,8 @@ _SUMMARY = {  # section -> counters worth a glance in the table view
 
 def _stats_summary(stats: dict[str, Any]) -> str:
     """Top-level scalars, a few counters of the daemon's sections, and dropped frames."""
-    parts = [f"{k}={_fmt_stat(v)}" for k, v in sorted(stats.items()) if not isinstance(v, (dict, list))]
+    parts = [f"{k}={_fmt_stat(v)}" for k, v in sorted(stats.items())
+             if not isinstance(v, (dict, list))]
     for section, keys in _SUMMARY.items():
         sub = stats.get(section)
         if isinstance(sub, dict):
@@ -262,7 +183,7 @@ def _fmt_stat(v: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- prompt
-@click.command()
+@click.command(cls=Command)
 @click.argument("text", required=False)
 @click.option(
     "--file",
@@ -301,10 +222,8 @@ def _fmt_stat(v: Any) -> str:
 @click.option("--model", default=None, help="Model name (default: the one the ring serves).")
 @click.option("--raw", is_flag=True, help="No chat template: plain text completion.")
 @click.option("--json", "as_json", is_flag=True, help="Print NDJSON events instead of text.")
-@host_option
-@port_option
+@daemon_options
 @click.pass_context
-@handled
 def prompt(
     ctx: click.Context,
     text: str | None,
@@ -360,7 +279,7 @@ def prompt(
                 click.echo(_finish_line(ev), err=True)
     except KeyboardInterrupt:
         click.echo("\ncancelled", err=True)
-        raise SystemExit(130) from None
+        raise SystemExit(int(ExitCode.INTERRUPTED)) from None
     finally:
         events.close()
 

@@ -4,8 +4,8 @@
 (``POST /ringd/verify``), computes the same steps here from the local model files one block
 of layers at a time (:mod:`ringd.compute.reference`), and compares: exit 0 on a match, 1 on a
 mismatch (or a ring that fails the request). ``bench`` runs greedy tokens through the ring and
-judges the measured rate against the ring's ceiling (``status["ceiling"]``): exit 1 when a
-rate is above it (impossible: layers were not run). Exit 2: no daemon answering.
+judges the measured rate against the ring's ceiling (``Status.ceiling``): exit 1 when a
+rate is above it (impossible: layers were not run). Other exit codes: ``ringctl --help``.
 """
 
 from __future__ import annotations
@@ -18,38 +18,18 @@ from typing import Any
 
 import click
 
-from ringd.cli_ring import client_from, handled, host_option, port_option
-from ringd.client import Client
+from ringd.cli.common import Command, client_from, daemon_options, read_status, settings_from
 from ringd.core.proof import IMPOSSIBLE_HINT, StageLoad, rate_verdict, ring_ceiling
-from ringd.errors import RequestError, RingdError
+from ringd.errors import ErrorCode, ExitCode, RequestError
+from ringd.status import Status
 
 VERIFY_PROMPT = "The capital of France is Paris. The capital of Italy is"
 BENCH_PROMPT = "Once upon a time, in a ring of machines that passed numbers to each other,"
-MAX_TRACE_BYTES = 64 << 20
 
 
-def post_json(client: Client, path: str, body: dict[str, Any],
-              timeout: float | None) -> dict[str, Any]:
-    """POST a JSON body to the daemon; the JSON object it answers (RingdError on an error)."""
-    conn, resp = client._request("POST", path, json.dumps(body).encode(), timeout)
-    try:
-        raw = resp.read(MAX_TRACE_BYTES + 1)
-        try:
-            answer = json.loads(raw) if len(raw) <= MAX_TRACE_BYTES else None
-        except ValueError:
-            answer = None
-        if resp.status != 200:
-            raise client._error(resp.status, answer)
-        if not isinstance(answer, dict):
-            raise RingdError(f"ringd at {client.where} sent an unreadable answer to {path}")
-        return answer
-    finally:
-        conn.close()
-
-
-def _not_ready(status: dict[str, Any]) -> RequestError:
-    return RequestError("not_ready", "the ring is not ready: "
-                        + (status.get("reason") or "no reason given"),
+def _not_ready(status: Status) -> RequestError:
+    return RequestError(ErrorCode.NOT_READY,
+                        "the ring is not ready: " + (status.reason or "no reason given"),
                         hint="`ringctl status` shows what the ring is waiting for")
 
 
@@ -59,7 +39,7 @@ def _stages_text(stages: list[dict[str, Any]]) -> str:
 
 
 # ----------------------------------------------------------------------------- verify
-@click.command()
+@click.command(cls=Command)
 @click.option("--prompt", default=VERIFY_PROMPT, show_default=True,
               help="Raw prompt (no chat template).")
 @click.option("--steps", type=click.IntRange(1, 32), default=8, show_default=True,
@@ -70,16 +50,13 @@ def _stages_text(stages: list[dict[str, Any]]) -> str:
 @click.option("--store", type=click.Path(file_okay=False), default=None,
               help="Model store directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
-@host_option
-@port_option
+@daemon_options
 @click.pass_context
-@handled
 def verify(ctx: click.Context, prompt: str, steps: int, block_bytes: str | None, store: str | None,
            as_json: bool, host: str | None, port: int | None) -> None:
     """Check the ring's logits against this machine's own run of the model (exit 0: match)."""
     import numpy as np
 
-    from ringd.cli import settings_from
     from ringd.compute.memory import usable_memory
     from ringd.compute.reference import compare, reference_logits
     from ringd.compute.store import resolve_model
@@ -88,22 +65,21 @@ def verify(ctx: click.Context, prompt: str, steps: int, block_bytes: str | None,
 
     s = settings_from(ctx, http_host=host, http_port=port, model_store=store)
     client = client_from(ctx, host, port)
-    status = client.status()
-    model = (status.get("model") or {}).get("name")
-    if not status.get("ready") or not model:
+    status = read_status(client)
+    if not status.ready or status.model is None:
         raise _not_ready(status)
-    model_dir = resolve_model(s.model_store, model)
+    model_dir = resolve_model(s.model_store, status.model.name)
     budget = (parse_size(block_bytes, what="--block-bytes") if block_bytes
               else usable_memory(s.memory_reserve)[0] // 2)
     try:
-        trace = post_json(client, "/ringd/verify", {"prompt": prompt, "steps": steps},
-                          s.request_timeout + 60.0)
+        trace = client.post_json("/ringd/verify", {"prompt": prompt, "steps": steps},
+                                 s.request_timeout + 60.0)
     except RequestError as e:
         # The ring refused to produce a token (a coverage error names the nodes): that is a failure.
         out = {"match": False, "ring_error": {"code": e.code, "message": e.message}}
         click.echo(json.dumps(out) if as_json
                    else f"mismatch: the ring failed the request: {e.message}")
-        raise SystemExit(1) from None
+        raise SystemExit(int(ExitCode.FAILURE)) from None
     ring = np.stack([np.frombuffer(base64.b64decode(x), dtype="<f4") for x in trace["logits"]])
     tokens, prompt_ids = trace["tokens"], trace["prompt_ids"]
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
@@ -114,12 +90,12 @@ def verify(ctx: click.Context, prompt: str, steps: int, block_bytes: str | None,
     if as_json:
         click.echo(json.dumps({**v.as_dict(), "stages": trace["stages"], "epoch": trace["epoch"],
                                "prompt_tokens": len(prompt_ids)}))
-        raise SystemExit(0 if v.match else 1)
+        raise SystemExit(int(ExitCode.OK if v.match else ExitCode.FAILURE))
     head = (f"max |logit difference| {v.max_abs_diff:.4g} (tolerance {v.tolerance:.3g}) "
             f"over {v.steps} steps")
     if v.match:
         click.echo(f"match: {head}")
-        raise SystemExit(0)
+        raise SystemExit(int(ExitCode.OK))
     k = v.first_divergent_step
     assert k is not None
     tok = Tokenizer.load(model_dir)
@@ -132,22 +108,21 @@ def verify(ctx: click.Context, prompt: str, steps: int, block_bytes: str | None,
                f"the reference {ref_tok} {tok.decode([ref_tok])!r}\n"
                f"per step: {', '.join(f'{d:.3g}' for d in v.step_diffs)}\n"
                f"nodes involved: {_stages_text(trace['stages'])}")
-    raise SystemExit(1)
+    raise SystemExit(int(ExitCode.FAILURE))
 
 
 # ----------------------------------------------------------------------------- bench
-def ceiling_for(status: dict[str, Any], concurrency: int) -> tuple[float | None, dict[str, Any]]:
+def ceiling_for(status: Status, concurrency: int) -> tuple[float | None, dict[str, Any]]:
     """The ring's ceiling (tokens/s in total) with ``concurrency`` streams, from its status."""
-    c = status.get("ceiling")
-    if not isinstance(c, dict) or not c.get("stages"):
+    c = status.ceiling
+    if c is None or not c.stages:
         return None, {}
-    stages = [StageLoad(s["node_id"], s["name"], s["shard_bytes"], s["bandwidth"])
-              for s in c["stages"]]
-    out = ring_ceiling(stages, float(c.get("hop_us") or 0.0) / 1e6, (concurrency,))
+    stages = [StageLoad(s.node_id, s.name, s.shard_bytes, s.bandwidth) for s in c.stages]
+    out = ring_ceiling(stages, c.hop_us / 1e6, (concurrency,))
     return out["aggregate_tps"].get(str(concurrency)), out
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--tokens", type=click.IntRange(16, 4096), default=64, show_default=True,
               help="Greedy tokens per request.")
 @click.option("--concurrent", type=click.IntRange(1, 64), default=1, show_default=True,
@@ -155,16 +130,14 @@ def ceiling_for(status: dict[str, Any], concurrency: int) -> tuple[float | None,
 @click.option("--prompt", default=BENCH_PROMPT, show_default=True,
               help="Raw prompt (no chat template).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@host_option
-@port_option
+@daemon_options
 @click.pass_context
-@handled
 def bench(ctx: click.Context, tokens: int, concurrent: int, prompt: str, as_json: bool,
           host: str | None, port: int | None) -> None:
     """Measure the ring's decode speed and flag a rate above its ceiling as IMPOSSIBLE (exit 1)."""
     client = client_from(ctx, host, port)
-    status = client.status()
-    if not status.get("ready"):
+    status = read_status(client)
+    if not status.ready:
         raise _not_ready(status)
     single, _ = ceiling_for(status, 1)
     total, info = ceiling_for(status, concurrent)
@@ -218,4 +191,4 @@ def bench(ctx: click.Context, tokens: int, concurrent: int, prompt: str, as_json
             click.echo(f"{name}: {rate:.1f} tokens/s; ceiling {bound} tokens/s: {verdicts[name]}")
         if "IMPOSSIBLE" in verdicts.values():
             click.echo(f"IMPOSSIBLE: {IMPOSSIBLE_HINT}", err=True)
-    raise SystemExit(1 if "IMPOSSIBLE" in verdicts.values() else 0)
+    raise SystemExit(int(ExitCode.FAILURE if "IMPOSSIBLE" in verdicts.values() else ExitCode.OK))

@@ -1,0 +1,74 @@
+"""Statuses as a ring node builds them: real core members and plans through
+:func:`ringd.status.ring_status`, the function the daemon's ``Node.status()`` calls."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from ringd.core.membership import Member, MemberState, Membership
+from ringd.core.plan import ModelShape, Plan, make_plan
+from ringd.core.ringmeta import MetaDecoder, NodeMeta, NodePhase
+from ringd.status import ModelStatus, Status, ring_status
+
+MiB, GiB = 2**20, 2**30
+SHAPE = ModelShape("SmolLM2-135M-Instruct", layer_bytes=(8 * MiB,) * 30, embed_bytes=30 * MiB,
+                   head_bytes=1 * MiB)
+MODEL = ModelStatus(SHAPE.name, SHAPE.num_layers, SHAPE.total_bytes)
+#: Round trips (seconds) this node measured to its peers.
+RTTS = {"b2": 0.000314, "c3": 0.00042, "d4": 0.0005}
+BANDWIDTH = 100 * 10**9  # bytes/s
+
+
+def member(node_id: str, name: str, port: int, usable: int, *,
+           phase: NodePhase = NodePhase.SERVING, state: MemberState = MemberState.ALIVE,
+           bandwidth: int = BANDWIDTH) -> Member:
+    meta = NodeMeta(usable_memory=usable, total_memory=24 * GiB, models=(SHAPE.name,),
+                    phase=phase, software_version="0.1.0", http_port=port + 1,
+                    memory_bandwidth=bandwidth)
+    return Member(node_id, name, ("127.0.0.1", port), 1, state, meta.encode())
+
+
+def metas_of(members: list[Member]) -> dict[str, NodeMeta]:
+    """The members' metadata as a node reads it (the daemon's MetaDecoder)."""
+    return MetaDecoder().decode(members)
+
+
+def ring_members(*, dead: bool = False) -> list[Member]:
+    """alpha, beta, gamma (1:2:3 GiB), delta too small for a layer; epsilon dead if asked."""
+    out = [member("a1", "alpha", 7411, 1 * GiB), member("b2", "beta", 7421, 2 * GiB),
+           member("c3", "gamma", 7431, 3 * GiB),
+           member("d4", "delta", 7441, 1 * MiB, phase=NodePhase.READY)]
+    if dead:  # its last gossip said "serving"
+        out.append(member("e5", "epsilon", 7451, 4 * GiB, state=MemberState.DEAD))
+    return out
+
+
+def plan_of(members: list[Member], epoch: int = 3) -> Plan:
+    live = [m for m in members if m.state in (MemberState.ALIVE, MemberState.SUSPECT)]
+    metas = metas_of(live)
+    return make_plan([(m.node_id, metas[m.node_id].usable_memory) for m in live], SHAPE,
+                     epoch=epoch)
+
+
+def shard_bytes(start: int, end: int) -> int:
+    return sum(SHAPE.layer_bytes[start:end])
+
+
+def node_status(members: list[Member], plan: Plan | None, *, serving: bool = True,
+                reason: str | None = None, measured_tps: float | None = 5.0,
+                node_id: str = "a1") -> Status:
+    """What node ``node_id`` (alpha) reports, built as the daemon builds it."""
+    me = next(m for m in members if m.node_id == node_id)
+    membership = Membership(me.node_id, me.name, me.addr, me.meta, rng=random.Random(1))
+    metas = metas_of(members)
+    stats: dict[str, Any] = {
+        "runner": {"requests_served": 4, "requests_failed": 0, "tokens_generated": 96,
+                   "coverage_errors": 0},
+        "membership": membership.stats(),
+    }
+    return ring_status(
+        node_id=node_id, node_name=me.name, addr=me.addr,
+        http_port=metas[node_id].http_port, members=members, metas=metas, plan=plan, rtt=RTTS.get, model=MODEL, shard_bytes=shard_bytes,
+        serving=serving, reason=reason, fingerprint="c0ffee1234", measured_tps=measured_tps,
+        timeline={"plan_committed": 1.25}, stats=stats)
