@@ -167,7 +167,7 @@ async def _events(proc: asyncio.subprocess.Process, until_event: str, timeout: f
 @pytest.mark.netns
 async def test_discovery_between_network_namespaces_on_a_bridge() -> None:
     try:
-        lab = BridgeLab(2).__enter__()
+        lab = await asyncio.to_thread(BridgeLab(2).__enter__)  # `ip` commands: off the loop
     except NetnsUnavailable as e:
         pytest.skip(f"network namespaces unavailable: {e}")
     procs: list[asyncio.subprocess.Process] = []
@@ -197,4 +197,4 @@ async def test_discovery_between_network_namespaces_on_a_bridge() -> None:
             if p.returncode is None:
                 p.kill()
                 await p.wait()
-        lab.close()
+        await asyncio.to_thread(lab.close)

@@ -128,6 +128,7 @@ async def test_foreign_and_garbage_datagrams_are_counted_and_dropped() -> None:
     b, inbox = channel("b")
     intruder, _ = channel("x", key=bytes(32))
     raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raw.setblocking(False)  # sent from the loop: it must not wait
     try:
         intruder.send_frame(addr(b), b"let me in")
         raw.sendto(b"\xd7", addr(b))
@@ -155,6 +156,7 @@ async def test_without_gro_a_packets_datagrams_are_handed_over_together() -> Non
     c, _ = channel("c", offload=False, datagram_size=1400)  # a's session number too (a 1-char name)
     b, inbox = channel("b", offload=False, datagram_size=1400)
     raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raw.setblocking(False)  # sent from the loop: it must not wait
     b.pause_reading()  # everything below queues up in b's socket, interleaved by sender
     try:
         sent: dict[str, list[bytes]] = {"a": [], "c": []}
