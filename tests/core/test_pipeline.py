@@ -10,11 +10,11 @@ ROUTE = Route(epoch=7, stages=(Stage("a", 0, 10), Stage("b", 10, 20), Stage("c",
 
 
 def test_route_rejects_gaps_and_short_coverage():
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="not contiguous"):
         Route(1, (Stage("a", 0, 10), Stage("b", 11, 30)), 30)
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="covers 10 of 30 layers"):
         Route(1, (Stage("a", 0, 10),), 30)
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="at least one stage"):
         Route(1, (), 0)
 
 
@@ -35,7 +35,9 @@ def test_gap_names_the_skipped_node():
     with pytest.raises(RequestError) as e:
         check_activation(ROUTE, "c", epoch=7, layer_lo=0, layer_hi=10, sender="a")
     assert e.value.code == "coverage"
-    assert "gap" in e.value.message and "[10, 20)" in e.value.message and "b" in e.value.message
+    assert e.value.message.endswith(": gap, layers [10, 20) (owned by b) were not computed")
+    assert e.value.message.startswith("node c owns layers [20, 30) but received an activation "
+                                      "from node a that passed through [0, 10)")
 
 
 def test_overlap_is_refused():
@@ -62,7 +64,7 @@ def test_request_table_lifecycle():
     assert not created and r.next_position == 5
     with pytest.raises(RequestError, match="expected position 5"):
         t.admit("r1", entry="e", epoch=1, position=7, length=1, now=1.0)
-    with pytest.raises(RequestError):
+    with pytest.raises(RequestError, match="unknown here at position 3"):
         t.admit("r2", entry="e", epoch=1, position=3, length=1, now=1.0)
     t.admit("r2", entry="e", epoch=1, position=0, length=1, now=1.0)
     with pytest.raises(RequestError) as e:
