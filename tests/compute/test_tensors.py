@@ -54,6 +54,8 @@ def test_strided_arrays_are_copied_once() -> None:
     arr = mx.arange(12, dtype=mx.float32).reshape(3, 4).T
     t = to_wire(arr)
     assert t.shape == (4, 3)
+    copy = t.data.obj  # one contiguous copy, owned by the wire tensor: not a view of a copy
+    assert isinstance(copy, np.ndarray) and copy.flags.owndata and copy.base is None
     assert np.array_equal(np.frombuffer(t.data, np.float32).reshape(4, 3), np.array(arr))
 
 
