@@ -34,7 +34,8 @@ def on_both_loops(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[...,
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(fn(**kwargs))
 
-    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(fn).parameters.values()]
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+              for p in inspect.signature(fn).parameters.values()]
     wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [*params, inspect.Parameter("loop_kind", inspect.Parameter.KEYWORD_ONLY)])
     wrapper.__name__ = wrapper.__qualname__ = fn.__name__
@@ -60,11 +61,13 @@ class Inbox:
                 await self._changed.wait()
 
 
-def channel(name: str, *, key: bytes = KEY, offload: bool = True, **cfg) -> tuple[UdpChannel, Inbox]:
+def channel(name: str, *, key: bytes = KEY, offload: bool = True,
+            **cfg) -> tuple[UdpChannel, Inbox]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     sock.setblocking(False)
-    ep = Endpoint(Sealer(key, name, new_session(1000, len(name))), ReplayGuard(), config=ReliableConfig(**cfg))
+    ep = Endpoint(Sealer(key, name, new_session(1000, len(name))), ReplayGuard(),
+                  config=ReliableConfig(**cfg))
     inbox = Inbox()
     ch = UdpChannel(sock, ep, inbox.put, offload=offload, datagram_size=cfg.get("datagram_size", 0))
     ch.start()
@@ -78,7 +81,8 @@ def addr(ch: UdpChannel) -> tuple[str, int]:
 @pytest.mark.parametrize("offload", [True, False])
 @on_both_loops
 async def test_frames_of_every_size_arrive_once_in_order(offload: bool) -> None:
-    a, _ = channel("a", offload=offload, datagram_size=1400)  # an Ethernet's size: frames span segments
+    # an Ethernet's size: frames span segments
+    a, _ = channel("a", offload=offload, datagram_size=1400)
     b, inbox = channel("b", offload=offload, datagram_size=1400)
     try:
         sizes = [0, 1, 1300, 1400, 5000, 32 * 1024, 100_000, 1 << 20]
@@ -200,7 +204,8 @@ async def test_loopback_datagrams_follow_the_path(offload: bool) -> None:
         [ev] = inbox.items
         assert isinstance(ev, FrameReceived) and bytes(ev.data) == data
         assert a.datagram_size(addr(b)) == MAX_BURST == 65000
-        assert a.endpoint.peer_stats()["%s:%d" % addr(b)]["datagram_size"] == 65000  # shown in status
+        # shown in status
+        assert a.endpoint.peer_stats()["%s:%d" % addr(b)]["datagram_size"] == 65000
         sent = a.endpoint.totals
         assert sent["frames_sent"] == 1
         assert sent["segments_sent"] == sent["packets_sent"]  # one segment per packet
@@ -309,7 +314,8 @@ def netns():
     if reason:
         pytest.skip(f"network namespaces unavailable: {reason}")
     name = f"ringd-{os.getpid() % 10000}{secrets.token_hex(2)}-udp"
-    proc = subprocess.run(["ip", "netns", "add", name], check=False, capture_output=True, text=True, timeout=10)
+    proc = subprocess.run(["ip", "netns", "add", name], check=False, capture_output=True,
+                          text=True, timeout=10)
     if proc.returncode != 0:
         pytest.skip(f"network namespaces unavailable: ip netns add: {proc.stderr.strip()}")
     try:
