@@ -199,8 +199,9 @@ async def test_cancelling_the_detector_ends_its_thread() -> None:
     before = set(threading.enumerate())
     task = asyncio.create_task(det.run())
     await asyncio.sleep(0)
-    [watcher] = set(threading.enumerate()) - before
-    assert watcher.name == "ringd-stall-detector" and watcher.is_alive()
+    [watcher] = [t for t in threading.enumerate()
+                 if t not in before and t.name == "ringd-stall-detector"]
+    assert watcher.is_alive()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
