@@ -32,7 +32,8 @@ def generate_key_file(path: Path, *, overwrite: bool = False) -> bytes:
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as e:
-        raise ConfigError(f"cannot create the directory for the cluster key {path}: {e.strerror or e}") from None
+        raise ConfigError(f"cannot create the directory for the cluster key {path}: "
+                          f"{e.strerror or e}") from None
     key = os.urandom(KEY_SIZE)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -54,7 +55,8 @@ def generate_key_file(path: Path, *, overwrite: bool = False) -> bytes:
             os.close(dfd)
     except FileExistsError:
         raise UsageError(f"cluster key file {path} already exists",
-                         hint="every node of a ring needs the same key; pass --force to replace it") from None
+                         hint="every node of a ring needs the same key; "
+                              "pass --force to replace it") from None
     except OSError as e:
         raise ConfigError(f"cannot write the cluster key {path}: {e.strerror or e}") from None
     finally:
@@ -73,14 +75,16 @@ def load_key(path: Path) -> bytes:
                           hint=f"create one with `ringctl keygen`, or {_COPY_HINT}") from None
     except OSError as e:
         raise ConfigError(f"cannot open the cluster key {path}: {e.strerror or e}",
-                          hint="it must be a regular file (not a symlink) readable by this user") from None
+                          hint="it must be a regular file (not a symlink) readable by this "
+                               "user") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"cluster key {path} is not a regular file")
         if st.st_mode & 0o077:
             raise ConfigError(
-                f"cluster key file {path} can be read by other users (mode {stat.S_IMODE(st.st_mode):04o})",
+                f"cluster key file {path} can be read by other users "
+                f"(mode {stat.S_IMODE(st.st_mode):04o})",
                 hint=f"run `chmod 600 {path}`")
         data = os.read(fd, 4 * KEY_SIZE + 1)
     finally:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ringd.client import Client, DaemonNotRunning
+from ringd.client import Client
 from ringd.errors import RingdError
 
 #: Context and concurrency of the daemons of ``ringctl demo`` and the benches' local rings.
@@ -114,24 +114,27 @@ class LocalRing:
         for i, budget in enumerate(self.budgets, 1):
             d = self.base / f"node{i}"
             d.mkdir(exist_ok=True)
-            self.nodes.append(LocalNode(f"node{i}", d, free_port(), free_port(), budget, d / "ringd.log"))
+            self.nodes.append(LocalNode(f"node{i}", d, free_port(), free_port(), budget,
+                                        d / "ringd.log"))
         for i, node in enumerate(self.nodes):
             peers = ([f"--peer=127.0.0.1:{n.port}" for n in self.nodes if n is not node]
                      if self.static_peers else [])
             args = [sys.executable, "-m", "ringd", "run", f"--state-dir={node.state_dir}",
-                    f"--cluster-key-file={key}", f"--model-store={self.model_store}", f"--model={self.model}",
-                    f"--node-name={node.name}", "--bind-host=127.0.0.1", "--advertise-host=127.0.0.1",
-                    f"--port={node.port}", "--http-host=127.0.0.1", f"--http-port={node.http_port}",
-                    f"--memory-budget={node.budget}", *peers, *self.extra_args]
+                    f"--cluster-key-file={key}", f"--model-store={self.model_store}",
+                    f"--model={self.model}", f"--node-name={node.name}", "--bind-host=127.0.0.1",
+                    "--advertise-host=127.0.0.1", f"--port={node.port}", "--http-host=127.0.0.1",
+                    f"--http-port={node.http_port}", f"--memory-budget={node.budget}", *peers,
+                    *self.extra_args]
             args += ["--mdns", "--mdns-interface=127.0.0.1"] if self.mdns else ["--no-mdns"]
             if self.cpus:
                 args = ["taskset", "-c", self.cpus[i % len(self.cpus)], *args]
-            env = {**os.environ, "RINGD_LOG_LEVEL": os.environ.get("RINGD_LOG_LEVEL", "info"), **self.env}
+            env = {**os.environ, "RINGD_LOG_LEVEL": os.environ.get("RINGD_LOG_LEVEL", "info"),
+                   **self.env}
             env.pop("NOTIFY_SOCKET", None)
             env.pop("RINGD_CONFIG", None)
             log = open(node.log_path, "ab")
-            node.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True)
+            node.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             log.close()
 
     def statuses(self) -> list[dict[str, Any] | None]:
@@ -144,7 +147,8 @@ class LocalRing:
         return out
 
     def wait_ready(self, timeout: float = 120.0, *, progress: Any = None) -> list[dict[str, Any]]:
-        """Poll every node's status until all are ready on one plan; raise with the logs' tail if not."""
+        """Poll every node's status until all are ready on one plan; raise with the logs' tail
+        if not."""
         deadline = time.monotonic() + timeout
         last = ""
         while True:
@@ -157,7 +161,8 @@ class LocalRing:
                 hashes = {s["plan"]["hash"] for s in sts if s and s.get("plan")}
                 if len(hashes) == 1:
                     return sts  # type: ignore[return-value]
-            reason = next((s.get("reason") for s in sts if s and not s.get("ready")), None) or "starting"
+            reason = next((s.get("reason") for s in sts if s and not s.get("ready")),
+                          None) or "starting"
             if progress is not None and reason != last:
                 progress(reason)
                 last = reason
@@ -200,4 +205,5 @@ class LocalRing:
 
 
 def describe(statuses: list[dict[str, Any]]) -> str:
-    return json.dumps([{"node": s["node"]["name"], "plan": s["plan"]["hash"][:12]} for s in statuses])
+    return json.dumps([{"node": s["node"]["name"], "plan": s["plan"]["hash"][:12]}
+                       for s in statuses])

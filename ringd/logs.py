@@ -135,8 +135,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-def configure_logging(level: str, json_lines: bool, node_id: str | None, stream: IO[str] | None = None,
-                      *, repeat_window: float = 10.0, clock: Callable[[], float] = time.monotonic,
+def configure_logging(level: str, json_lines: bool, node_id: str | None,
+                      stream: IO[str] | None = None, *, repeat_window: float = 10.0,
+                      clock: Callable[[], float] = time.monotonic,
                       environ: Mapping[str, str] | None = None) -> None:
     """Configure the root logger once (replacing any earlier setup of ours).
 

@@ -45,7 +45,8 @@ def new_node_id() -> str:
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (temp file, fsync, rename, fsync dir)."""
+    """Replace ``path`` with ``data`` atomically and durably (temp file, fsync, rename,
+    fsync dir)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -97,7 +98,8 @@ class NodeState:
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as e:
             raise StateError(f"cannot create state directory {state_dir}: {e.strerror}",
-                             hint="set state_dir (RINGD_STATE_DIR) to a writable directory") from None
+                             hint="set state_dir (RINGD_STATE_DIR) to a writable "
+                                  "directory") from None
         in_temp = is_temp_location(state_dir)
         if in_temp:
             log.warning("state directory %s is in a temporary location: if it is cleaned, "

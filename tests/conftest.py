@@ -1,4 +1,5 @@
-"""Shared model fixtures: tiny random Llamas (float and quantized) and the real default model.
+"""Shared fixtures: tiny random Llamas (float and quantized), the real default model, and
+``no_blocking_in_loop``, which fails a test whose event loop made a blocking call.
 
 The tiny models are real mlx-lm model directories (config.json, split safetensors with an
 index, tokenizer.json, tokenizer_config.json with a ChatML template) that unmodified
@@ -9,10 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.loopguard import BlockingCall, forbid_blocking_in_loop
+
+pytest_plugins = ["pytester"]  # tests/test_loopguard.py runs the fixture in a pytest of its own
 
 TINY_LAYERS = 6
 TINY_HIDDEN = 128
@@ -132,3 +138,14 @@ def default_model_dir() -> Path:
 
     settings = Settings.load(env=os.environ)
     return ensure_default_model(settings.model_store)
+
+
+@pytest.fixture
+def no_blocking_in_loop() -> Iterator[list[BlockingCall]]:
+    """Fail the test when code on a running event loop's thread made a blocking call
+    (tests/loopguard.py says which calls); the call itself raises BlockingCallInLoop."""
+    with forbid_blocking_in_loop() as calls:
+        yield calls
+    if calls:
+        pytest.fail(f"{len(calls)} blocking call(s) on the event loop's thread:\n\n"
+                    + "\n".join(map(str, calls)), pytrace=False)

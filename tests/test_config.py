@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from ringd.config import Settings, describe_settings
@@ -61,7 +63,7 @@ def test_format_size():
 
 def test_settings_are_frozen_and_documented():
     s = Settings()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.port = 1  # type: ignore[misc]
     assert all(help_ for _, _, help_ in describe_settings())
     assert "api_key" not in s.as_dict()

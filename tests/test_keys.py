@@ -46,7 +46,8 @@ def test_raw_32_byte_files_are_accepted(tmp_path: Path) -> None:
     (b"zz" * 32, 0o600, "must hold a 32-byte key"),
     (b"", 0o600, "must hold a 32-byte key"),
 ])
-def test_exposed_or_malformed_keys_are_refused(tmp_path: Path, content: bytes, mode: int, match: str) -> None:
+def test_exposed_or_malformed_keys_are_refused(tmp_path: Path, content: bytes, mode: int,
+                                               match: str) -> None:
     path = tmp_path / "cluster.key"
     path.write_bytes(content)
     path.chmod(mode)

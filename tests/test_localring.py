@@ -26,7 +26,8 @@ def test_free_ports_are_bindable_for_tcp_and_udp_and_never_ephemeral() -> None:
     for port in ports:
         assert port in LOCAL_PORTS and port not in eph
     port = ports.pop()
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
         t.bind(("127.0.0.1", port))
         u.bind(("127.0.0.1", port))
 

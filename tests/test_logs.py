@@ -48,8 +48,8 @@ def test_text_lines_carry_time_level_node_and_logger() -> None:
     logging.getLogger("ringd.test").debug("not shown")
     lines = out.getvalue().splitlines()
     assert len(lines) == 1
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} info \[0123456789abcdef\] ringd.test: hello world",
-                        lines[0]), lines[0]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} "
+                        r"info \[0123456789abcdef\] ringd.test: hello world", lines[0]), lines[0]
 
 
 def test_node_id_set_later_appears_on_following_lines() -> None:

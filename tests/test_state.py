@@ -61,7 +61,8 @@ def test_corrupt_file_is_named_in_a_clear_error(tmp_path: Path, name: str, conte
     assert e.value.hint
 
 
-def test_temp_location_is_flagged_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_temp_location_is_flagged_with_a_warning(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
     with NodeState.open(tmp_path / "s") as st:
         assert st.in_temp_dir
     assert any("temporary location" in r.getMessage() for r in caplog.records)

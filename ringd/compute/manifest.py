@@ -82,7 +82,8 @@ def expected_tensors(info: ModelInfo, start: int, end: int) -> list[str]:
 # ----------------------------------------------------------------------------- hashing
 def tensor_spans(path: Path) -> dict[str, tuple[int, int]]:
     """Absolute ``(begin, end)`` byte offsets of every tensor in a safetensors file."""
-    return {name: (e.offset, e.offset + e.nbytes) for name, e in read_safetensors_header(path).items()}
+    header = read_safetensors_header(path)
+    return {name: (e.offset, e.offset + e.nbytes) for name, e in header.items()}
 
 
 def hash_file(path: Path) -> dict[str, str]:

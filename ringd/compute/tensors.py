@@ -29,7 +29,8 @@ def to_wire(arr: mx.array) -> Tensor:
     """The wire form of ``arr`` (evaluates it)."""
     name = _NAMES.get(arr.dtype)
     if name is None:
-        raise LocalProtocolError(f"cannot send an array of dtype {arr.dtype}; allowed: {sorted(_NAMES.values())}")
+        raise LocalProtocolError(f"cannot send an array of dtype {arr.dtype}; "
+                                 f"allowed: {sorted(_NAMES.values())}")
     mv = memoryview(arr)
     if not mv.c_contiguous:  # numpy copies it (it knows bfloat16 only as uint16 bits)
         mv = memoryview(np.ascontiguousarray(arr.view(mx.uint16) if name == "bfloat16" else arr))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import ifaddr
-from zeroconf import IPVersion, InterfaceChoice, ServiceStateChange, Zeroconf
+from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from ringd import PROTOCOL_VERSION
@@ -77,7 +77,8 @@ def instance_name(node_id: str) -> str:
 
 def parse_record(name: str, text_len: int, properties: dict[bytes, bytes | None],
                  addresses: Sequence[str]) -> PeerInfo:
-    """Turn a resolved record into a PeerInfo; raises _Rejected('malformed', ...) if it does not parse."""
+    """Turn a resolved record into a PeerInfo; raises _Rejected('malformed', ...) if it does
+    not parse."""
     if text_len > MAX_TXT_BYTES:
         raise _Rejected("malformed", f"TXT record of {text_len} bytes")
 
@@ -93,7 +94,8 @@ def parse_record(name: str, text_len: int, properties: dict[bytes, bytes | None]
     def number(key: bytes, lo: int, hi: int) -> int:
         text = field(key)
         if not (text.isdigit() and len(text) <= 5 and lo <= int(text) <= hi):
-            raise _Rejected("malformed", f"TXT key {key.decode()}={text!r} is not a number in {lo}..{hi}")
+            raise _Rejected("malformed",
+                            f"TXT key {key.decode()}={text!r} is not a number in {lo}..{hi}")
         return int(text)
 
     node_id, cluster_id = field(b"id"), field(b"cluster")
@@ -161,7 +163,8 @@ class Discovery:
             else local_addresses())
         try:
             if self.interfaces is None:
-                self._aiozc = AsyncZeroconf(interfaces=InterfaceChoice.All, ip_version=IPVersion.V4Only)
+                self._aiozc = AsyncZeroconf(interfaces=InterfaceChoice.All,
+                                            ip_version=IPVersion.V4Only)
             else:
                 self._aiozc = AsyncZeroconf(interfaces=self.interfaces)
         except (OSError, ValueError) as e:
@@ -169,11 +172,12 @@ class Discovery:
                               hint="set mdns_interfaces to addresses of this host, or mdns = false "
                                    "and list static peers") from None
         info = AsyncServiceInfo(
-            SERVICE_TYPE, self._name, port=self.port, server=f"{INSTANCE_PREFIX}{self.node_id}.local.",
-            parsed_addresses=addresses,
+            SERVICE_TYPE, self._name, port=self.port,
+            server=f"{INSTANCE_PREFIX}{self.node_id}.local.", parsed_addresses=addresses,
             properties={"id": self.node_id, "cluster": self.cluster_id, "proto": str(self.protocol),
                         "port": str(self.port), "http": str(self.http_port)})
-        self._browser = AsyncServiceBrowser(self._aiozc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
+        self._browser = AsyncServiceBrowser(self._aiozc.zeroconf, SERVICE_TYPE,
+                                            handlers=[self._on_change])
         # No RFC 6762 probing (it delays visibility by ~1.2 s): the name carries a random
         # 64-bit node id, so it is unique unless a state directory was copied, which the
         # membership layer sees as two addresses for one id.
@@ -268,7 +272,8 @@ class Discovery:
             return
         self._peers[name] = peer
         self._counts["found"] += 1
-        log.info("mDNS: found peer %s at %s port %d", peer.node_id, ", ".join(peer.addresses), peer.port)
+        log.info("mDNS: found peer %s at %s port %d", peer.node_id, ", ".join(peer.addresses),
+                 peer.port)
         self._call(self._on_peer, peer)
 
     def _reject(self, name: str, r: _Rejected) -> None:

@@ -78,7 +78,8 @@ class _Conn(asyncio.BufferedProtocol):
         if self.ch.reading_paused:
             self.transport.pause_reading()  # type: ignore[union-attr]
         self.ch.conns_all.add(self)
-        hs = Handshake(self.ch.node_id, self.ch.sealer.cluster_id, PROTOCOL_VERSION, __version__, self.ch.port)
+        hs = Handshake(self.ch.node_id, self.ch.sealer.cluster_id, PROTOCOL_VERSION, __version__,
+                       self.ch.port)
         self.write((wire.encode_bytes(hs),))
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -97,7 +98,8 @@ class _Conn(asyncio.BufferedProtocol):
             peer = self.transport.get_extra_info("peername") if self.transport else None
             host = peer[0] if peer else "?"
             self.ch.warn(host, "closed a TCP connection from %s: %s%s", host, self.decoder.failed,
-                         " (another cluster's key?)" if self.decoder.failed == "wrong_cluster" else "")
+                         " (another cluster's key?)" if self.decoder.failed == "wrong_cluster"
+                         else "")
             self.abort()
 
     def eof_received(self) -> bool:
@@ -139,8 +141,9 @@ class _Conn(asyncio.BufferedProtocol):
             return False
         if hs.protocol_version != PROTOCOL_VERSION:
             self.ch.counters["bad_version"] += 1
-            self.ch.warn(hs.node_id, "peer %s (ringd %s) speaks protocol %d, this node %d: not talking to it",
-                         hs.node_id, hs.software_version, hs.protocol_version, PROTOCOL_VERSION)
+            self.ch.warn(hs.node_id, "peer %s (ringd %s) speaks protocol %d, this node %d: "
+                         "not talking to it", hs.node_id, hs.software_version,
+                         hs.protocol_version, PROTOCOL_VERSION)
             self.abort()
             return False
         self.peer = hs.node_id
@@ -187,8 +190,9 @@ class _Conn(asyncio.BufferedProtocol):
             return
         if self._queued + size > self.ch.max_queued:
             self.ch.counters["overflow"] += 1
-            self.ch.warn(("queue", self.addr), "peer %s is not reading: dropped a message of %d bytes with %d "
-                         "already queued for it", self.peer or self.addr, size, self._queued)
+            self.ch.warn(("queue", self.addr), "peer %s is not reading: dropped a message of %d "
+                         "bytes with %d already queued for it", self.peer or self.addr, size,
+                         self._queued)
             return
         chunks = stream.seal_tcp_records(self.ch.sealer, self.ch.next_seq, parts, record=RECORD,
                                          buffer=self._record_buffer)
@@ -214,7 +218,8 @@ class _Conn(asyncio.BufferedProtocol):
             try:
                 chunk = next(chunks, None)
             except Exception:  # a bug, not a peer: lose this message, not the connection
-                log.exception("sealing a message of %d bytes for %s failed", size, self.peer or self.addr)
+                log.exception("sealing a message of %d bytes for %s failed", size,
+                              self.peer or self.addr)
                 self.ch.counters["overflow"] += 1
                 self._queue.popleft()
                 self._queued -= size
@@ -327,9 +332,11 @@ class TcpChannel:
         close the connection on it (its decoder has the same limit)."""
         size = sum(memoryview(x).nbytes for x in parts)
         if size > self.max_frame:
-            raise LocalProtocolError(f"a TCP message of {size} bytes exceeds the limit of {self.max_frame}")
+            raise LocalProtocolError(f"a TCP message of {size} bytes exceeds the limit of "
+                                     f"{self.max_frame}")
         conn = self.conns.get(addr)
-        if conn is not None and not conn.retiring and conn.transport and not conn.transport.is_closing():
+        if (conn is not None and not conn.retiring and conn.transport
+                and not conn.transport.is_closing()):
             conn.write(parts)
             return
         q = self._pending.setdefault(addr, deque())
@@ -341,7 +348,8 @@ class TcpChannel:
         q.append(frame)
         self._pending_bytes[addr] = size
         if addr not in self._connecting:
-            self._connecting[addr] = self.loop.create_task(self._connect(addr), name=f"ringd-tcp-connect-{addr}")
+            self._connecting[addr] = self.loop.create_task(self._connect(addr),
+                                                           name=f"ringd-tcp-connect-{addr}")
 
     async def drain(self, addr: Addr) -> None:
         """Wait until the connection to ``addr`` has room (no-op if there is none)."""
@@ -393,7 +401,8 @@ class TcpChannel:
         current = self.conns.get(addr)
         if (current is not None and current is not conn and not current.retiring
                 and current.transport is not None and not current.transport.is_closing()):
-            if current.initiator != conn.initiator and (current.initiator or "") < (conn.initiator or ""):
+            if (current.initiator != conn.initiator
+                    and (current.initiator or "") < (conn.initiator or "")):
                 keep = current
             (conn if keep is current else current).retire()
         self.conns[addr] = keep

@@ -164,7 +164,8 @@ class UdpChannel:
         later in the same iteration are packed together by one flush at its end."""
         if addr not in self._paths:
             self._learn_path(addr)
-        ok = self.endpoint.send_frame(addr, data, time.monotonic(), stream=stream, reliable=reliable)
+        ok = self.endpoint.send_frame(addr, data, time.monotonic(), stream=stream,
+                                      reliable=reliable)
         if not self._flush_soon:
             self.flush()
             self._schedule_flush()
@@ -186,7 +187,8 @@ class UdpChannel:
         """Send one transmit; False (and queued) if the socket buffer is full."""
         try:
             if self.gso and t.segments > 1:
-                self.sock.sendmsg(t.iov, [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", t.segment_size))], 0, t.addr)
+                segment = struct.pack("=H", t.segment_size)
+                self.sock.sendmsg(t.iov, [(SOL_UDP, UDP_SEGMENT, segment)], 0, t.addr)
             else:
                 for i in range(0, len(t.iov), 2):
                     self.sock.sendmsg(t.iov[i:i + 2], (), 0, t.addr)
@@ -201,8 +203,10 @@ class UdpChannel:
                     size = self._paths[t.addr] = self.endpoint.set_datagram_size(
                         t.addr, min(size, UNKNOWN_PATH_DATAGRAM, t.segment_size - 64))
                 self._warn(t.addr, "UDP datagrams of %d B do not fit the path to %s:%d; now %d B "
-                           "(the lost data is sent again)", t.segment_size, t.addr[0], t.addr[1], size)
-            elif self.gso and e.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
+                           "(the lost data is sent again)", t.segment_size, t.addr[0], t.addr[1],
+                           size)
+            elif self.gso and e.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP,
+                                          errno.ENOPROTOOPT):
                 log.info("UDP segmentation offload failed (%s); sending datagrams one by one", e)
                 self.gso = False
                 return self._send(t)

@@ -2,6 +2,7 @@
 detector, and the unit files ``ringctl service install`` writes."""
 
 from ringd.service.sdnotify import notify, watchdog_interval
-from ringd.service.watchdog import EXIT_STALLED, StallDetector, systemd_watchdog
+from ringd.service.watchdog import EXIT_STALLED, StallDetector, StallWatch, systemd_watchdog
 
-__all__ = ["EXIT_STALLED", "StallDetector", "notify", "systemd_watchdog", "watchdog_interval"]
+__all__ = ["EXIT_STALLED", "StallDetector", "StallWatch", "notify", "systemd_watchdog",
+           "watchdog_interval"]

@@ -80,7 +80,8 @@ class Plan:
 def _sd_quote(word: str) -> str:
     if word and not any(c in word for c in ' \t"\'\\$%;'):
         return word
-    return '"' + word.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$") + '"'
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+    return '"' + escaped + '"'
 
 
 def render_systemd_unit(scope: Scope, exec_path: str = DEFAULT_EXEC, *,
@@ -95,11 +96,13 @@ def render_systemd_unit(scope: Scope, exec_path: str = DEFAULT_EXEC, *,
     if run_as:
         user_lines = f"User={run_as}\nGroup={run_as}\n"
     else:
-        user_lines = ("# Run as a dedicated user (create it first; it must own the state directory):\n"
-                      "#User=ringd\n#Group=ringd\n"
-                      "# DynamicUser=yes works too: systemd then keeps the state in\n"
-                      "# /var/lib/private/ringd and hands it to the new uid on every start, so the\n"
-                      "# node id survives; do not point RINGD_STATE_DIR elsewhere with DynamicUser.\n")
+        user_lines = (
+            "# Run as a dedicated user (create it first; it must own the state directory):\n"
+            "#User=ringd\n#Group=ringd\n"
+            "# DynamicUser=yes works too: systemd then keeps the state in\n"
+            "# /var/lib/private/ringd and hands it to the new uid on every start, so the\n"
+            "# node id survives; do not point RINGD_STATE_DIR elsewhere with DynamicUser.\n")
+    network = "After=network-online.target\nWants=network-online.target\n" if system else ""
     return f"""\
 # ringd: one node of a ring that runs a language model across machines.
 # Written by `ringctl service install --scope {scope.value}`; reinstalling overwrites it.
@@ -108,7 +111,7 @@ def render_systemd_unit(scope: Scope, exec_path: str = DEFAULT_EXEC, *,
 
 [Unit]
 Description=ringd node (one language model across a ring of machines)
-{"After=network-online.target" + chr(10) + "Wants=network-online.target" + chr(10) if system else ""}\
+{network}\
 # After 5 failed starts within 10 minutes, stop trying (`systemctl reset-failed ringd`).
 StartLimitIntervalSec=600
 StartLimitBurst=5
@@ -158,7 +161,8 @@ def render_env_file() -> str:
         lines.append("")
         lines.append(f"# {f.metadata['help']}")
         if f.name == "state_dir":
-            lines.append("# (the unit sets it to %S/ringd: /var/lib/ringd, or ~/.local/state/ringd for a user)")
+            lines.append("# (the unit sets it to %S/ringd: /var/lib/ringd, "
+                         "or ~/.local/state/ringd for a user)")
         if f.default is dataclasses.MISSING or f.default is None:
             value = ""
         elif isinstance(f.default, bool):
@@ -189,7 +193,8 @@ def render_launchd_plist(scope: Scope, exec_path: str = DEFAULT_EXEC, *, home: s
         "Label": LABEL,
         "ProgramArguments": [exec_path, "run"],
         "RunAtLoad": True,
-        "KeepAlive": {"SuccessfulExit": False},  # restart after a crash or a stall exit, not after exit 0
+        # restart after a crash or a stall exit, not after exit 0
+        "KeepAlive": {"SuccessfulExit": False},
         "ThrottleInterval": THROTTLE_SEC,
         "ExitTimeOut": STOP_TIMEOUT_SEC,
         "ProcessType": "Interactive",  # no background throttling of the compute
@@ -262,15 +267,18 @@ def install_plan(manager: Manager, scope: Scope, *, exec_path: str, home: str, u
                          "`sudo RINGD_MODEL_STORE=/var/lib/ringd/models ringctl model pull`")
     else:
         domain = _launchd_domain(scope, uid)
-        plist = render_launchd_plist(scope, exec_path, home=home, config_file=config_file, run_as=run_as)
+        plist = render_launchd_plist(scope, exec_path, home=home, config_file=config_file,
+                                     run_as=run_as)
         steps = [
             Write(_rooted(root, target), plist, 0o644),
-            Run(("launchctl", "bootout", f"{domain}/{LABEL}"), check=False),  # an older copy, if loaded
+            # an older copy, if loaded
+            Run(("launchctl", "bootout", f"{domain}/{LABEL}"), check=False),
             Run(("launchctl", "enable", f"{domain}/{LABEL}")),
             Run(("launchctl", "bootstrap", domain, target)),
         ]
         notes = [f"logs: {_launchd_log(scope, home)}",
-                 "macOS asks once to allow ringd on the local network; without it peers never appear"]
+                 "macOS asks once to allow ringd on the local network; "
+                 "without it peers never appear"]
         if scope is Scope.SYSTEM:
             notes.append("a LaunchDaemon is for headless nodes; on a Mac where someone logs in, "
                          "--scope user runs ringd in that session")

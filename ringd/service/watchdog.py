@@ -8,6 +8,8 @@
   the process with code 70 when the heartbeat is older than ``stall_timeout``, so
   ``KeepAlive``/``Restart=on-failure`` restarts it. It cannot fire while the stuck code
   holds the GIL; the systemd watchdog covers that case.
+- :class:`StallWatch`: the detector's decision alone, fed the time (``now``) by its caller:
+  no clock, no thread, no loop. Tests drive it, and the detector, on a fake clock.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable
+from typing import Awaitable, Callable
 
 from ringd.service.sdnotify import notify
 
@@ -27,62 +29,111 @@ log = logging.getLogger(__name__)
 
 EXIT_STALLED = 70  # EX_SOFTWARE
 
+Sleep = Callable[[float], Awaitable[object]]
 
-async def systemd_watchdog(interval: float, *, ping: Callable[[], object] | None = None) -> None:
-    """Ping the systemd watchdog every ``interval / 2`` seconds until cancelled."""
+
+async def systemd_watchdog(interval: float, *, ping: Callable[[], object] | None = None,
+                           sleep: Sleep = asyncio.sleep) -> None:
+    """Ping the systemd watchdog every ``interval / 2`` seconds until cancelled.
+
+    ``sleep`` is the loop's clock (tests pass a fake one).
+    """
     send = ping or (lambda: notify(watchdog=True))
     period = interval / 2
     log.debug("pinging the systemd watchdog every %.1f s", period)
     while True:
         send()
-        await asyncio.sleep(period)
+        await sleep(period)
+
+
+class StallWatch:
+    """When the loop counts as stalled, decided from the times its callers pass in.
+
+    The loop calls :meth:`beat` every :attr:`period`; a watcher calls :meth:`check` every
+    :attr:`period`. A check later than :attr:`period` ``+ stall_timeout / 2`` after the
+    previous one means the watcher was not scheduled either (SIGSTOP, a paused VM): not the
+    loop's fault, so that check counts as a beat.
+    """
+
+    def __init__(self, stall_timeout: float, now: float) -> None:
+        if stall_timeout <= 0:
+            raise ValueError("stall_timeout must be positive")
+        self.stall_timeout = stall_timeout
+        self.period = min(1.0, stall_timeout / 4)
+        self.beat_at = now
+        self.checked_at = now
+
+    def start(self, now: float) -> None:
+        """Begin watching at ``now``: a fresh beat and a fresh check."""
+        self.beat_at = self.checked_at = now
+
+    def beat(self, now: float) -> None:
+        """The loop made progress at ``now``."""
+        self.beat_at = now
+
+    def deadline(self) -> float:
+        """The time after which a check, without a beat in between, finds the loop stalled."""
+        return self.beat_at + self.stall_timeout
+
+    def check(self, now: float) -> float | None:
+        """How long the loop has been stalled when that is over the limit, else None."""
+        if now - self.checked_at > self.period + self.stall_timeout / 2:
+            self.beat_at = now
+        self.checked_at = now
+        stalled = now - self.beat_at
+        return stalled if stalled > self.stall_timeout else None
 
 
 class StallDetector:
     """Exit the process when the event loop makes no progress for ``stall_timeout`` seconds.
 
     Run :meth:`run` as a task on the loop to watch; cancelling it stops the watcher thread.
+    :meth:`run` is :meth:`beat_forever` on the loop plus a thread calling :meth:`check`
+    every period; ``clock`` and ``sleep`` are the loop's time (tests pass fake ones and
+    drive those two halves themselves).
     """
 
     def __init__(self, stall_timeout: float, *, exit: Callable[[int], object] = os._exit,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        if stall_timeout <= 0:
-            raise ValueError("stall_timeout must be positive")
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Sleep = asyncio.sleep) -> None:
+        self.watch = StallWatch(stall_timeout, clock())
         self.stall_timeout = stall_timeout
-        self.period = min(1.0, stall_timeout / 4)
+        self.period = self.watch.period
         self._exit = exit
         self._clock = clock
-        self._beat = clock()
-        self._stop = threading.Event()
+        self._sleep = sleep
         self._loop_thread: int | None = None
         self.fired = False
 
     async def run(self) -> None:
         """Bump the heartbeat from the loop; watch it from a thread. Runs until cancelled."""
-        self._loop_thread = threading.get_ident()
-        self._beat = self._clock()
-        self._stop.clear()
-        watcher = threading.Thread(target=self._watch, name="ringd-stall-detector", daemon=True)
-        watcher.start()
+        stop = threading.Event()
+        self.watch.start(self._clock())
+        threading.Thread(target=self._watch, args=(stop,), name="ringd-stall-detector",
+                         daemon=True).start()
         try:
-            while True:
-                await asyncio.sleep(self.period)
-                self._beat = self._clock()
+            await self.beat_forever()
         finally:
-            self._stop.set()
-            watcher.join()
+            stop.set()  # the watcher wakes and ends; joining it here would block the loop
 
-    def _watch(self) -> None:
-        last_check = self._clock()
-        while not self._stop.wait(self.period):
-            now = self._clock()
-            if now - last_check > self.period + self.stall_timeout / 2:
-                # This thread was not scheduled either (SIGSTOP, a paused VM): not the loop's fault.
-                self._beat = now
-            last_check = now
-            stalled = now - self._beat
-            if stalled > self.stall_timeout:
-                self._fire(stalled)
+    async def beat_forever(self) -> None:
+        """The loop's half: a beat every period, on the loop's clock. Runs until cancelled."""
+        self._loop_thread = threading.get_ident()
+        while True:
+            await self._sleep(self.period)
+            self.watch.beat(self._clock())
+
+    def check(self) -> bool:
+        """The watcher's half, one look: exit (and return True) when the loop is stalled."""
+        stalled = self.watch.check(self._clock())
+        if stalled is None:
+            return False
+        self._fire(stalled)
+        return True
+
+    def _watch(self, stop: threading.Event) -> None:
+        while not stop.wait(self.period):
+            if self.check():
                 return
 
     def _fire(self, stalled: float) -> None:

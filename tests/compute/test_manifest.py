@@ -13,8 +13,13 @@ import pytest
 
 from ringd.compute import manifest
 from ringd.compute.engine import ShardEngine
-from ringd.compute.manifest import (MANIFEST_FILE, expected_tensors, hash_file, load_manifest,
-                                    tensor_spans)
+from ringd.compute.manifest import (
+    MANIFEST_FILE,
+    expected_tensors,
+    hash_file,
+    load_manifest,
+    tensor_spans,
+)
 from ringd.compute.model_info import inspect_model
 from ringd.core.proof import parse_fingerprint
 from ringd.errors import ModelError

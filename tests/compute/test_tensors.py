@@ -1,4 +1,5 @@
-"""mx.array <-> wire tensors: every dtype and shape round-trips bit-exactly, sends without a copy."""
+"""mx.array <-> wire tensors: every dtype and shape round-trips bit-exactly, sends without a
+copy."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ DTYPES = [mx.float32, mx.float16, mx.bfloat16, mx.int32, mx.uint32]
 
 
 @settings(max_examples=100, deadline=None)
-@given(dtype=st.sampled_from(DTYPES), shape=st.lists(st.integers(0, 9), max_size=4), seed=st.integers(0, 2**31))
+@given(dtype=st.sampled_from(DTYPES), shape=st.lists(st.integers(0, 9), max_size=4),
+       seed=st.integers(0, 2**31))
 def test_round_trip_every_dtype_and_shape(dtype, shape, seed) -> None:
     rng = np.random.default_rng(seed)
     bits = rng.integers(0, 2**32, size=shape, dtype=np.uint32)
@@ -55,6 +57,8 @@ def test_strided_arrays_are_copied_once() -> None:
     arr = mx.arange(12, dtype=mx.float32).reshape(3, 4).T
     t = to_wire(arr)
     assert t.shape == (4, 3)
+    copy = t.data.obj  # one contiguous copy, owned by the wire tensor: not a view of a copy
+    assert isinstance(copy, np.ndarray) and copy.flags.owndata and copy.base is None
     assert np.array_equal(np.frombuffer(t.data, np.float32).reshape(4, 3), np.array(arr))
 
 

@@ -38,7 +38,8 @@ class Host:
 def _ip(*args: str) -> None:
     proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
     if proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, ["ip", *args], proc.stdout, proc.stderr)
+        raise subprocess.CalledProcessError(proc.returncode, ["ip", *args], proc.stdout,
+                                            proc.stderr)
 
 
 class BridgeLab:
@@ -64,7 +65,8 @@ class BridgeLab:
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             self.close()
             detail = getattr(e, "stderr", "") or str(e)
-            raise NetnsUnavailable(f"cannot build the namespace lab: {' '.join(e.cmd)}: {detail.strip()}") from None
+            raise NetnsUnavailable(f"cannot build the namespace lab: {' '.join(e.cmd)}: "
+                                   f"{detail.strip()}") from None
         except BaseException:
             self.close()
             raise
@@ -80,7 +82,8 @@ class BridgeLab:
         for host, veth in zip(self.hosts, self._veths):
             _ip("netns", "add", host.name)
             self._created_ns.append(host.name)
-            _ip("link", "add", veth, "type", "veth", "peer", "name", host.ifname, "netns", host.name)
+            _ip("link", "add", veth, "type", "veth", "peer", "name", host.ifname, "netns",
+                host.name)
             _ip("link", "set", veth, "master", self.bridge)
             _ip("link", "set", veth, "up")
             _ip("-n", host.name, "addr", "add", f"{host.address}/24", "dev", host.ifname)

@@ -43,7 +43,8 @@ def gossip(data: bytes) -> bytes:
 
 
 def activation(data: bytes) -> bytes:
-    return encode_bytes(Activation("r", 1, 0, 1, 0, 2, "a", SamplingParams(), True, Tensor("int32", (len(data) // 4,), data)))
+    tensor = Tensor("int32", (len(data) // 4,), data)
+    return encode_bytes(Activation("r", 1, 0, 1, 0, 2, "a", SamplingParams(), True, tensor))
 
 
 @contextlib.asynccontextmanager

@@ -185,6 +185,7 @@ async def test_bad_input_is_counted_never_delivered() -> None:
     a, _ = await transport("a")
     other, _ = await transport("x", key=bytes(32))
     raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raw.setblocking(False)  # sent from the loop: it must not wait
     try:
         other.send(b.local_addr, Gossip(b"wrong key"))
         raw.sendto(b"\xd7\x01", b.local_addr)  # truncated

@@ -35,7 +35,8 @@ def on_both_loops(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[...,
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(fn(**kwargs))
 
-    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(fn).parameters.values()]
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+              for p in inspect.signature(fn).parameters.values()]
     wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [*params, inspect.Parameter("loop_kind", inspect.Parameter.KEYWORD_ONLY)])
     wrapper.__name__ = wrapper.__qualname__ = fn.__name__
@@ -61,11 +62,13 @@ class Inbox:
                 await self._changed.wait()
 
 
-def channel(name: str, *, key: bytes = KEY, offload: bool = True, **cfg) -> tuple[UdpChannel, Inbox]:
+def channel(name: str, *, key: bytes = KEY, offload: bool = True,
+            **cfg) -> tuple[UdpChannel, Inbox]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     sock.setblocking(False)
-    ep = Endpoint(Sealer(key, name, new_session(1000, len(name))), ReplayGuard(), config=ReliableConfig(**cfg))
+    ep = Endpoint(Sealer(key, name, new_session(1000, len(name))), ReplayGuard(),
+                  config=ReliableConfig(**cfg))
     inbox = Inbox()
     ch = UdpChannel(sock, ep, inbox.put, offload=offload, datagram_size=cfg.get("datagram_size", 0))
     ch.start()
@@ -79,7 +82,8 @@ def addr(ch: UdpChannel) -> tuple[str, int]:
 @pytest.mark.parametrize("offload", [True, False])
 @on_both_loops
 async def test_frames_of_every_size_arrive_once_in_order(offload: bool) -> None:
-    a, _ = channel("a", offload=offload, datagram_size=1400)  # an Ethernet's size: frames span segments
+    # an Ethernet's size: frames span segments
+    a, _ = channel("a", offload=offload, datagram_size=1400)
     b, inbox = channel("b", offload=offload, datagram_size=1400)
     try:
         sizes = [0, 1, 1300, 1400, 5000, 32 * 1024, 100_000, 1 << 20]
@@ -129,6 +133,7 @@ async def test_foreign_and_garbage_datagrams_are_counted_and_dropped() -> None:
     b, inbox = channel("b")
     intruder, _ = channel("x", key=bytes(32))
     raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raw.setblocking(False)  # sent from the loop: it must not wait
     try:
         intruder.send_frame(addr(b), b"let me in")
         raw.sendto(b"\xd7", addr(b))
@@ -156,6 +161,7 @@ async def test_without_gro_a_packets_datagrams_are_handed_over_together() -> Non
     c, _ = channel("c", offload=False, datagram_size=1400)  # a's session number too (a 1-char name)
     b, inbox = channel("b", offload=False, datagram_size=1400)
     raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raw.setblocking(False)  # sent from the loop: it must not wait
     b.pause_reading()  # everything below queues up in b's socket, interleaved by sender
     try:
         sent: dict[str, list[bytes]] = {"a": [], "c": []}
@@ -199,7 +205,8 @@ async def test_loopback_datagrams_follow_the_path(offload: bool) -> None:
         [ev] = inbox.items
         assert isinstance(ev, FrameReceived) and bytes(ev.data) == data
         assert a.datagram_size(addr(b)) == MAX_BURST == 65000
-        assert a.endpoint.peer_stats()["%s:%d" % addr(b)]["datagram_size"] == 65000  # shown in status
+        # shown in status
+        assert a.endpoint.peer_stats()["%s:%d" % addr(b)]["datagram_size"] == 65000
         sent = a.endpoint.totals
         assert sent["frames_sent"] == 1
         assert sent["segments_sent"] == sent["packets_sent"]  # one segment per packet
@@ -308,7 +315,8 @@ def netns():
     if reason:
         pytest.skip(f"network namespaces unavailable: {reason}")
     name = f"ringd-{os.getpid() % 10000}{secrets.token_hex(2)}-udp"
-    proc = subprocess.run(["ip", "netns", "add", name], check=False, capture_output=True, text=True, timeout=10)
+    proc = subprocess.run(["ip", "netns", "add", name], check=False, capture_output=True,
+                          text=True, timeout=10)
     if proc.returncode != 0:
         pytest.skip(f"network namespaces unavailable: ip netns add: {proc.stderr.strip()}")
     try:

@@ -14,7 +14,8 @@ from ringd.service.sdnotify import notify, watchdog_interval
 
 
 @pytest.fixture(params=["path", "abstract"])
-def notify_socket(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[socket.socket, dict[str, str]]]:
+def notify_socket(request: pytest.FixtureRequest,
+                  tmp_path: Path) -> Iterator[tuple[socket.socket, dict[str, str]]]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     if request.param == "path":
         addr = str(tmp_path / "notify")
@@ -55,7 +56,8 @@ def test_missing_listener_is_reported_not_raised(tmp_path: Path) -> None:
 def test_watchdog_interval() -> None:
     assert watchdog_interval({}) is None
     assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 30.0
-    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}) == 30.0
+    mine = str(os.getpid())
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": mine}) == 30.0
     assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
     assert watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
     assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None

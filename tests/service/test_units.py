@@ -14,9 +14,21 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from ringd.config import Settings
-from ringd.service.units import (LABEL, Manager, Remove, Run, Scope, Write, install_plan,
-                                 manager_unusable, render_env_file, render_launchd_plist,
-                                 render_systemd_unit, status_plan, uninstall_plan)
+from ringd.service.units import (
+    LABEL,
+    Manager,
+    Remove,
+    Run,
+    Scope,
+    Write,
+    install_plan,
+    manager_unusable,
+    render_env_file,
+    render_launchd_plist,
+    render_systemd_unit,
+    status_plan,
+    uninstall_plan,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RINGD = str(Path(shutil.which("ringd") or REPO / ".venv/bin/ringd"))
@@ -48,7 +60,8 @@ def one(section: list[tuple[str, str]], key: str) -> str:
 
 @pytest.mark.parametrize("scope", list(Scope))
 def test_systemd_unit_has_the_required_settings(scope: Scope) -> None:
-    unit = parse_unit(render_systemd_unit(scope, "/opt/ring d/bin/ringd", config_file="/etc/ringd/r.toml"))
+    unit = parse_unit(render_systemd_unit(scope, "/opt/ring d/bin/ringd",
+                                          config_file="/etc/ringd/r.toml"))
     s = unit["Service"]
     assert one(s, "Type") == "notify" and one(s, "NotifyAccess") == "main"
     assert one(s, "ExecStart") == '"/opt/ring d/bin/ringd" run'
@@ -61,11 +74,13 @@ def test_systemd_unit_has_the_required_settings(scope: Scope) -> None:
     env = [v for k, v in s if k == "Environment"]
     assert "RINGD_STATE_DIR=%S/ringd" in env and "RINGD_CONFIG=/etc/ringd/r.toml" in env
     assert one(s, "StandardError") == "journal"
-    assert int(one(unit["Unit"], "StartLimitBurst")) > 1 and one(unit["Unit"], "StartLimitIntervalSec")
+    assert int(one(unit["Unit"], "StartLimitBurst")) > 1
+    assert one(unit["Unit"], "StartLimitIntervalSec")
     wanted = "multi-user.target" if scope is Scope.SYSTEM else "default.target"
     assert one(unit["Install"], "WantedBy") == wanted
     assert ("User" in dict(s)) is False  # only as a comment unless asked for
-    assert one(parse_unit(render_systemd_unit(Scope.SYSTEM, run_as="ringd"))["Service"], "User") == "ringd"
+    as_user = parse_unit(render_systemd_unit(Scope.SYSTEM, run_as="ringd"))
+    assert one(as_user["Service"], "User") == "ringd"
 
 
 @pytest.mark.parametrize("scope", list(Scope))
@@ -73,7 +88,8 @@ def test_systemd_analyze_verify_accepts_the_unit(scope: Scope, tmp_path: Path) -
     unit_dir = tmp_path / "units"
     unit_dir.mkdir()
     path = unit_dir / "ringd.service"
-    path.write_text(render_systemd_unit(scope, RINGD, config_file="/etc/ring d/x%y.toml", run_as=None))
+    path.write_text(render_systemd_unit(scope, RINGD, config_file="/etc/ring d/x%y.toml",
+                                        run_as=None))
     parse_unit(path.read_text())
     analyze = shutil.which("systemd-analyze")
     if analyze is None:  # parsed above; nothing more to ask on this machine
@@ -107,7 +123,8 @@ def test_repository_copies_are_the_renderings() -> None:
     hint = "regenerate with: .venv/bin/python -m ringd.service.units ."
     assert (REPO / "systemd/ringd.service").read_text() == render_systemd_unit(Scope.SYSTEM), hint
     assert (REPO / f"launchd/{LABEL}.plist").read_bytes() == render_launchd_plist(Scope.USER), hint
-    assert (REPO / f"launchd/{LABEL}.daemon.plist").read_bytes() == render_launchd_plist(Scope.SYSTEM), hint
+    assert (REPO / f"launchd/{LABEL}.daemon.plist").read_bytes() == \
+        render_launchd_plist(Scope.SYSTEM), hint
     for name in (f"launchd/{LABEL}.plist", f"launchd/{LABEL}.daemon.plist"):
         assert plistlib.loads((REPO / name).read_bytes())["Label"] == LABEL
     parse_unit((REPO / "systemd/ringd.service").read_text())
@@ -118,7 +135,8 @@ def test_env_file_names_only_real_settings() -> None:
     for text in ((REPO / "systemd/ringd.env.example").read_text(), render_env_file()):
         names = set(re.findall(r"^#?(RINGD_[A-Z_]+)=", text, re.M))
         assert names <= known, names - known
-        assert {"RINGD_STATE_DIR", "RINGD_LOG_LEVEL", "RINGD_STALL_TIMEOUT", "RINGD_API_KEY"} <= names
+        assert {"RINGD_STATE_DIR", "RINGD_LOG_LEVEL", "RINGD_STALL_TIMEOUT",
+                "RINGD_API_KEY"} <= names
     assert set(re.findall(r"^#?(RINGD_[A-Z_]+)=", render_env_file(), re.M)) == known
     # every line is a comment or blank: the defaults stay the code's defaults
     assert all(not line or line.startswith("#") for line in render_env_file().splitlines())
@@ -144,7 +162,8 @@ def test_systemd_plans_carry_the_exact_commands() -> None:
     assert runs(p)[0] == ("systemctl", "daemon-reload")
     u = uninstall_plan(Manager.SYSTEMD, Scope.SYSTEM, home="/root", uid=0, purge=True)
     assert [type(s).__name__ for s in u.steps] == ["Run", "Remove", "Remove", "Run"]
-    assert runs(u) == [("systemctl", "disable", "--now", "ringd.service"), ("systemctl", "daemon-reload")]
+    assert runs(u) == [("systemctl", "disable", "--now", "ringd.service"),
+                       ("systemctl", "daemon-reload")]
     assert runs(status_plan(Manager.SYSTEMD, Scope.USER, home="/h", uid=5)) == [
         ("systemctl", "--user", "status", "--no-pager", "--lines=10", "ringd.service")]
 
@@ -158,9 +177,11 @@ def test_launchd_plans_carry_the_exact_commands() -> None:
                        ("launchctl", "bootstrap", "gui/501", plist)]
     assert [s.check for s in p.steps if isinstance(s, Run)] == [False, True, True]
     p = install_plan(Manager.LAUNCHD, Scope.SYSTEM, exec_path="/x/ringd", home="/var/root", uid=0)
-    assert runs(p)[-1] == ("launchctl", "bootstrap", "system", f"/Library/LaunchDaemons/{LABEL}.plist")
+    assert runs(p)[-1] == ("launchctl", "bootstrap", "system",
+                           f"/Library/LaunchDaemons/{LABEL}.plist")
     u = uninstall_plan(Manager.LAUNCHD, Scope.USER, home="/Users/ann", uid=501)
-    assert u.steps == (Run(("launchctl", "bootout", f"gui/501/{LABEL}"), check=False), Remove(PurePosixPath(plist)))
+    assert u.steps == (Run(("launchctl", "bootout", f"gui/501/{LABEL}"), check=False),
+                       Remove(PurePosixPath(plist)))
     assert runs(status_plan(Manager.LAUNCHD, Scope.SYSTEM, home="/", uid=0)) == [
         ("launchctl", "print", f"system/{LABEL}")]
 
@@ -170,5 +191,6 @@ def test_manager_detection_on_this_machine() -> None:
     assert (reason is None) == Path("/run/systemd/system").is_dir()
     if reason:
         assert "systemd is not running" in reason and "PID 1" in reason
-    assert manager_unusable(Manager.LAUNCHD, Scope.USER, platform="linux") == "launchd exists only on macOS"
+    assert manager_unusable(Manager.LAUNCHD, Scope.USER,
+                            platform="linux") == "launchd exists only on macOS"
     assert manager_unusable(Manager.LAUNCHD, Scope.USER, platform="darwin") is None
