@@ -488,9 +488,3 @@ def test_fuzz_datagram_decoder_never_raises(data) -> None:
     b.handle_timer(10.0)
     assert b._assembly_bytes <= 64 * 1024
     assert sum(p.reassembly for p in b._peers.values()) <= b.config.reassembly_budget + b.config.max_frame
-
-
-def test_module_is_pure() -> None:
-    src = open(reliable.__file__).read()
-    for banned in ("import asyncio", "import socket", "import mlx", "import time", "ringd.net", "ringd.compute"):
-        assert banned not in src

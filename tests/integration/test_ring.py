@@ -70,7 +70,8 @@ def test_status_cli_reports_ready_with_json_and_exit_code(tiny_ring):
     port = str(ring.nodes[1].http_port)
     res = CliRunner().invoke(main, ["status", "--port", port])
     assert res.exit_code == 0, res.output
-    assert "ready" in res.output and "node1" in res.output and "node3" in res.output
+    assert res.output.splitlines()[0].startswith("ring: ready"), res.output
+    assert "node1" in res.output and "node3" in res.output
     res = CliRunner().invoke(main, ["status", "--json", "--port", port])
     assert res.exit_code == 0 and json.loads(res.output)["ready"] is True
 
@@ -132,7 +133,7 @@ def test_cancel_mid_stream_frees_the_cache_on_every_node(tiny_ring):
     # mid-stream: the request holds a cache on every node
     busy = [s["stats"]["compute"]["requests"] for s in ring.statuses()]
     events.close()  # the client goes away: the entry cancels the request on the ring
-    assert got == 3 and sum(busy) >= 1
+    assert got == 3 and busy == [1, 1, 1]  # a cache on every node
     deadline = time.monotonic() + 10
     while True:
         sts = ring.statuses()

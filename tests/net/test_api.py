@@ -164,6 +164,9 @@ async def test_seeded_sampling_repeats(api) -> None:
     a = await client.chat.completions.create(**kw, extra_body={"top_k": 20})
     b = await client.chat.completions.create(**kw, extra_body={"top_k": 20})
     assert a.choices[0].message.content == b.choices[0].message.content
+    kw["seed"] = 1235  # another seed draws other tokens: the seed is really used
+    c = await client.chat.completions.create(**kw, extra_body={"top_k": 20})
+    assert c.choices[0].message.content != a.choices[0].message.content
 
 
 async def test_unknown_model_is_404_listing_the_served_one(api, tiny_model_dir) -> None:
