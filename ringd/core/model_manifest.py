@@ -20,7 +20,8 @@ id the peer claims): names, groups, sizes and hashes; every bad field is a
 :class:`ringd.errors.ModelError` naming where it came from.
 
 Transfer items (:mod:`ringd.core.transfer`) are named by *keys*: a tensor by its name, a
-small file by ``"file:" + name`` (tensor names never hold a colon).
+small file by ``"file:" + name`` (tensor names never hold a colon), the canonical manifest
+by ``"manifest"`` (no tensor of a group has that name).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ringd.errors import LocalProtocolError, ModelError
 FORMAT = "ringd-model/2"
 HASH_SIZE = 16  # bytes of BLAKE2b per tensor or file: 32 hex digits
 FILE_KEY_PREFIX = "file:"
+MANIFEST_KEY = "manifest"  # the canonical manifest itself, as a transfer item
 MAX_LAYERS = 10_000
 MAX_TENSORS = 1_000_000
 MAX_SMALL_FILE = 64 << 20  # config and tokenizer files: bytes each

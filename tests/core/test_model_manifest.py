@@ -114,7 +114,7 @@ def test_a_copy_that_is_not_the_claimed_model_is_refused() -> None:
     (lambda o: o["layers"][0].clear(), "has no tensors"),
     (lambda o: o.update(format="ringd-model/9"), "format"),
 ])
-def test_a_bad_peer_copy_is_a_model_error_naming_its_source(edit, match) -> None:  # type: ignore[no-untyped-def]
+def test_a_bad_peer_copy_is_a_model_error_naming_its_source(edit, match):  # type: ignore
     obj = json.loads(_manifest().canonical_bytes())
     edit(obj)
     with pytest.raises(ModelError, match=match) as err:
