@@ -349,3 +349,20 @@ def test_a_read_only_store_is_a_clear_error(source: TensorSource, tmp_path: Path
     monkeypatch.undo()
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
     assert MANIFEST_FILE == "ringd-manifest.json"
+
+
+def test_remove_model_takes_a_shard_dir_out_of_the_store(source: TensorSource,
+                                                         tmp_path: Path) -> None:
+    from ringd.compute import store
+
+    root = tmp_path / "store"
+    sd = new_shard(source, root / "part")
+    assert [m.name for m in store.list_models(root)] == ["part"]
+    assert store.list_models(root)[0].partial
+    with pytest.raises(ModelError, match="being filled"):
+        store.remove_model(root, "part")
+    sd.close()
+    store.remove_model(root, "part")
+    assert store.list_models(root) == [] and sorted(p.name for p in root.iterdir()) == [".lock"]
+    with pytest.raises(ModelError, match="not in the store"):
+        store.remove_model(root, "part")
