@@ -138,6 +138,7 @@ class ModelManifest:
     files: Mapping[str, FileSpec]
     canonical: bytes = field(init=False, repr=False, compare=False)
     model_id: str = field(init=False, compare=False)
+    _groups: dict[Group, list[str]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         obj = self.to_obj()
@@ -145,6 +146,10 @@ class ModelManifest:
         data = _dumps(obj)
         object.__setattr__(self, "canonical", data)
         object.__setattr__(self, "model_id", model_id_of(data))
+        groups: dict[Group, list[str]] = {}
+        for t in self.tensors.values():
+            groups.setdefault(t.group, []).append(t.name)
+        object.__setattr__(self, "_groups", groups)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -223,7 +228,8 @@ class ModelManifest:
         return not self.group_tensors("head")
 
     def group_tensors(self, group: Group) -> list[str]:
-        return [t.name for t in self.tensors.values() if t.group == group]
+        """Names of a group's tensors (sorted)."""
+        return list(self._groups.get(group, ()))
 
     def groups_for(self, start: int, end: int) -> list[Group]:
         """The groups a shard of layers ``[start, end)`` loads (as the shard engine does)."""
@@ -242,11 +248,10 @@ class ModelManifest:
 
     def tensors_for(self, start: int, end: int) -> list[str]:
         """Names (sorted) of the tensors a shard of layers ``[start, end)`` loads."""
-        groups = set(self.groups_for(start, end))
-        return sorted(t.name for t in self.tensors.values() if t.group in groups)
+        return sorted(n for g in self.groups_for(start, end) for n in self.group_tensors(g))
 
     def group_bytes(self, group: Group) -> int:
-        return sum(t.size for t in self.tensors.values() if t.group == group)
+        return sum(self.tensors[n].size for n in self._groups.get(group, ()))
 
     @property
     def layer_bytes(self) -> tuple[int, ...]:

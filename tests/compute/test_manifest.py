@@ -88,6 +88,7 @@ def test_a_changed_file_is_hashed_again_and_changes_only_its_layers(
     after = load_manifest(model_copy)
     assert seen == [path.name]  # only the changed file
     assert after.tensors[a] == before.tensors[b] != before.tensors[a]
+    assert after.model_id != before.model_id  # a full directory whose bytes changed: a new model
     assert {k for k in after.tensors if after.tensors[k] != before.tensors[k]} == {a}
     assert after.expected(info, 0, 2) == fps[(0, 2)] and after.expected(info, 4, 6) == fps[(4, 6)]
     assert after.expected(info, 2, 4) != fps[(2, 4)]
