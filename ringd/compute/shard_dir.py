@@ -61,7 +61,6 @@ from typing import Any
 from ringd.compute.manifest import load_manifest
 from ringd.compute.manifest_file import (KIND_SHARD, ManifestFile, read_manifest_file,
                                          write_manifest_file)
-from ringd.compute.model_info import read_safetensors_header
 from ringd.config import format_size
 from ringd.core.model_manifest import (FILE_KEY_PREFIX, HASH_SIZE, MANIFEST_KEY, Group,
                                        ModelManifest, blake2b_hex, group_of, model_id_of)
