@@ -248,9 +248,17 @@ class ShardEngine:
         if "lm_head" in shard:
             owned["lm_head."] = shard.lm_head
         needed = sorted(k for k in info.tensor_index if k.startswith(tuple(owned)))
+        missing = info.missing(needed)
+        if missing:  # a shard directory that does not hold this range (yet)
+            held = ", ".join(f"{a}-{b - 1}" for a, b in info.complete_ranges()) or "none"
+            raise ModelError(
+                f"{info.path} does not hold layers {start}-{end - 1}: {len(missing)} of their "
+                f"{len(needed)} tensors are missing (e.g. {missing[0]}); it holds layers: {held}",
+                hint="fetch them from a node that holds them (the daemon does this after a plan "
+                     "commits), or use a directory that holds the whole model")
         by_file: dict[str, list[str]] = {}
         for k in needed:
-            by_file.setdefault(info.tensor_index[k].file, []).append(k)
+            by_file.setdefault(str(info.tensor_index[k].file), []).append(k)
         weights = {}
         for fname, names in by_file.items():
             try:

@@ -1,15 +1,26 @@
-"""Per-tensor hashes of a model directory (``ringd-manifest.json``) and shard fingerprints.
+"""The manifest of a model directory (``ringd-manifest.json``) and shard fingerprints.
 
-Every tensor's raw bytes, located with its safetensors header offsets, are hashed with
-BLAKE2b (16 bytes). The manifest records, per weight file, its size and modification time
-and the hashes of the tensors in it; a file whose size or mtime changed is hashed again.
-The manifest is written at import (:func:`write_manifest`) and otherwise built on first use
-(:func:`load_manifest`), atomically (temp file + rename); a read-only model directory keeps
-it in memory only. Hashing reads every byte once (~1 GB/s per core).
+The manifest (:class:`ringd.core.model_manifest.ModelManifest`) lists every tensor of the
+model — name, dtype, shape, size and the BLAKE2b-16 hash of its raw bytes, located with its
+safetensors header offsets — grouped by layer, and the config and tokenizer files with their
+hashes. Its canonical hash is the **model id**. The file also keeps, per weight file, its
+size and modification time (:mod:`ringd.compute.manifest_file`), so that only a file whose
+stamp changed is hashed again. Hashing reads every byte once (~1 GB/s per core).
+
+Two kinds of directory:
+
+- **full** (imported, pulled, copied): the manifest is built from the files on first use
+  (:func:`load_manifest`) and at import (:func:`write_manifest`), atomically (temp file +
+  rename); a read-only directory keeps it in memory only. A file that changed is hashed
+  again, which gives a new manifest and a new model id (the model changed).
+- **shard** (filled from peers, :mod:`ringd.compute.shard_dir`): the manifest came from
+  elsewhere and is the authority. A file that changed is hashed again and must still give
+  the manifest's hashes, else :class:`ModelError`: such a directory is refused, never served.
 
 A shard's fingerprint is :func:`ringd.core.proof.shard_fingerprint` over the (name, hash)
 pairs of the tensors it loaded; :func:`expected_tensors` says which tensors layers
-``[start, end)`` must hold (the same choice the shard engine makes).
+``[start, end)`` must hold (the same choice the shard engine makes). The manifest alone
+gives every range's expected fingerprint, so a node can check others' without their files.
 
 No MLX here: only file reads.
 """
@@ -17,78 +28,87 @@ No MLX here: only file reads.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from ringd.compute.manifest_file import (KIND_FULL, KIND_SHARD, MANIFEST_FILE, ManifestFile,
+                                         read_manifest_file, read_v1_hashes, valid_hashes,
+                                         valid_stamp, write_manifest_file)
 from ringd.compute.model_info import ModelInfo, inspect_model, read_safetensors_header
-from ringd.core.proof import shard_fingerprint
+from ringd.core.model_manifest import (HASH_SIZE, MAX_SMALL_FILE, SMALL_FILES, ModelManifest,
+                                       blake2b_hex)
 from ringd.errors import ModelError
-from ringd.state import atomic_write
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "ringd-manifest.json"
-MANIFEST_VERSION = 1
-HASH_SIZE = 16
+__all__ = ["MANIFEST_FILE", "Manifest", "check_files", "expected_tensors", "hash_file",
+           "hash_small_file", "load_manifest", "tensor_spans", "write_manifest"]
+
+MANIFEST_VERSION = 2
 _CHUNK = 8 << 20
 _HINT = "the file is truncated or damaged; re-import or re-copy the model directory"
+_SHARD_HINT = ("the directory changed since its tensors were fetched and checked; remove it "
+               "(`ringctl model rm NAME`) and let the node fetch them again")
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """Tensor name -> hex hash, for every tensor of a model directory's weight files."""
+    """The manifest of the model directory ``path`` (kind ``full`` or ``shard``)."""
 
     path: Path
-    tensors: dict[str, str]
+    model: ModelManifest
+    kind: str
+
+    @property
+    def model_id(self) -> str:
+        return self.model.model_id
+
+    @property
+    def tensors(self) -> dict[str, str]:
+        """Tensor name -> hex hash, for every tensor of the model."""
+        return {n: t.hash for n, t in self.model.tensors.items()}
 
     def hashes(self, names: Iterable[str]) -> list[tuple[str, str]]:
-        out = []
-        for n in names:
-            h = self.tensors.get(n)
-            if h is None:
-                raise ModelError(f"{self.path}: tensor {n!r} is not in any weight file",
-                                 hint="re-import or re-copy the model directory")
-            out.append((n, h))
-        return out
+        try:
+            return self.model.hashes(names)
+        except ModelError as e:
+            raise ModelError(f"{self.path}: {e.message}", hint=e.hint) from None
 
     def fingerprint(self, start: int, end: int, names: Iterable[str]) -> str:
         """Fingerprint of a shard of layers ``[start, end)`` that holds tensors ``names``."""
-        return shard_fingerprint(start, end, self.hashes(names))
+        return self.model.fingerprint(start, end, list(names))
 
-    def expected(self, info: ModelInfo, start: int, end: int) -> str:
-        """The fingerprint layers ``[start, end)`` of ``info`` must have."""
-        return self.fingerprint(start, end, expected_tensors(info, start, end))
+    def expected_fingerprint(self, start: int, end: int) -> str:
+        """The fingerprint layers ``[start, end)`` must have (from the manifest alone)."""
+        return self.model.fingerprint(start, end)
+
+    def expected(self, info: ModelInfo | None, start: int, end: int) -> str:
+        """The fingerprint layers ``[start, end)`` must have (``info`` is not needed)."""
+        return self.expected_fingerprint(start, end)
 
 
 def expected_tensors(info: ModelInfo, start: int, end: int) -> list[str]:
     """Names of the tensors a shard of layers ``[start, end)`` loads (as the shard engine does)."""
-    n = info.num_layers
-    if not 0 <= start < end <= n:
-        raise ModelError(f"layer range [{start}, {end}) is outside {info.name} (0..{n - 1})")
-    prefixes = [f"model.layers.{i}." for i in range(start, end)]
-    if start == 0 or (end == n and info.tie_word_embeddings):
-        prefixes.append("model.embed_tokens.")
-    if end == n:
-        prefixes.append("model.norm.")
-        if not info.tie_word_embeddings:
-            prefixes.append("lm_head.")
-    return sorted(k for k in info.tensor_index if k.startswith(tuple(prefixes)))
+    return info.shard_tensors(start, end)
 
 
 # ----------------------------------------------------------------------------- hashing
 def tensor_spans(path: Path) -> dict[str, tuple[int, int]]:
     """Absolute ``(begin, end)`` byte offsets of every tensor in a safetensors file."""
-    header = read_safetensors_header(path)
-    return {name: (e.offset, e.offset + e.nbytes) for name, e in header.items()}
+    return {name: (e.offset, e.offset + e.nbytes)
+            for name, e in read_safetensors_header(path).items()}
 
 
 def hash_file(path: Path) -> dict[str, str]:
     """Tensor name -> BLAKE2b hex of its raw bytes, for every tensor in one safetensors file."""
-    spans = tensor_spans(path)
+    return hash_spans(path, tensor_spans(path))
+
+
+def hash_spans(path: Path, spans: dict[str, tuple[int, int]]) -> dict[str, str]:
+    """Name -> BLAKE2b hex of the bytes ``[begin, end)`` of ``path``, for each span."""
     out = {}
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
@@ -110,6 +130,19 @@ def hash_file(path: Path) -> dict[str, str]:
     return out
 
 
+def hash_small_file(path: Path) -> tuple[int, str]:
+    """Size and hash of a config or tokenizer file."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_SMALL_FILE + 1)
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e}", hint=_HINT) from None
+    if len(data) > MAX_SMALL_FILE:
+        raise ModelError(f"{path} is larger than {MAX_SMALL_FILE >> 20} MiB",
+                         hint="a config or tokenizer file this large is not one")
+    return len(data), blake2b_hex(data)
+
+
 def _stamp(path: Path) -> tuple[int, int]:
     try:
         st = path.stat()
@@ -120,76 +153,39 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 def _weight_files(info: ModelInfo) -> list[str]:
-    return sorted({t.file for t in info.tensor_index.values()})
+    return sorted({t.file for t in info.tensor_index.values() if t.file is not None})
 
 
-def _read_recorded(model_dir: Path) -> dict[str, Any]:
-    """The ``files`` table of an existing manifest; {} when absent or unusable."""
-    path = model_dir / MANIFEST_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        log.warning("%s is unreadable (%s); hashing the weights again", path, e)
-        return {}
-    ours = isinstance(data, dict) and data.get("version") == MANIFEST_VERSION
-    files = data.get("files") if ours else None
-    if not isinstance(files, dict):
-        log.warning("%s has an unknown layout; hashing the weights again", path)
-        return {}
-    return files
+def _small_files(model_dir: Path) -> list[str]:
+    return [n for n in SMALL_FILES if (model_dir / n).is_file()]
 
 
-def _valid_entry(entry: Any, stamp: tuple[int, int]) -> bool:
-    return (isinstance(entry, dict)
-            and entry.get("size") == stamp[0] and entry.get("mtime_ns") == stamp[1]
-            and isinstance(entry.get("tensors"), dict)
-            and all(isinstance(k, str) and isinstance(v, str) and len(v) == 2 * HASH_SIZE
-                    for k, v in entry["tensors"].items()))
-
-
+# ----------------------------------------------------------------------------- loading
 _lock = threading.Lock()
 _cache: dict[Path, tuple[tuple[tuple[str, int, int], ...], Manifest]] = {}
 
 
 def load_manifest(model_dir: Path) -> Manifest:
-    """The manifest of ``model_dir``: read, with stale files hashed again (and saved).
+    """The manifest of ``model_dir``, checked against its files.
 
-    Cached in the process while no weight file changes size or mtime.
+    Full directory: read, with changed files hashed again (and saved). Shard directory:
+    read, with changed files hashed again and compared (ModelError if they differ). Cached
+    in the process while no weight, config or tokenizer file changes size or mtime.
     """
     model_dir = Path(model_dir)
     info = inspect_model(model_dir)
-    files = _weight_files(info)
-    stamps = tuple((f, *_stamp(model_dir / f)) for f in files)
+    names = _weight_files(info) + _small_files(model_dir)
+    stamps = tuple((f, *_stamp(model_dir / f)) for f in names)
     with _lock:
         hit = _cache.get(model_dir)
         if hit is not None and hit[0] == stamps:
             return hit[1]
-        recorded = _read_recorded(model_dir)
-        table: dict[str, Any] = {}
-        changed = False
-        for f, size, mtime in stamps:
-            entry = recorded.get(f)
-            if not _valid_entry(entry, (size, mtime)):
-                log.info("hashing %s (%.0f MiB) for the weights manifest", model_dir / f,
-                         size / 2**20)
-                entry = {"size": size, "mtime_ns": mtime, "tensors": hash_file(model_dir / f)}
-                changed = True
-            table[f] = entry
-        changed = changed or set(recorded) != set(table)
-        if changed:
-            try:
-                atomic_write(model_dir / MANIFEST_FILE,
-                             json.dumps({"version": MANIFEST_VERSION, "files": table}, indent=1,
-                                        sort_keys=True).encode(), mode=0o644)
-            except OSError as e:
-                log.warning("cannot write %s (%s); keeping the manifest in memory",
-                            model_dir / MANIFEST_FILE, e)
-        tensors = {name: h for entry in table.values() for name, h in entry["tensors"].items()}
-        manifest = Manifest(model_dir, tensors)
+        if info.manifest is not None:
+            manifest = _load_shard(model_dir, info, stamps)
+        else:
+            manifest = _load_full(model_dir, info, stamps)
         # A file that changed while it was hashed gets hashed again next time.
-        if tuple((f, *_stamp(model_dir / f)) for f in files) == stamps:
+        if tuple((f, *_stamp(model_dir / f)) for f in names) == stamps:
             _cache[model_dir] = (stamps, manifest)
         return manifest
 
@@ -198,3 +194,116 @@ def write_manifest(model_dir: Path) -> Manifest:
     """Hash every weight file of ``model_dir`` now and save the manifest (at import)."""
     return load_manifest(model_dir)
 
+
+def _load_full(model_dir: Path, info: ModelInfo,
+               stamps: tuple[tuple[str, int, int], ...]) -> Manifest:
+    old = read_manifest_file(model_dir)
+    if old is not None and old.kind == KIND_FULL:
+        rec_files, rec_small = old.files, old.small
+    else:
+        rec_files, rec_small = read_v1_hashes(model_dir), {}
+    weight = set(_weight_files(info))
+    files: dict[str, Any] = {}
+    small: dict[str, Any] = {}
+    changed = old is None or old.kind != KIND_FULL
+    for f, size, mtime in stamps:
+        path = model_dir / f
+        if f in weight:
+            entry = rec_files.get(f)
+            if not (valid_stamp(entry, size, mtime) and valid_hashes(entry)):
+                log.info("hashing %s (%.0f MiB) for the weights manifest", path, size / 2**20)
+                entry = {"size": size, "mtime_ns": mtime, "tensors": hash_file(path)}
+                changed = True
+            files[f] = entry
+        else:
+            entry = rec_small.get(f)
+            if not (valid_stamp(entry, size, mtime) and isinstance(entry.get("hash"), str)):
+                got_size, digest = hash_small_file(path)
+                entry = {"size": got_size, "mtime_ns": mtime, "hash": digest}
+                changed = True
+            small[f] = entry
+    changed = changed or set(rec_files) != set(files) or set(rec_small) != set(small)
+    tensors = []
+    for name, t in info.tensor_index.items():
+        digest = files[str(t.file)]["tensors"].get(name)
+        if digest is None:  # a header lists it, the hash table does not: hash the file again
+            files[str(t.file)]["tensors"] = hash_file(model_dir / str(t.file))
+            digest = files[str(t.file)]["tensors"][name]
+            changed = True
+        tensors.append((name, t.dtype, t.shape, t.nbytes, digest))
+    model = ModelManifest.build(info.num_layers, tensors,
+                                [(f, e["size"], e["hash"]) for f, e in small.items()])
+    if changed:
+        try:
+            write_manifest_file(model_dir, ManifestFile(model, KIND_FULL, files, small))
+        except OSError as e:
+            log.warning("cannot write %s (%s); keeping the manifest in memory",
+                        model_dir / MANIFEST_FILE, e)
+    return Manifest(model_dir, model, KIND_FULL)
+
+
+def _load_shard(model_dir: Path, info: ModelInfo,
+                stamps: tuple[tuple[str, int, int], ...]) -> Manifest:
+    mf = read_manifest_file(model_dir, strict=True)
+    assert mf is not None and info.manifest is not None
+    model = mf.model
+    weight = set(_weight_files(info))
+    files, small = dict(mf.files), dict(mf.small)
+    changed = False
+    for f, size, mtime in stamps:
+        path = model_dir / f
+        if f in weight:
+            if valid_stamp(files.get(f), size, mtime):
+                continue
+            log.info("checking %s (%.0f MiB) against the manifest", path, size / 2**20)
+            got = hash_file(path)
+            bad = sorted(n for n, h in got.items()
+                         if n not in model.tensors or model.tensors[n].hash != h)
+            if bad:
+                raise ModelError(f"{path}: {len(bad)} tensors do not match the model's manifest "
+                                 f"(e.g. {', '.join(bad[:3])})", hint=_SHARD_HINT)
+            files[f] = {"size": size, "mtime_ns": mtime, "tensors": got}
+        else:
+            spec = model.files.get(f)
+            if spec is None:
+                continue  # a file the model does not have (not served, not checked)
+            if valid_stamp(small.get(f), size, mtime):
+                continue
+            got_size, digest = hash_small_file(path)
+            if (got_size, digest) != (spec.size, spec.hash):
+                raise ModelError(f"{path} is not the file the model's manifest lists",
+                                 hint=_SHARD_HINT)
+            small[f] = {"size": size, "mtime_ns": mtime, "hash": digest}
+        changed = True
+    missing_small = sorted(set(model.files) - {f for f, _, _ in stamps})
+    if missing_small:
+        raise ModelError(f"{model_dir}: {', '.join(missing_small)} missing", hint=_SHARD_HINT)
+    if changed:
+        try:
+            write_manifest_file(model_dir, ManifestFile(model, KIND_SHARD, files, small))
+        except OSError as e:
+            log.warning("cannot write %s (%s)", model_dir / MANIFEST_FILE, e)
+    return Manifest(model_dir, model, KIND_SHARD)
+
+
+def check_files(model_dir: Path) -> list[str]:
+    """Hash every weight and small file of ``model_dir`` now (whatever the stamps say) and
+    list what differs from its manifest on disk: empty when all match."""
+    model_dir = Path(model_dir)
+    info = inspect_model(model_dir)
+    mf = read_manifest_file(model_dir)
+    if mf is None:
+        return [f"{model_dir / MANIFEST_FILE} is missing or unusable"]
+    problems = []
+    for f in _weight_files(info):
+        for name, h in hash_file(model_dir / f).items():
+            spec = mf.model.tensors.get(name)
+            if spec is not None and spec.hash != h:
+                problems.append(f"{model_dir / f}: tensor {name} differs from the manifest")
+    for name, spec in mf.model.files.items():
+        path = model_dir / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif hash_small_file(path) != (spec.size, spec.hash):
+            problems.append(f"{path} differs from the manifest")
+    return problems

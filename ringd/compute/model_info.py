@@ -3,6 +3,13 @@
 No MLX import here: the planner and the CLI use these numbers without loading weights.
 A model directory is in the mlx-lm layout: ``config.json``, ``model*.safetensors``
 (with ``model.safetensors.index.json`` when split) and tokenizer files.
+
+A *shard directory* (:mod:`ringd.compute.shard_dir`) holds only some tensors, and a
+manifest (kind ``shard``) that lists them all: its :class:`ModelInfo` describes the whole
+model from the manifest, and the tensors it lacks have no file (``TensorEntry.file`` is
+None; :meth:`ModelInfo.holds` says whether a layer range is all there). A directory with
+only the manifest, ``config.json`` and the tokenizer files is a shard directory holding
+nothing: enough to plan.
 """
 
 from __future__ import annotations
@@ -12,8 +19,10 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+from ringd.compute.manifest_file import MANIFEST_FILE, is_shard_dir, read_manifest_file
+from ringd.core.model_manifest import DTYPE_SIZES, ModelManifest
 from ringd.errors import ModelError
 
 #: model_type values whose mlx-lm classes have the Llama layout
@@ -23,18 +32,17 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _MAX_HEADER = 100 * 1024 * 1024
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
-_DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
-    "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
-}
 _FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One tensor as stored: its file, dtype (safetensors spelling), shape and size."""
+    """One tensor as stored: its file, dtype (safetensors spelling), shape and size.
 
-    file: str
+    ``file`` is None for a tensor a shard directory does not hold (yet).
+    """
+
+    file: str | None
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
@@ -58,13 +66,50 @@ class ModelInfo:
     norm_bytes: int
     head_bytes: int  # bytes the last shard holds for the output head (embedding bytes when tied)
     tie_word_embeddings: bool
-    total_bytes: int  # bytes of all weight tensors on disk
+    total_bytes: int  # bytes of all weight tensors of the model (each once)
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     activation_dtype: str  # dtype of hidden states between shards: float16, bfloat16 or float32
     kv_bytes_per_token_per_layer: int  # keys + values of one token in one layer
     tensor_index: dict[str, TensorEntry] = field(repr=False, compare=False)
     config: dict[str, Any] = field(repr=False, compare=False)
+    local_bytes: int = 0  # bytes of weight tensors present in this directory
+    manifest: ModelManifest | None = field(default=None, repr=False, compare=False)
+    """The authoritative manifest of a shard directory (None for a full directory)."""
+
+    @property
+    def partial(self) -> bool:
+        """Whether this directory lacks some of the model's tensors."""
+        return self.local_bytes < self.total_bytes
+
+    def shard_tensors(self, start: int, end: int) -> list[str]:
+        """Names (sorted) of the tensors a shard of layers ``[start, end)`` loads."""
+        n = self.num_layers
+        if not 0 <= start < end <= n:
+            raise ModelError(f"layer range [{start}, {end}) is outside {self.name} (0..{n - 1})")
+        prefixes = [f"model.layers.{i}." for i in range(start, end)]
+        if start == 0 or (end == n and self.tie_word_embeddings):
+            prefixes.append("model.embed_tokens.")
+        if end == n:
+            prefixes.append("model.norm.")
+            if not self.tie_word_embeddings:
+                prefixes.append("lm_head.")
+        return sorted(k for k in self.tensor_index if k.startswith(tuple(prefixes)))
+
+    def missing(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` this directory does not hold."""
+        return [n for n in names if self.tensor_index[n].file is None]
+
+    def complete_ranges(self) -> list[tuple[int, int]]:
+        """Maximal layer ranges whose shard tensors are all here (what this node can serve)."""
+        if self.manifest is None:
+            return [(0, self.num_layers)]
+        return self.manifest.complete_ranges(
+            [k for k, t in self.tensor_index.items() if t.file is not None])
+
+    def holds(self, start: int, end: int) -> bool:
+        """Whether every tensor of a shard of layers ``[start, end)`` is here."""
+        return not self.missing(self.shard_tensors(start, end))
 
     def shard_bytes(self, start: int, end: int) -> int:
         """Weight bytes a shard holding layers ``[start, end)`` loads."""
@@ -128,7 +173,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
             dtype = meta["dtype"]
             shape = tuple(int(d) for d in meta["shape"])
             begin, end = (int(x) for x in meta["data_offsets"])
-            itemsize = _DTYPE_SIZES[dtype]
+            itemsize = DTYPE_SIZES[dtype]
         except (KeyError, TypeError, ValueError):
             raise ModelError(f"{path}: bad header entry for tensor {name!r}", hint=hint) from None
         count = 1
@@ -142,7 +187,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
     return out
 
 
-def _weight_files(path: Path) -> list[Path]:
+def _weight_files(path: Path, shard: bool = False) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         data = _read_json(index, "the index of the weight files")
@@ -153,7 +198,7 @@ def _weight_files(path: Path) -> list[Path]:
                              hint="re-import or re-copy the model directory") from None
         return [path / n for n in names]
     files = sorted(path.glob("model*.safetensors"))
-    if not files:
+    if not files and not shard:
         raise ModelError(f"no weight files (model*.safetensors) in {path}",
                          hint="re-import or re-copy the model directory")
     return files
@@ -201,9 +246,14 @@ def inspect_model(path: Path) -> ModelInfo:
     if num_layers < 1:
         raise ModelError(f"{path / 'config.json'}: num_hidden_layers is {num_layers}")
 
+    shard = is_shard_dir(path)
     tensors: dict[str, TensorEntry] = {}
-    for f in _weight_files(path):
+    for f in _weight_files(path, shard):
         tensors.update(read_safetensors_header(f))
+    manifest = None
+    if shard:
+        manifest = read_manifest_file(path, strict=True).model  # type: ignore[union-attr]
+        tensors = _with_manifest(path, tensors, manifest, num_layers, config)
 
     tied = bool(config.get("tie_word_embeddings", True))
     if not tied and "lm_head.weight" not in tensors:
@@ -255,4 +305,36 @@ def inspect_model(path: Path) -> ModelInfo:
         eos_token_ids=eos, bos_token_id=config.get("bos_token_id"), activation_dtype=act,
         kv_bytes_per_token_per_layer=2 * kv_heads * head_dim * act_size,
         tensor_index=tensors, config=config,
+        local_bytes=sum(t.nbytes for t in tensors.values() if t.file is not None),
+        manifest=manifest,
     )
+
+
+def _with_manifest(path: Path, present: dict[str, TensorEntry], manifest: ModelManifest,
+                   num_layers: int, config: dict[str, Any]) -> dict[str, TensorEntry]:
+    """A shard directory's tensors: every one of the manifest, with the files of those here."""
+    where = path / MANIFEST_FILE
+    hint = ("the directory changed since its tensors were fetched; remove it "
+            "(`ringctl model rm`) and let the node fetch them again")
+    if manifest.num_layers != num_layers:
+        raise ModelError(f"{where} lists {manifest.num_layers} layers, config.json says "
+                         f"{num_layers}", hint=hint)
+    if manifest.tied != bool(config.get("tie_word_embeddings", True)):
+        raise ModelError(f"{where}: the output head is {'' if manifest.tied else 'not '}tied "
+                         "to the embedding, config.json says otherwise", hint=hint)
+    out: dict[str, TensorEntry] = {}
+    for name, spec in manifest.tensors.items():
+        got = present.get(name)
+        if got is None:
+            out[name] = TensorEntry(None, spec.dtype, spec.shape, spec.size)
+        elif (got.dtype, got.shape, got.nbytes) != (spec.dtype, spec.shape, spec.size):
+            raise ModelError(f"{path / str(got.file)}: tensor {name!r} is {got.dtype} "
+                             f"{list(got.shape)}, the manifest says {spec.dtype} "
+                             f"{list(spec.shape)}", hint=hint)
+        else:
+            out[name] = got
+    extra = sorted(set(present) - set(out))
+    if extra:
+        raise ModelError(f"{path}: its weight files hold tensors the manifest does not list "
+                         f"(e.g. {', '.join(extra[:3])})", hint=hint)
+    return out

@@ -96,6 +96,36 @@ def resolve_model(store: Path, name: str) -> Path:
                           "`ringctl model import FILE.gguf`")
 
 
+def remove_model(store: Path, name: str) -> None:
+    """Remove model ``name`` (whole or shard directory) from the store: renamed out of the
+    way first (so it vanishes at once), then deleted. Refused while a process fills it."""
+    _check_name(name)
+    store = Path(store)
+    with _store_lock(store):
+        d = store / name
+        if not d.is_dir():
+            names = ", ".join(m.name for m in list_models(store)) or "nothing"
+            raise ModelError(f"model {name!r} is not in the store {store} (it holds: {names})",
+                             hint="list the store with `ringctl model list`")
+        lock = d / ".partial" / ".lock"
+        with contextlib.ExitStack() as stack:
+            if lock.exists():  # a shard directory: held (until renamed) so no one fills it
+                f = stack.enter_context(lock.open("a"))
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    raise ModelError(f"{d} is being filled by a running process",
+                                     hint="stop the ringd that uses it first") from None
+            trash = store / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+            try:
+                d.rename(trash)
+            except OSError as e:
+                raise ModelError(f"cannot remove {d}: {e}",
+                                 hint="the model store must be writable") from None
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("removed model %s from %s", name, store)
+
+
 @contextlib.contextmanager
 def _store_lock(store: Path) -> Iterator[None]:
     store.mkdir(parents=True, exist_ok=True)

@@ -69,8 +69,9 @@ def test_built_on_first_use_atomically_then_reused(model_copy: Path,
     assert sorted(seen) == files and (model_copy / MANIFEST_FILE).is_file()
     assert [p.name for p in model_copy.iterdir() if p.name.startswith(".")] == []  # no temp file
     data = json.loads((model_copy / MANIFEST_FILE).read_text())
-    assert data["version"] == 1 and sorted(data["files"]) == files
-    assert len(m.tensors) == sum(len(f["tensors"]) for f in data["files"].values())
+    assert data["version"] == 2 and sorted(data["local"]["files"]) == files
+    assert data["local"]["kind"] == "full" and data["model_id"] == m.model_id
+    assert len(m.tensors) == sum(len(f["tensors"]) for f in data["local"]["files"].values())
     seen.clear()
     manifest._cache.clear()  # as a new process would: read from the file, nothing hashed
     assert load_manifest(model_copy).tensors == m.tensors and seen == []
@@ -92,6 +93,7 @@ def test_a_changed_file_is_hashed_again_and_changes_only_its_layers(
     after = load_manifest(model_copy)
     assert seen == [path.name]  # only the changed file
     assert after.tensors[a] == before.tensors[b] != before.tensors[a]
+    assert after.model_id != before.model_id  # a full directory whose bytes changed: a new model
     assert {k for k in after.tensors if after.tensors[k] != before.tensors[k]} == {a}
     assert after.expected(info, 0, 2) == fps[(0, 2)] and after.expected(info, 4, 6) == fps[(4, 6)]
     assert after.expected(info, 2, 4) != fps[(2, 4)]
@@ -102,7 +104,7 @@ def test_a_damaged_manifest_is_rebuilt(model_copy: Path) -> None:
     manifest._cache.clear()
     (model_copy / MANIFEST_FILE).write_text("{not json")
     assert load_manifest(model_copy).tensors == good
-    assert json.loads((model_copy / MANIFEST_FILE).read_text())["version"] == 1
+    assert json.loads((model_copy / MANIFEST_FILE).read_text())["version"] == 2
 
 
 def test_a_truncated_weight_file_is_a_model_error(model_copy: Path) -> None:
@@ -143,3 +145,59 @@ def test_import_writes_the_manifest(tiny_model_dir: Path, tmp_path: Path,
     manifest._cache.clear()
     load_manifest(out)
     assert seen == []  # valid after the rename into the store
+
+
+def test_model_id_names_the_bytes_not_the_directory(model_copy: Path, tmp_path: Path) -> None:
+    """Same tensors split over other files, in a directory of another name: the same id."""
+    from tests.conftest import build_tiny_model
+
+    m = load_manifest(model_copy)
+    other = build_tiny_model(tmp_path / "elsewhere", quantized=False, max_file_bytes=2_000_000)
+    assert {p.name for p in other.glob("*.safetensors")} != {
+        p.name for p in model_copy.glob("*.safetensors")}
+    assert load_manifest(other).model_id == m.model_id
+    assert set(m.model.files) == {"config.json", "tokenizer.json", "tokenizer_config.json"}
+    # the config is part of the identity
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-6
+    (other / "config.json").write_text(json.dumps(cfg))
+    assert load_manifest(other).model_id != m.model_id
+
+
+def test_a_version_1_manifest_is_upgraded_without_hashing_again(
+        model_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = load_manifest(model_copy)
+    data = json.loads((model_copy / MANIFEST_FILE).read_text())
+    (model_copy / MANIFEST_FILE).write_text(json.dumps(
+        {"version": 1, "files": data["local"]["files"]}))
+    manifest._cache.clear()
+    seen = _counting(monkeypatch)
+    again = load_manifest(model_copy)
+    assert seen == [] and again.model_id == m.model_id
+    assert json.loads((model_copy / MANIFEST_FILE).read_text())["version"] == 2
+
+
+def test_fingerprints_from_the_manifest_alone(model_copy: Path) -> None:
+    """A directory holding only the manifest, config and tokenizer plans and checks others."""
+    from ringd.compute.manifest_file import KIND_SHARD, ManifestFile, write_manifest_file
+
+    info = inspect_model(model_copy)
+    m = load_manifest(model_copy)
+    bare = model_copy.parent / "bare"
+    bare.mkdir()
+    for f in m.model.files:
+        shutil.copy2(model_copy / f, bare / f)
+    write_manifest_file(bare, ManifestFile(m.model, KIND_SHARD))
+    binfo = inspect_model(bare)
+    assert binfo.partial and binfo.local_bytes == 0 and not binfo.holds(0, 1)
+    for k in ("layer_bytes", "embed_bytes", "norm_bytes", "head_bytes", "total_bytes",
+              "kv_bytes_per_token_per_layer", "activation_dtype", "num_layers"):
+        assert getattr(binfo, k) == getattr(info, k), k
+    bm = load_manifest(bare)
+    assert bm.kind == "shard" and bm.model_id == m.model_id
+    for r in [(0, 2), (2, 5), (5, 6)]:
+        assert bm.expected(None, *r) == m.expected(info, *r)
+        assert expected_tensors(binfo, *r) == expected_tensors(info, *r)
+    with pytest.raises(ModelError, match="does not hold|has none") as err:
+        ShardEngine.load(bare, 0, 2, cpu_split=1)
+    assert err.value.hint
