@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
-import importlib
 import logging
 import os
 import signal
-import socket
-import threading
 import time
 from typing import Any, AsyncIterator, Callable
 
@@ -29,6 +26,8 @@ from ringd.core import seal, wire
 from ringd.core.requests import FinishEvent, GenerationRequest, TokenEvent
 from ringd.errors import ConfigError, ModelError, RingdError, UsageError
 from ringd.faults import Faults
+from ringd.net.loop import import_off_loop
+from ringd.net.peers import default_advertise, parse_peer, resolve_peer
 from ringd.status import Status
 from ringd.units import format_size
 
@@ -82,7 +81,7 @@ class Daemon:
 
         self.transport = Transport(s, node_id=self.node_id, key=key, on_message=self._on_message)
         self.port = (await self.transport.start())[1]
-        host = s.advertise_host or _default_advertise(s)
+        host = s.advertise_host or default_advertise(s.bind_host)
         self.addr: Addr = (host, self.port)
         pipeline = Pipeline(self.node_id, info.eos_token_ids, pipeline_config(s, info))
         self.runner = Runner(pipeline, tokenizer=tokenizer, model_name=info.name,
@@ -122,7 +121,7 @@ class Daemon:
             if interval is not None:
                 self._keep(tg.create_task(systemd_watchdog(interval)))
             notify(status="starting")
-            if not await self._import_heavy_modules():
+            if not await import_off_loop(HEAVY_MODULES, self._stopping):
                 log.info("stopped while starting")
                 notify(stopping=True, status="stopped while starting")
                 self._cancel_all()
@@ -131,7 +130,7 @@ class Daemon:
             if self.discovery is not None:
                 await self.discovery.start()
             self.control.timeline["started"] = time.monotonic() - self.control.started
-            seeds = await asyncio.gather(*(asyncio.to_thread(_resolve_peer, p) for p in s.peers))
+            seeds = await asyncio.gather(*(asyncio.to_thread(resolve_peer, p) for p in s.peers))
             self.control.join([a for a in seeds if a is not None], time.monotonic())
             notify(status="waiting for peers")
             main = tg.create_task(self._timer_loop())
@@ -141,43 +140,6 @@ class Daemon:
             await self._shutdown()
             main.cancel()
             self._cancel_all()
-
-    async def _import_heavy_modules(self) -> bool:
-        """Import MLX and friends off the loop (the watchdog keeps pinging, the stall detector
-        stays quiet), in a daemon thread so a SIGTERM meanwhile ends the process at once.
-        False when a stop came first."""
-        loop = asyncio.get_running_loop()
-        imported: asyncio.Future[None] = loop.create_future()
-
-        def work() -> None:
-            error: BaseException | None = None
-            try:
-                for module in HEAVY_MODULES:
-                    importlib.import_module(module)
-            except BaseException as e:  # raised on the loop
-                error = e
-
-            def deliver() -> None:
-                if imported.done():
-                    return
-                if error is not None:
-                    imported.set_exception(error)
-                else:
-                    imported.set_result(None)
-
-            try:
-                loop.call_soon_threadsafe(deliver)
-            except RuntimeError:
-                pass  # the loop is closed: we stopped while importing
-
-        threading.Thread(target=work, name="ringd-import", daemon=True).start()
-        stop_wait = asyncio.ensure_future(self._stopping.wait())
-        await asyncio.wait((imported, stop_wait), return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
-        if not imported.done():
-            return False
-        imported.result()
-        return True
 
     async def _stall(self, after: float) -> None:
         """Test hook: block the event loop for good ``after`` seconds once the ring is ready,
@@ -292,35 +254,6 @@ class NodeBackend:
         return node_status(self.daemon)
 
 
-def parse_peer(text: str) -> Addr:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"static peer {text!r} is not host:port",
-                          hint="write e.g. 192.168.1.20:7411")
-    return host.strip("[]"), int(port)
-
-
-def _resolve_peer(text: str) -> Addr | None:
-    """A static peer as an IP address (membership keys peers by address); None if unresolvable."""
-    host, port = parse_peer(text)
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except socket.gaierror as e:
-        log.warning("static peer %s: cannot resolve %s (%s); skipping it", text, host, e.strerror)
-        return None
-    ipv4 = [i for i in infos if i[0] == socket.AF_INET]
-    return (ipv4 or infos)[0][4][0], port
-
-
-def _default_advertise(s: Settings) -> str:
-    if s.bind_host not in ("0.0.0.0", "::", ""):
-        return s.bind_host
-    from ringd.net.discovery import local_addresses
-
-    addrs = local_addresses()
-    return addrs[0] if addrs else "127.0.0.1"
-
-
 # ---------------------------------------------------------------------- entry point
 async def _amain(settings: Settings, state: Any, faults: Faults) -> None:
     daemon = Daemon(settings, state, faults)
@@ -372,7 +305,7 @@ def run_node(settings: Settings, *, echo: Callable[[str], None]) -> int:
         from ringd.net.loop import run as run_loop
 
         for peer in settings.peers:
-            parse_peer(peer)
+            parse_peer(peer)  # a typo fails the start, with the peer named
         run_loop(_amain(settings, state, faults))
     except (RingdError, ExceptionGroup) as exc:
         errors = _ringd_errors(exc)

@@ -51,13 +51,13 @@ I31 = (1 << 31) - 1
 #: ``bad_mac`` tag check failed (wrong key or tampered); ``replay`` a sequence number seen
 #: before, or from an older session of the node (network duplicates land here too);
 #: ``wrong_cluster`` another cluster's key; ``bad_version`` another wire/protocol version;
-#: ``stale_epoch`` an Activation/Token of another plan epoch; ``truncated``, ``oversize``,
-#: ``unknown_type``, ``malformed`` bad lengths, types or fields; ``overflow`` a bounded
+#: ``truncated``, ``oversize``, ``unknown_type``, ``malformed`` bad lengths, types or
+#: fields; ``overflow`` a bounded
 #: queue or buffer was full (the sender retransmits); ``expired`` a packet's segments did
 #: not all arrive in time; ``abandoned`` a frame the sender gave up on (moved to TCP) or
 #: that the gap timeout skipped.
 DROP_REASONS = (
-    "bad_mac", "replay", "wrong_cluster", "bad_version", "stale_epoch", "truncated",
+    "bad_mac", "replay", "wrong_cluster", "bad_version", "truncated",
     "oversize", "unknown_type", "malformed", "overflow", "expired", "abandoned",
 )
 
@@ -414,11 +414,11 @@ def encode_bytes(msg: Message) -> bytes:
     return b"".join((head, body))
 
 
-def decode(data: Buffer, *, epoch: int | None = None) -> Message:
+def decode(data: Buffer) -> Message:
     """Decode one message; raises :class:`Dropped`. Tensor data is a view into ``data``.
 
-    ``epoch``: when set, Activation and Token messages of any other plan epoch are dropped
-    (``stale_epoch``).
+    Which plan epoch a message belongs to is the request path's business
+    (:class:`ringd.core.pipeline.Pipeline` checks it once, on arrival).
     """
     mv = memoryview(data)
     if mv.format != "B" or mv.ndim != 1:
@@ -449,8 +449,6 @@ def decode(data: Buffer, *, epoch: int | None = None) -> Message:
         if cls is Activation:
             if len(meta) != 11 or type(meta[7]) is not tuple or len(meta[7]) != 6:
                 raise LocalProtocolError("Activation needs 11 fields")
-            if epoch is not None and meta[3] != epoch:
-                raise Dropped("stale_epoch", f"epoch {meta[3]!r}, current {epoch}")
             t, p, k, seed, m, logits = meta[7]
             sampling = SamplingParams(t, p, k, seed, m, (), logits)
             return Activation(*meta[:7], sampling, meta[8], Tensor(meta[9], meta[10], body))
@@ -462,8 +460,6 @@ def decode(data: Buffer, *, epoch: int | None = None) -> Message:
             # 7 fields and no body, or 9 (logits dtype and shape) with the logits as the body
             if len(meta) not in (7, 9) or (len(meta) == 7 and len(body)):
                 raise LocalProtocolError("Token needs 7 fields and no body, or 9 and its logits")
-            if epoch is not None and meta[2] != epoch:
-                raise Dropped("stale_epoch", f"epoch {meta[2]!r}, current {epoch}")
             return Token(*meta[:7], Tensor(meta[7], meta[8], body) if len(meta) == 9 else None)
         if len(meta) != len(_FIELDS[cls]) or len(body):
             raise LocalProtocolError(f"{cls.__name__} needs {len(_FIELDS[cls])} fields and no body")

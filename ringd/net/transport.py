@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 
 Addr = tuple[str, int]
 OnMessage = Callable[[str, Addr, Message], None]
-#: Gets the Activation or Token of another plan epoch that the epoch filter dropped.
-OnStale = Callable[[str, Addr, Message], None]
 
 
 def stream_of(msg: Message) -> int:
@@ -53,14 +51,12 @@ class Transport:
 
     def __init__(self, settings: Settings, *, node_id: str, key: bytes, on_message: OnMessage,
                  on_channel_change: Callable[[Addr, str], None] | None = None,
-                 on_stale: OnStale | None = None,
                  reliable: ReliableConfig | None = None, max_tcp_frame: int = TCP_MAX_FRAME,
                  udp_retry: float = 30.0, udp_offload: bool = True) -> None:
         self.settings = settings
         self.node_id = node_id
         self._on_message = on_message
         self._on_channel_change = on_channel_change
-        self._on_stale = on_stale
         session = new_session(time.time_ns() // 1_000_000, int.from_bytes(os.urandom(2), "little"))
         self.sealer = Sealer(key, node_id, session, encrypt=settings.encrypt)
         self.counters = wire.new_counters()
@@ -72,7 +68,6 @@ class Transport:
         self._max_tcp_frame = max_tcp_frame
         self._udp_retry = udp_retry
         self._udp_offload = udp_offload
-        self._epoch: int | None = None
         self._tcp_until: dict[Addr, float] = {}  # peers moved to TCP, until when
         self.udp: UdpChannel | None = None
         self.tcp: TcpChannel | None = None
@@ -107,10 +102,6 @@ class Transport:
             await self.tcp.close()
 
     # ---------------------------------------------------------------- API
-    def set_epoch(self, epoch: int | None) -> None:
-        """Drop Activation and Token messages of any other plan epoch (None: accept all)."""
-        self._epoch = epoch
-
     def send(self, addr: Addr, msg: Message, *, reliable: bool = True) -> None:
         """Queue ``msg`` for ``addr`` (``(ip, port)``). Never blocks; loop thread only.
 
@@ -153,7 +144,7 @@ class Transport:
         return {
             "address": f"{self.local_addr[0]}:{self.local_addr[1]}" if self.local_addr else None,
             "encrypt": self.sealer.encrypt, "cluster_id": self.sealer.cluster_id,
-            "epoch": self._epoch, "delivered": self.delivered, "drops": dict(self.counters),
+            "delivered": self.delivered, "drops": dict(self.counters),
             "udp": udp, "tcp": self.tcp.stats() if self.tcp else {},
             "on_tcp": sorted(f"{a[0]}:{a[1]}" for a, t in self._tcp_until.items() if t > now),
         }
@@ -186,16 +177,9 @@ class Transport:
 
     def _on_frame(self, sender: str, addr: Addr, data: wire.Buffer) -> None:
         try:
-            msg = wire.decode(data, epoch=self._epoch)
+            msg = wire.decode(data)
         except wire.Dropped as e:
             self.counters[e.reason] += 1
-            if e.reason == "stale_epoch" and self._on_stale is not None:
-                # rare: decoded again, whole, so the sender can be told why (not a silent drop)
-                try:
-                    stale = wire.decode(data)
-                except wire.Dropped:  # malformed too: counted once, as stale
-                    return
-                self._on_stale(sender, addr, stale)
             return
         self.delivered += 1
         self._on_message(sender, addr, msg)

@@ -1,4 +1,4 @@
-"""Wire format: message round trips, rejections, the epoch filter and the field rules."""
+"""Wire format: message round trips, rejections and the field rules."""
 
 from __future__ import annotations
 
@@ -157,24 +157,12 @@ def test_decoder_rejections() -> None:
     assert _reason(_raw(4, tok + ["float32", [MAX_DIM + 1]], bytes(4))) == "malformed"
 
 
-def test_epoch_filter() -> None:
-    t = Tensor("int32", (1,), bytes(4))
-    act = encode_bytes(Activation("r", 1, 2, 7, 0, 4, "n", SamplingParams(), True, t))
-    tok = encode_bytes(Token("r", 1, 7, 5, 0, 4))
-    gossip = encode_bytes(Gossip(b"g"))
-    assert decode(act, epoch=7).epoch == 7 and decode(tok, epoch=7).epoch == 7
-    assert _reason(act, epoch=8) == "stale_epoch"
-    assert _reason(tok, epoch=6) == "stale_epoch"
-    assert decode(gossip, epoch=8) == Gossip(b"g")
-    assert decode(act, epoch=None).epoch == 7
-
-
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_fuzz_message_decoder(blob: bytes) -> None:
     for data in (blob, bytes([3]) + blob, struct.pack("<BI", 3, len(blob)) + blob):
         try:
-            decode(data, epoch=1)
+            decode(data)
         except Dropped as e:
             assert e.reason in wire.DROP_REASONS
 

@@ -18,7 +18,7 @@ from ringd.client import Client
 from ringd.compute.model_info import inspect_model
 from ringd.compute.tokenizer import Tokenizer
 from ringd.errors import RequestError
-from tests.integration.rings import (by_name, reference_tokens, ring_for, stream, text, token_ids,
+from tests.integration.rings import (reference_tokens, ring_for, stream, text, token_ids,
                                      without_eos)
 
 PROMPTS = ["What is the capital of France?", "Each node holds a contiguous block", "def add(a, b):"]
