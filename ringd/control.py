@@ -52,7 +52,7 @@ class RingControl:
     def __init__(self, settings: Settings, node_id: str, addr: Addr, *, info: Any,
                  usable: int, total: int, http_port: int, state: Any, transport: Transport,
                  loader: ShardLoader, runner: Runner, spawn: Callable[[Any], asyncio.Task[Any]],
-                 fault: Fault | None = None) -> None:
+                 served: tuple[Any, Any], fault: Fault | None = None) -> None:
         self.settings = settings
         self.node_id = node_id
         self.info = info
@@ -62,6 +62,7 @@ class RingControl:
         self.loader = loader
         self.runner = runner
         self.fault = fault
+        self.served = served  # (ServedModel, Tokenizer) of the model this node serves
         self._spawn = spawn
         self._load_task: asyncio.Task[Any] | None = None
         self.ring_fingerprint: str | None = None  # while serving
@@ -199,7 +200,8 @@ class RingControl:
         if self.fault is Fault.STALE_EPOCH:  # test hook: route with the previous epoch
             route = Route(max(0, route.epoch - 1), route.stages, route.num_layers)
         names = {m.node_id: m.name for m in members.values() if m.name}
-        self.runner.serve(route, self.loader.compute_for(plan, self.node_id), names)
+        self.runner.serve(route, self.loader.compute_for(plan, self.node_id), names,
+                          *self.served)
         mine = plan.assignment(self.node_id)
         where = f"layers {mine.start}-{mine.end - 1}" if mine else "no layers (entry only)"
         log.info("ring ready: plan %s epoch %d, %d nodes, %s here", plan.hash[:8], plan.epoch,

@@ -62,7 +62,7 @@ class Daemon:
         from ringd.keys import load_or_create_key
         from ringd.net.api import ApiServer
         from ringd.net.transport import Transport
-        from ringd.runner import Runner, pipeline_config
+        from ringd.runner import Runner, pipeline_config, served_model
         from ringd.shard import ShardLoader
 
         s = self.settings
@@ -83,10 +83,10 @@ class Daemon:
         self.port = (await self.transport.start())[1]
         host = s.advertise_host or default_advertise(s.bind_host)
         self.addr: Addr = (host, self.port)
-        pipeline = Pipeline(self.node_id, info.eos_token_ids, pipeline_config(s, info))
-        self.runner = Runner(pipeline, tokenizer=tokenizer, model_name=info.name,
-                             executor=executor, send=self._send,
-                             not_ready_reason=lambda: self.control.not_ready_reason())
+        pipeline = Pipeline(self.node_id, pipeline_config(s))
+        self.runner = Runner(pipeline, executor=executor, send=self._send,
+                             not_ready_reason=lambda: self.control.not_ready_reason(),
+                             active_model=lambda: info.name)
         self.loader = ShardLoader(s, model_dir, info, executor, self.faults.fault)
         self.api = ApiServer(NodeBackend(self), host=s.http_host, port=s.http_port,
                              api_key=s.api_key, on_shutdown=self.request_stop)
@@ -95,6 +95,7 @@ class Daemon:
                                    total=total, http_port=self.http_port, state=self.state,
                                    transport=self.transport, loader=self.loader,
                                    runner=self.runner, spawn=self._spawn,
+                                   served=(served_model(s, info), tokenizer),
                                    fault=self.faults.fault)
         self.discovery = None
         if s.mdns:

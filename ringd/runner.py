@@ -25,7 +25,7 @@ from ringd.compute.tokenizer import Tokenizer
 from ringd.core import wire
 from ringd.config import Settings
 from ringd.core.pipeline import (Compute, Deliver, EntryRequest, Free, Pipeline, PipelineConfig,
-                                 Send, StepResult)
+                                 Send, ServedModel, StepResult)
 from ringd.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from ringd.core.route import Route, prefill_chunk_tokens
 from ringd.core.stream import TCP_MAX_FRAME
@@ -38,8 +38,14 @@ SendFn = Callable[[str, wire.Message], None]
 RATE_MIN_TOKENS = 16  # shorter requests give too noisy a decode rate to judge against the ceiling
 
 
-def pipeline_config(settings: Settings, info: Any) -> PipelineConfig:
-    """The pipeline's settings for a model (``info``: its hidden size and activation dtype).
+def pipeline_config(settings: Settings) -> PipelineConfig:
+    return PipelineConfig(max_concurrent=settings.max_concurrent,
+                          max_context=settings.max_context,
+                          request_timeout=settings.request_timeout)
+
+
+def served_model(settings: Settings, info: Any) -> ServedModel:
+    """What the request path needs of a model (``info``: a ModelInfo).
 
     Prefill chunks are lowered so that one chunk's hidden states fit one frame (a peer
     refuses larger ones), with one warning.
@@ -52,9 +58,7 @@ def pipeline_config(settings: Settings, info: Any) -> PipelineConfig:
                     "peer accepts: prompts go in chunks of %d tokens", settings.prefill_chunk,
                     settings.prefill_chunk * info.hidden_size * item >> 20,
                     TCP_MAX_FRAME >> 20, chunk)
-    return PipelineConfig(max_concurrent=settings.max_concurrent,
-                          max_context=settings.max_context, prefill_chunk=chunk,
-                          request_timeout=settings.request_timeout)
+    return ServedModel(info.name, frozenset(info.eos_token_ids), chunk)
 
 
 @dataclasses.dataclass
@@ -67,12 +71,13 @@ class _Opened:
 class Runner:
     """One node's request path on the event loop; loop thread only."""
 
-    def __init__(self, pipeline: Pipeline, *, tokenizer: Tokenizer, model_name: str,
-                 executor: concurrent.futures.Executor, send: SendFn,
-                 not_ready_reason: Callable[[], str] = lambda: "the ring is not ready") -> None:
+    def __init__(self, pipeline: Pipeline, *, executor: concurrent.futures.Executor,
+                 send: SendFn,
+                 not_ready_reason: Callable[[], str] = lambda: "the ring is not ready",
+                 active_model: Callable[[], str | None] = lambda: None) -> None:
         self.pipeline = pipeline
-        self.tokenizer = tokenizer
-        self.model_name = model_name
+        self.tokenizer: Tokenizer | None = None  # the served model's, while serving
+        self.active_model = active_model  # the ring's model setting, while not serving
         self.executor = executor
         self.send = send
         self.not_ready_reason = not_ready_reason
@@ -87,10 +92,12 @@ class Runner:
         self._compute_seconds = 0.0
 
     # ---------------------------------------------------------------- serving control
-    def serve(self, route: Route, compute: StageCompute | None, names: dict[str, str]) -> None:
-        """Run requests on ``route`` with this node's shard (None: an entry-only node)."""
-        self.compute = compute
-        self.pipeline.serve(route, compute.layers if compute is not None else None, names)
+    def serve(self, route: Route, compute: StageCompute | None, names: dict[str, str],
+              model: ServedModel, tokenizer: Tokenizer) -> None:
+        """Run requests of ``model`` on ``route`` with this node's shard (None: an entry-only
+        node)."""
+        self.compute, self.tokenizer = compute, tokenizer
+        self.pipeline.serve(route, compute.layers if compute is not None else None, names, model)
         stage = route.stage_of(self.pipeline.node_id)
         log.info("serving plan epoch %d %s", route.epoch,
                  f"as layers [{stage.start}, {stage.end})" if stage else "as an entry only")
@@ -177,7 +184,10 @@ class Runner:
 
     # ---------------------------------------------------------------- entry role
     def served_models(self) -> list[str]:
-        return [self.model_name]
+        """The model requests run on; while not serving, the one the ring is setting up."""
+        model = self.pipeline.model
+        name = model.name if model is not None else self.active_model()
+        return [name] if name else []
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
         return self._generate(request)
@@ -185,11 +195,11 @@ class Runner:
     async def _generate(self, request: GenerationRequest
                         ) -> AsyncIterator[TokenEvent | FinishEvent]:
         started = time.monotonic()
-        self._check_admission()
-        ids = await asyncio.to_thread(self._encode, request)
-        with self._opened(ids, request.params) as opened:
-            stream = TextStream(self.tokenizer.new_decoder(), request.params.stop,
-                                self.pipeline.eos, started)
+        model, tokenizer = self._check_admission()
+        ids = await asyncio.to_thread(self._encode, request, tokenizer)
+        with self._opened(ids, request.params, model) as opened:
+            stream = TextStream(tokenizer.new_decoder(), request.params.stop, model.eos,
+                                started)
             while True:
                 token = await self._next(opened)
                 event, done = stream.feed(token.token_id, token.finish_reason, time.monotonic())
@@ -211,14 +221,15 @@ class Runner:
         Returns the prompt's token ids, the tokens, their float32 logits (base64 of the raw
         little-endian bytes), and the route the request took (node ids, names, layers).
         """
-        self._check_admission()
-        ids = await asyncio.to_thread(self._encode, GenerationRequest(prompt=prompt))
+        model, tokenizer = self._check_admission()
+        ids = await asyncio.to_thread(self._encode, GenerationRequest(prompt=prompt), tokenizer)
         limit = self.pipeline.config.max_context
         if len(ids) + steps > limit:
             raise RequestError("context_length", f"{len(ids)} prompt tokens + {steps} steps "
                                f"exceed max_context ({limit})", hint="ask for fewer steps")
         tokens: list[wire.Token] = []
-        with self._opened(ids, SamplingParams(max_tokens=steps, want_logits=True)) as opened:
+        sampling = SamplingParams(max_tokens=steps, want_logits=True)
+        with self._opened(ids, sampling, model) as opened:
             while not tokens or not tokens[-1].finished:
                 tokens.append(await self._next(opened))
             opened.done = True
@@ -228,7 +239,7 @@ class Runner:
                                hint="every node must run the same ringd version")
         route, names = opened.entry.route, self.pipeline.names
         return {
-            "model": self.model_name, "epoch": route.epoch, "prompt_ids": ids,
+            "model": model.name, "epoch": route.epoch, "prompt_ids": ids,
             "tokens": [t.token_id for t in tokens],
             "logits": [base64.b64encode(t.logits.data).decode()
                        for t in tokens if t.logits is not None],
@@ -236,8 +247,9 @@ class Runner:
                         "start": st.start, "end": st.end} for st in route.stages],
         }
 
-    def _check_admission(self) -> None:
-        """Refuse early (before tokenizing) what :meth:`Pipeline.open` would refuse."""
+    def _check_admission(self) -> tuple[ServedModel, Tokenizer]:
+        """Refuse early (before tokenizing) what :meth:`Pipeline.open` would refuse; the
+        served model and its tokenizer."""
         try:
             self.pipeline.check_admission()
         except RequestError as e:
@@ -245,17 +257,23 @@ class Runner:
                 raise
             raise RequestError("not_ready", f"the ring is not ready: {self.not_ready_reason()}",
                                hint=e.hint) from None
+        assert self.pipeline.model is not None and self.tokenizer is not None
+        return self.pipeline.model, self.tokenizer
 
     @contextlib.contextmanager
-    def _opened(self, ids: list[int], sampling: SamplingParams) -> Iterator[_Opened]:
-        """A request with this node as its entry, ended on every node of its route when it
-        stops, whichever way it stops."""
+    def _opened(self, ids: list[int], sampling: SamplingParams,
+                model: ServedModel) -> Iterator[_Opened]:
+        """A request of ``model`` (its prompt tokenized for it) with this node as its entry,
+        ended on every node of its route when it stops, whichever way it stops."""
         rid = uuid.uuid4().hex
         queue: asyncio.Queue[wire.Token | RequestError] = asyncio.Queue()
         self._queues[rid] = queue
         self.idle.clear()
         opened: _Opened | None = None
         try:
+            if self.pipeline.model is not model:
+                raise RequestError("not_ready", "the ring switched to another model while "
+                                   "this request started", hint="send it again")
             entry = self.pipeline.open(rid, ids, sampling, time.monotonic())
             opened = _Opened(entry, queue)
             self.flush()
@@ -274,10 +292,10 @@ class Runner:
             raise item
         return item
 
-    def _encode(self, request: GenerationRequest) -> list[int]:
+    def _encode(self, request: GenerationRequest, tokenizer: Tokenizer) -> list[int]:
         if request.messages is not None:
-            return list(self.tokenizer.encode_chat(list(request.messages)))
-        return list(self.tokenizer.encode(request.prompt or ""))
+            return list(tokenizer.encode_chat(list(request.messages)))
+        return list(tokenizer.encode(request.prompt or ""))
 
     # ---------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from ringd.core.membership import MemberState
 from ringd.core.ringmeta import NodePhase
 from ringd.core.route import Route, Stage
 from ringd.errors import LocalProtocolError, RequestError
-from ringd.runner import Runner, pipeline_config
+from ringd.runner import Runner, pipeline_config, served_model
 from ringd.status import (AssignmentStatus, MemberStatus, ModelStatus, NodeStatus, PlanStatus,
                           Status)
 
@@ -48,12 +48,12 @@ class SoloBackend:
         compute = await loop.run_in_executor(executor, StageCompute.load, self.model_dir, 0,
                                              info.num_layers)
         tokenizer = await asyncio.to_thread(Tokenizer.load, self.model_dir)
-        pipeline = Pipeline(NODE_ID, info.eos_token_ids, pipeline_config(self.settings, info))
-        self.runner = Runner(pipeline, tokenizer=tokenizer, model_name=info.name,
-                             executor=executor, send=_nowhere,
+        pipeline = Pipeline(NODE_ID, pipeline_config(self.settings))
+        self.runner = Runner(pipeline, executor=executor, send=_nowhere,
                              not_ready_reason=lambda: "the model is loading")
         route = Route(0, (Stage(NODE_ID, 0, info.num_layers),), info.num_layers)
-        self.runner.serve(route, compute, {NODE_ID: self.settings.node_name})
+        self.runner.serve(route, compute, {NODE_ID: self.settings.node_name},
+                          served_model(self.settings, info), tokenizer)
         self._phase = "serving"
 
     async def close(self) -> None:

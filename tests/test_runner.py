@@ -11,12 +11,13 @@ import pytest
 
 from ringd.config import Settings
 from ringd.core import wire
-from ringd.core.pipeline import Compute, Filled, Hidden, Pipeline, PipelineConfig, Sampled
+from ringd.core.pipeline import (Compute, Filled, Hidden, Pipeline, PipelineConfig, Sampled,
+                                 ServedModel)
 from ringd.core.requests import GenerationRequest, SamplingParams
 from ringd.core.route import Route, Stage, prefill_chunk_tokens
 from ringd.core.stream import TCP_MAX_FRAME
 from ringd.errors import RequestError
-from ringd.runner import Runner, pipeline_config
+from ringd.runner import Runner, pipeline_config, served_model
 
 
 class Words:
@@ -70,15 +71,22 @@ def solo(executor, shard: Shard, *, cfg: PipelineConfig = PipelineConfig(), sent
         if on_send is not None:
             on_send(msg)
 
-    pipeline = Pipeline("n1", (0,), cfg)
-    return Runner(pipeline, tokenizer=Words(), model_name="m", executor=executor,  # type: ignore
-                  send=send, not_ready_reason=lambda: "node n2 is loading layers 3-5")
+    pipeline = Pipeline("n1", cfg)
+    return Runner(pipeline, executor=executor, send=send,
+                  not_ready_reason=lambda: "node n2 is loading layers 3-5")
+
+
+MODEL = ServedModel("m", frozenset({0}), prefill_chunk=512)
+
+
+def serve(runner: Runner, route: Route, shard) -> None:
+    runner.serve(route, shard, {}, MODEL, Words())  # type: ignore[arg-type]
 
 
 async def test_a_one_stage_ring_streams_text_and_frees_the_cache(executor) -> None:
     shard = Shard((0, 6), last=True)
     runner = solo(executor, shard)
-    runner.serve(Route(1, (Stage("n1", 0, 6),), 6), shard, {})  # type: ignore[arg-type]
+    serve(runner, Route(1, (Stage("n1", 0, 6),), 6), shard)
     events = [ev async for ev in runner.generate(GenerationRequest(
         prompt="w5 w6 w7", params=SamplingParams(max_tokens=3)))]
     assert "".join(e.text for e in events[:-1]) == " w100 w101 w102"
@@ -98,7 +106,7 @@ async def test_the_client_going_away_cancels_on_every_node(executor) -> None:
     runner = solo(executor, shard, sent=sent,
                   on_send=lambda m: forwarded.set() if isinstance(m, wire.Activation) else None)
     route = Route(1, (Stage("n1", 0, 3), Stage("n2", 3, 6)), 6)
-    runner.serve(route, shard, {})  # type: ignore[arg-type]
+    serve(runner, route, shard)
     gen = runner.generate(GenerationRequest(prompt="w1 w2", params=SamplingParams(max_tokens=9)))
     first = asyncio.ensure_future(anext(gen))
     await asyncio.wait_for(forwarded.wait(), 10)  # the prefill computed here went on to n2
@@ -115,7 +123,7 @@ async def test_the_client_going_away_cancels_on_every_node(executor) -> None:
 async def test_a_compute_failure_ends_the_request_with_its_reason(executor) -> None:
     shard = Shard((0, 6), last=True, fail_on=1)
     runner = solo(executor, shard)
-    runner.serve(Route(1, (Stage("n1", 0, 6),), 6), shard, {})  # type: ignore[arg-type]
+    serve(runner, Route(1, (Stage("n1", 0, 6),), 6), shard)
     with pytest.raises(RequestError) as e:
         async for _ in runner.generate(GenerationRequest(prompt="w1", params=SamplingParams())):
             pass
@@ -135,7 +143,7 @@ async def test_the_timer_times_a_silent_request_out(executor) -> None:
     runner = solo(executor, Shard((0, 3), last=False), cfg=PipelineConfig(request_timeout=0.2),
                   sent=[])
     route = Route(1, (Stage("n1", 0, 3), Stage("n2", 3, 6)), 6)
-    runner.serve(route, Shard((0, 3), last=False), {})  # type: ignore[arg-type]
+    serve(runner, route, Shard((0, 3), last=False))
     with pytest.raises(RequestError) as e:
         await asyncio.wait_for(anext(runner.generate(GenerationRequest(prompt="w1"))), 5)
     assert e.value.code == "timeout"
@@ -145,12 +153,13 @@ def test_prompts_go_in_chunks_whose_activations_fit_one_frame(caplog) -> None:
     """prefill_chunk = 4096 on a 405B-shaped model (hidden 16384, bfloat16) would make 128 MiB
     activation frames, which every peer refuses: the chunk is lowered, and a warning says so."""
     info = SimpleNamespace(hidden_size=16384, activation_dtype="bfloat16")
-    cfg = pipeline_config(Settings(prefill_chunk=4096, max_context=8192), info)
+    settings = Settings(prefill_chunk=4096, max_context=8192)
+    model = served_model(settings, SimpleNamespace(**vars(info), name="m", eos_token_ids=(0,)))
     assert "prompts go in chunks of" in caplog.text
     fit = prefill_chunk_tokens(4096, 16384, 2, TCP_MAX_FRAME)
-    assert cfg.prefill_chunk == fit and fit * 16384 * 2 < TCP_MAX_FRAME < 4096 * 16384 * 2
-    p = Pipeline("e", (0,), cfg)
-    p.serve(Route(3, (Stage("n1", 0, 10), Stage("n2", 10, 20)), 20), None, {})
+    assert model.prefill_chunk == fit and fit * 16384 * 2 < TCP_MAX_FRAME < 4096 * 16384 * 2
+    p = Pipeline("e", pipeline_config(settings))
+    p.serve(Route(3, (Stage("n1", 0, 10), Stage("n2", 10, 20)), 20), None, {}, model)
     p.open("r", list(range(5000)), SamplingParams(), 0.0)
     sent = [e.msg for e in p.effects()]
     sizes = [m.tensor.shape[0] for m in sent]

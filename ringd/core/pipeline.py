@@ -57,8 +57,6 @@ class PipelineConfig:
     max_concurrent: int = 8
     #: Longest context (prompt + generated tokens) per request.
     max_context: int = 4096
-    #: Tokens per prefill chunk (already lowered to fit one frame).
-    prefill_chunk: int = 512
     #: Seconds an entry request may wait for its tokens; seconds a stage request may idle.
     request_timeout: float = 300.0
     #: Activations held ahead of their position, per request and in all.
@@ -70,6 +68,16 @@ class PipelineConfig:
     def stage_capacity(self) -> int:
         """Requests whose KV caches may live on this node (entries on every node share it)."""
         return 4 * self.max_concurrent + 8
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the request path needs to know of the model the ring serves."""
+
+    name: str
+    eos: frozenset[int]
+    #: Tokens per prefill chunk (already lowered to fit one frame).
+    prefill_chunk: int = 512
 
 
 # ------------------------------------------------------------------------------ states
@@ -190,12 +198,11 @@ def tokens_tensor(ids: list[int]) -> wire.Tensor:
 class Pipeline:
     """One node's side of every request it takes part in."""
 
-    def __init__(self, node_id: str, eos_token_ids: tuple[int, ...] | frozenset[int],
-                 config: PipelineConfig = PipelineConfig()) -> None:
+    def __init__(self, node_id: str, config: PipelineConfig = PipelineConfig()) -> None:
         self.node_id = node_id
         self.config = config
-        self.eos = frozenset(eos_token_ids)
         self.route: Route | None = None  # set while the ring serves
+        self.model: ServedModel | None = None  # the model served on that route
         self.names: dict[str, str] = {}  # node id -> name, for messages
         self.leaving = False
         self._layers: tuple[int, int] | None = None  # what this node's compute really runs
@@ -213,21 +220,22 @@ class Pipeline:
                          "early_held": 0}
 
     # ---------------------------------------------------------------- serving control
-    def serve(self, route: Route, layers: tuple[int, int] | None,
-              names: dict[str, str] | None = None) -> None:
-        """Run requests on ``route``; ``layers``: the span this node's compute really runs
-        (None: this node holds no layers of the plan and serves as an entry only)."""
+    def serve(self, route: Route, layers: tuple[int, int] | None, names: dict[str, str],
+              model: ServedModel) -> None:
+        """Run requests of ``model`` on ``route``; ``layers``: the span this node's compute
+        really runs (None: this node holds no layers of the plan and serves as an entry
+        only); ``names``: node id -> name, for messages."""
         if self._stages or self._entries:
             self.stop_serving("the ring moved to another plan")
         if (route.stage_of(self.node_id) is None) != (layers is None):
             raise LocalProtocolError(f"node {self.node_id} has layers {layers} but the route "
                                      f"gives it {route.stage_of(self.node_id)}")
-        self.route, self._layers = route, layers
-        self.names = dict(names or {})
+        self.route, self._layers, self.model = route, layers, model
+        self.names = dict(names)
 
     def stop_serving(self, reason: str, *, code: str = "not_ready") -> None:
         """Fail every request this node is the entry of with ``reason``; free every cache."""
-        self.route, self._layers = None, None
+        self.route, self._layers, self.model = None, None, None
         err = RequestError(code, f"the ring stopped serving: {reason}",
                            hint="retry once `ringctl status` shows the ring ready again")
         for entry in self._entries.values():
@@ -247,8 +255,8 @@ class Pipeline:
         """
         cfg = self.config
         self.check_admission()
-        route = self.route
-        assert route is not None
+        route, model = self.route, self.model
+        assert route is not None and model is not None
         if request_id in self._entries or request_id in self._ended:
             raise LocalProtocolError(f"request id {request_id} is already used")
         if not prompt_ids:
@@ -264,7 +272,7 @@ class Pipeline:
         self._entries[request_id] = entry
         wire_sampling = dataclasses.replace(sampling, max_tokens=limit, stop=())
         n = len(prompt_ids)
-        for a, b in chunks(n, cfg.prefill_chunk):
+        for a, b in chunks(n, model.prefill_chunk):
             self._send(route.first.node_id, wire.Activation(
                 request_id, 0, a, route.epoch, 0, 0, self.node_id, wire_sampling, b == n,
                 tokens_tensor(prompt_ids[a:b])), now)
@@ -312,8 +320,8 @@ class Pipeline:
 
     def computed(self, job: Compute, result: StepResult, now: float) -> None:
         rec = self._stages.get(job.request_id)
-        route = self.route
-        if rec is None or route is None or route.epoch != job.epoch:
+        route, model = self.route, self.model
+        if rec is None or route is None or model is None or route.epoch != job.epoch:
             return  # ended, or the plan changed while it ran
         self.counters["steps_computed"] += 1
         rid = job.request_id
@@ -327,7 +335,7 @@ class Pipeline:
         elif isinstance(result, Sampled):
             rec.produced += 1
             limit = rec.sampling.max_tokens
-            reason = ("stop" if result.token_id in self.eos
+            reason = ("stop" if result.token_id in model.eos
                       else "length" if rec.produced >= limit else None)
             token = wire.Token(rid, job.step, job.epoch, result.token_id, 0, job.end, reason,
                                result.logits)

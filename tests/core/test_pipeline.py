@@ -10,7 +10,8 @@ import pytest
 
 from ringd.core import wire
 from ringd.core.pipeline import (Compute, Deliver, EntryState, Filled, Free, Hidden, Pipeline,
-                                 PipelineConfig, Sampled, Send, tokens_tensor)
+                                 PipelineConfig, Sampled, Send, ServedModel,
+                                 tokens_tensor)
 from ringd.core.requests import SamplingParams
 from ringd.core.route import Route, Stage
 from ringd.errors import LocalProtocolError, RequestError
@@ -18,8 +19,8 @@ from ringd.errors import LocalProtocolError, RequestError
 EOS = 0
 HIDDEN = 4
 ROUTE = Route(5, (Stage("a", 0, 2), Stage("b", 2, 4), Stage("c", 4, 6)), 6)
-CFG = PipelineConfig(max_concurrent=2, max_context=64, prefill_chunk=4, request_timeout=10.0,
-                     max_early=3)
+CFG = PipelineConfig(max_concurrent=2, max_context=64, request_timeout=10.0, max_early=3)
+MODEL = ServedModel("m", frozenset({EOS}), prefill_chunk=4)
 
 
 def hidden(n: int) -> wire.Tensor:
@@ -31,10 +32,10 @@ def ids_of(t: wire.Tensor) -> list[int]:
 
 
 def pipeline(node: str, route: Route | None = ROUTE, cfg: PipelineConfig = CFG) -> Pipeline:
-    p = Pipeline(node, (EOS,), cfg)
+    p = Pipeline(node, cfg)
     if route is not None:
         st = route.stage_of(node)
-        p.serve(route, (st.start, st.end) if st else None, {})
+        p.serve(route, (st.start, st.end) if st else None, {}, MODEL)
     return p
 
 
@@ -256,7 +257,7 @@ def test_an_unknown_request_past_position_zero_and_an_ended_one_are_refused():
 
 
 def test_capacity_of_stage_requests_is_bounded():
-    p = pipeline("b", cfg=PipelineConfig(max_concurrent=1, prefill_chunk=4, max_early=3))
+    p = pipeline("b", cfg=PipelineConfig(max_concurrent=1, max_early=3))
     for i in range(p.config.stage_capacity):
         p.receive(act(f"r{i}"), "a", 0.0)
     p.effects()
@@ -275,16 +276,16 @@ def test_a_gap_in_coverage_fails_the_request_naming_the_node():
 
 
 def test_a_node_that_loaded_other_layers_than_its_stage_refuses_to_compute():
-    p = Pipeline("b", (EOS,), CFG)
-    p.serve(ROUTE, (3, 4), {})
+    p = Pipeline("b", CFG)
+    p.serve(ROUTE, (3, 4), {}, MODEL)
     p.receive(act(), "a", 0.0)
     (err,) = of(p.effects(), Send)
     assert err.msg.code == "coverage" and "holds layers [3, 4)" in err.msg.message
 
 
 def test_the_sampling_node_refuses_a_step_that_skipped_layers():
-    p = Pipeline("c", (EOS,), CFG)
-    p.serve(ROUTE, (4, 5), {})  # ran one layer fewer than its stage
+    p = Pipeline("c", CFG)
+    p.serve(ROUTE, (4, 5), {}, MODEL)  # ran one layer fewer than its stage
     p.receive(act(hi=4), "b", 0.0)
     (err,) = of(p.effects(), Send)
     assert err.msg.code == "coverage" and "sample after layers [0, 5)" in err.msg.message
@@ -439,18 +440,18 @@ def test_idle_stage_requests_are_freed_after_request_timeout():
 
 
 def test_serve_checks_that_layers_match_the_route():
-    p = Pipeline("b", (EOS,), CFG)
+    p = Pipeline("b", CFG)
     with pytest.raises(LocalProtocolError):
-        p.serve(ROUTE, None, {})
+        p.serve(ROUTE, None, {}, MODEL)
     with pytest.raises(LocalProtocolError):
-        Pipeline("x", (EOS,), CFG).serve(ROUTE, (0, 2), {})
+        Pipeline("x", CFG).serve(ROUTE, (0, 2), {}, MODEL)
 
 
 def test_messages_name_nodes_by_their_names():
     a, b = "a1b2c3d4e5f60718", "0f1e2d3c4b5a6978"
     route = Route(5, (Stage(a, 0, 3), Stage(b, 3, 6)), 6)
-    p = Pipeline(b, (EOS,), CFG)
-    p.serve(route, (3, 6), {a: "mac-studio-1", b: "mac-mini"})
+    p = Pipeline(b, CFG)
+    p.serve(route, (3, 6), {a: "mac-studio-1", b: "mac-mini"}, MODEL)
     p.receive(wire.Activation("r", 0, 0, 5, 0, 2, a, SamplingParams(), True, hidden(1)), a, 0.0)
     (err,) = of(p.effects(), Send)
     assert "node mac-mini (0f1e2d3c) owns layers [3, 6) but received an activation from " \
