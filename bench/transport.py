@@ -1,6 +1,8 @@
-"""Per-hop round trips of activation frames: our channels against raw and asyncio floors and exo-style gRPC.
+"""Per-hop round trips of activation frames: our channels against raw and asyncio floors and
+exo-style gRPC.
 
-    .venv/bin/python bench/transport.py            # full run, 5 passes (~8-10 minutes with the veth cases)
+    .venv/bin/python bench/transport.py            # full run, 5 passes
+                                                   # (~8-10 minutes with the veth cases)
     .venv/bin/python bench/transport.py --quick    # fewer round trips, one pass (~15-30 s)
 
 Every case carries the same float16 activation bytes (:func:`activation_bytes`) and runs an
@@ -188,8 +190,10 @@ def _aead_open(aead, plain: bytearray, data: memoryview) -> memoryview:
     return mv
 
 
-def _aead_reply(aead, plain: bytearray, out: bytearray, data: memoryview, nonce: bytes) -> memoryview:
-    """Open ``nonce | ciphertext`` into ``plain`` and seal that again under ``nonce`` into ``out``."""
+def _aead_reply(aead, plain: bytearray, out: bytearray, data: memoryview,
+                nonce: bytes) -> memoryview:
+    """Open ``nonce | ciphertext`` into ``plain`` and seal that again under ``nonce`` into
+    ``out``."""
     return _aead_seal(aead, _aead_open(aead, plain, data), out, nonce)
 
 
@@ -223,10 +227,12 @@ def floor_bound_server(kind: str, host: str) -> None:
         if n == 1:
             return
         pn += 1
-        s.sendto(_aead_reply(aead, plain, out, memoryview(buf)[:n], pn.to_bytes(AEAD_NONCE, "little")), a)
+        s.sendto(_aead_reply(aead, plain, out, memoryview(buf)[:n],
+                             pn.to_bytes(AEAD_NONCE, "little")), a)
 
 
-def floor_bound_client(kind: str, host: str, port: int, quick: bool, case: str, sizes: list[int]) -> None:
+def floor_bound_client(kind: str, host: str, port: int, quick: bool, case: str,
+                       sizes: list[int]) -> None:
     s = _udp_socket(host)
     server = (host, port)
     got: list[object] = []
@@ -311,7 +317,7 @@ def floor_client(kind: str, host: str, port: int, quick: bool, case: str, sizes:
     c.close()
 
 
-# ============================================================ asyncio floor (uvloop, no protocol work)
+# ========================================================= asyncio floor (uvloop, no protocol work)
 def _udp_socket(host: str) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # as ours sets them
@@ -344,7 +350,8 @@ async def asyncio_server(kind: str, host: str) -> None:
                     done.set_result(None)
                     return
                 if aead is not None:  # asyncio-aead: open it, seal it again
-                    data = _aead_reply(*aead, memoryview(data), next(nonces).to_bytes(AEAD_NONCE, "little"))
+                    data = _aead_reply(*aead, memoryview(data),
+                                       next(nonces).to_bytes(AEAD_NONCE, "little"))
                 self.tr.sendto(data, addr)
 
         tr, _ = await loop.create_datagram_endpoint(DgramEcho, sock=_udp_socket(host))
@@ -415,7 +422,8 @@ async def asyncio_server(kind: str, host: str) -> None:
     server.close()
 
 
-async def asyncio_client(kind: str, host: str, port: int, quick: bool, case: str, sizes: list[int]) -> None:
+async def asyncio_client(kind: str, host: str, port: int, quick: bool, case: str,
+                         sizes: list[int]) -> None:
     """Round trips through the running (uvloop) loop, shaped as ``ours_client``'s."""
     from ringd.net.loop import loop_name
 
@@ -468,10 +476,12 @@ async def asyncio_client(kind: str, host: str, port: int, quick: bool, case: str
                     self.have = 0
                     waiter[0].set_result(self.mv[:self.need])
 
-        tr, proto = await loop.create_connection(BufferedClient if kind == "tcp-buf" else StreamClient, host, port)
+        tr, proto = await loop.create_connection(
+            BufferedClient if kind == "tcp-buf" else StreamClient, host, port)
     nonces = itertools.count(1)
     for size in sizes:
-        data = activation_bytes(size) if kind in ("udp", "aead") else size.to_bytes(4, "little") + activation_bytes(size)
+        data = (activation_bytes(size) if kind in ("udp", "aead")
+                else size.to_bytes(4, "little") + activation_bytes(size))
         n = iters_for(size, case, quick)
         w = warmup(n)
         if kind in ("tcp", "tcp-buf"):
@@ -480,7 +490,8 @@ async def asyncio_client(kind: str, host: str, port: int, quick: bool, case: str
         if aead is not None:  # seal each datagram (into the buffer made once) as it is sent
             def send(data, a=aead[0], out=aead[2]):
                 tr.sendto(_aead_seal(a, data, out, next(nonces).to_bytes(AEAD_NONCE, "little")))
-        ts, flt = await timed_round_trips(loop, waiter, lambda send=send, data=data: send(data), w, n)
+        ts, flt = await timed_round_trips(loop, waiter, lambda send=send, data=data: send(data),
+                                          w, n)
         report(case, size, ts, flt, loop=loop_name(loop))
     if kind in ("udp", "aead"):
         tr.sendto(b"x")
@@ -510,7 +521,7 @@ async def timed_round_trips(loop, waiter: list, send, warm: int, n: int,
     return ts[warm:], (faults() - f0) / n
 
 
-# ============================================================ bare: ours' codec and sealing, no reliability
+# ==================================================== bare: ours' codec and sealing, no reliability
 class BareChannel:
     """One datagram per message, on a readiness callback as ``ours``' UDP adapter reads:
     ``wire.encode`` (then ``Sealer.seal`` when ``sealed``) out, ``Sealer.open`` and
@@ -576,7 +587,8 @@ async def bare_server(sealed: bool, host: str) -> None:
     await done
 
 
-async def bare_client(sealed: bool, host: str, port: int, quick: bool, case: str, sizes: list[int]) -> None:
+async def bare_client(sealed: bool, host: str, port: int, quick: bool, case: str,
+                      sizes: list[int]) -> None:
     from ringd.core.wire import Cancel
 
     loop = asyncio.get_running_loop()
@@ -591,7 +603,8 @@ async def bare_client(sealed: bool, host: str, port: int, quick: bool, case: str
     for size in [x for x in sizes if x <= 32 * KiB]:  # one datagram each
         msg = _activation(size)
         n = iters_for(size, case, quick)
-        ts, flt = await timed_round_trips(loop, waiter, lambda msg=msg: ch.send(server, msg), warmup(n), n)
+        ts, flt = await timed_round_trips(loop, waiter, lambda msg=msg: ch.send(server, msg),
+                                          warmup(n), n)
         report(case, size, ts, flt)
     ch.send(server, Cancel("stop", ""))
     await asyncio.sleep(0.01)
@@ -600,10 +613,12 @@ async def bare_client(sealed: bool, host: str, port: int, quick: bool, case: str
 # ============================================================ ours
 def _settings(variant: dict):
     """Variant keys: ``host`` (bind address, 127.0.0.1), ``encrypt`` (True), ``datagram``
-    (``datagram_size``, the default 0 = follow the path MTU), ``tcp`` (everything over TCP), ``gso``."""
+    (``datagram_size``, the default 0 = follow the path MTU), ``tcp`` (everything over TCP),
+    ``gso``."""
     from ringd.config import Settings
 
-    return Settings(bind_host=variant.get("host", "127.0.0.1"), port=0, encrypt=variant.get("encrypt", True),
+    return Settings(bind_host=variant.get("host", "127.0.0.1"), port=0,
+                    encrypt=variant.get("encrypt", True),
                     datagram_size=variant.get("datagram", Settings().datagram_size),
                     tcp_threshold=0 if variant.get("tcp") else Settings().tcp_threshold)
 
@@ -680,7 +695,8 @@ async def ours_client(variant: dict, host: str, port: int, quick: bool, case: st
         bg = loop.create_task(prefills(count, stop)) if variant.get("prefill") else None
         while bg is not None and not prefill:
             await asyncio.sleep(0)  # the first prefill frame is on its way
-        ts, flt = await timed_round_trips(loop, waiter, lambda msg=msg: t.send(server, msg), w, n, gap)
+        ts, flt = await timed_round_trips(loop, waiter, lambda msg=msg: t.send(server, msg),
+                                          w, n, gap)
         extra = {}
         if bg is not None:
             stop[0] = True
@@ -725,8 +741,8 @@ def _proto():
             get(pool.FindMessageTypeByName("node_service.TensorRequest")))
 
 
-GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20),
-                ("grpc.tcp_nodelay", 1)]
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20),
+                ("grpc.max_send_message_length", 256 << 20), ("grpc.tcp_nodelay", 1)]
 
 
 async def grpc_server() -> None:
@@ -736,14 +752,16 @@ async def grpc_server() -> None:
     _, Tensor, TensorRequest = _proto()
 
     async def send_tensor(req, ctx):
-        arr = np.frombuffer(req.tensor.tensor_data, dtype=np.dtype(req.tensor.dtype)).reshape(req.tensor.shape)
+        arr = np.frombuffer(req.tensor.tensor_data,
+                            dtype=np.dtype(req.tensor.dtype)).reshape(req.tensor.shape)
         return Tensor(tensor_data=arr.tobytes(), shape=list(arr.shape), dtype=str(arr.dtype))
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("node_service.NodeService", {
-        "SendTensor": grpc.unary_unary_rpc_method_handler(
-            send_tensor, request_deserializer=TensorRequest.FromString,
-            response_serializer=Tensor.SerializeToString)}),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "node_service.NodeService", {
+            "SendTensor": grpc.unary_unary_rpc_method_handler(
+                send_tensor, request_deserializer=TensorRequest.FromString,
+                response_serializer=Tensor.SerializeToString)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(port, flush=True)
@@ -846,7 +864,8 @@ async def adapter_server(mode: str) -> None:
             got[0] += n
             if got[0] >= ADAPTER_TOTAL:
                 got[0] = 0
-                s.sendmsg([payload], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", ADAPTER_SEG))], 0, addr)
+                s.sendmsg([payload],
+                          [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", ADAPTER_SEG))], 0, addr)
 
     loop.add_reader(s, readable)
     await done
@@ -915,7 +934,8 @@ def micro() -> None:
     print(json.dumps({"micro": "crypto-32KiB (AES-GCM: 256-bit key)", "rows": rows}), flush=True)
 
     big = os.urandom(4 * 1024 * KiB)
-    ct_a, ct_c, ct_o = aes.encrypt(nonce, big, aad), chacha.encrypt(nonce, big, aad), ocb128.encrypt(nonce, big, aad)
+    ct_a, ct_c, ct_o = (aes.encrypt(nonce, big, aad), chacha.encrypt(nonce, big, aad),
+                        ocb128.encrypt(nonce, big, aad))
     tag = aes.encrypt(nonce, b"", big)
     k = 40
     rows = {
@@ -978,7 +998,8 @@ def run_case(server_args: list[str], client_args: list[str], *, stdin: bool = Fa
     def errors(msg: str) -> list[dict]:
         return [{"case": case, "size": s, "error": msg} for s in sizes]
 
-    srv = spawn(1, ["--role", "server", *server_args], ns and ns[1], stdin=subprocess.PIPE if stdin else None)
+    srv = spawn(1, ["--role", "server", *server_args], ns and ns[1],
+                stdin=subprocess.PIPE if stdin else None)
     # the client starts (and imports what it needs) while the server does, then reads the port
     cli = spawn(0, ["--role", "client", *client_args], ns and ns[0], stdin=subprocess.PIPE)
     first = srv.stdout.readline().strip()  # type: ignore[union-attr]
@@ -1005,7 +1026,8 @@ def run_case(server_args: list[str], client_args: list[str], *, stdin: bool = Fa
         srv.wait()
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return rows or errors(f"client exited ({cli.returncode}) with no result"
-                          + (f" after {timeout:.0f} s" if cli.returncode and cli.returncode < 0 else ""))
+                          + (f" after {timeout:.0f} s" if cli.returncode and cli.returncode < 0
+                             else ""))
 
 
 # ------------------------------------------------------------ veth pair between two namespaces
@@ -1026,12 +1048,15 @@ def _failed(e: BaseException) -> str:
 
 
 def veth_cleanup() -> None:
-    """Delete every namespace and root-namespace link named rbench* (ours, or left by a killed run)."""
-    for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout.splitlines():
+    """Delete every namespace and root-namespace link named rbench* (ours, or left by a killed
+    run)."""
+    for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                               check=False).stdout.splitlines():
         name = line.split(" ")[0]
         if name.startswith("rbench"):
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-    for line in subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=False).stdout.splitlines():
+    for line in subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
+                               check=False).stdout.splitlines():
         parts = line.split(": ")
         name = parts[1].split("@")[0] if len(parts) > 1 else ""
         if name.startswith("rbench"):
@@ -1073,9 +1098,10 @@ def veth_cases(mtu: int) -> list[tuple[str, list[str], list[str]]]:
     common = ["--host", host, "--sizes", str(32 * KiB)]
     out = [(f"veth-{mtu}-floor-{k}", ["--case", f"floor-{k}", "--host", host],
             ["--case", f"veth-{mtu}-floor-{k}", *common]) for k in ("udp", "tcp")]
-    for label, extra in (("1400", {"datagram": 1400}), ("mtu", {"datagram": mtu - 28}), ("auto", {}),
-                         ("tcp", {"tcp": True})):
-        srv, cli = json.dumps({"host": VETH_ADDR[1], **extra}), json.dumps({"host": VETH_ADDR[0], **extra})
+    for label, extra in (("1400", {"datagram": 1400}), ("mtu", {"datagram": mtu - 28}),
+                         ("auto", {}), ("tcp", {"tcp": True})):
+        srv, cli = (json.dumps({"host": VETH_ADDR[1], **extra}),
+                    json.dumps({"host": VETH_ADDR[0], **extra}))
         out.append((f"veth-{mtu}-ours-{label}", ["--case", "ours", "--variant", srv],
                     ["--case", f"veth-{mtu}-ours-{label}", "--variant", cli, *common]))
     return out
@@ -1144,18 +1170,19 @@ def run_lan(q: list[str], keep, p: int) -> str | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--quick", action="store_true", help="fewer round trips, one pass")
     ap.add_argument("--repeat", type=int, default=5,
-                    help="short passes over all cases, interleaved; each figure is the pass with the best p50 "
-                         "(robust to other load on the machine); --quick makes one")
+                    help="short passes over all cases, interleaved; each figure is the pass with "
+                         "the best p50 (robust to other load on the machine); --quick makes one")
     ap.add_argument("--role", choices=["server", "client"], help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="{}", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)  # else read from stdin
     ap.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--gap", type=float, default=0.0, help=argparse.SUPPRESS)  # idle s before each round trip
+    ap.add_argument("--gap", type=float, default=0.0,
+                    help=argparse.SUPPRESS)  # idle s before each round trip
     a = ap.parse_args()
     if a.role:
         role_main(a)
@@ -1184,7 +1211,8 @@ def main() -> None:
         plan.append((None, ["--case", c], ["--case", c], {}))
     for name, v in [("ours", {}), ("ours-tcp", {"tcp": True}), ("ours-clear", {"encrypt": False})]:
         vj = json.dumps(v)
-        plan.append((None, ["--case", "ours", "--variant", vj], ["--case", name, "--variant", vj], {}))
+        plan.append((None, ["--case", "ours", "--variant", vj],
+                     ["--case", name, "--variant", vj], {}))
     plan.append((None, ["--case", "grpc-exo"], ["--case", "grpc-exo"], {"stdin": True}))
     for name, v in PREFILL_CASES:
         vj = json.dumps(v)
@@ -1220,7 +1248,8 @@ def main() -> None:
                                capture_output=True, text=True, cwd=ROOT, check=False).stdout
     rows = list(best.values())
     lan_rows = [r for r in rows if r["case"].startswith("lan-")]
-    print_tables([r for r in rows if not r["case"].startswith(("dgram-", "adapter-", "veth-", "lan-", "prefill-"))],
+    print_tables([r for r in rows if not r["case"].startswith(("dgram-", "adapter-", "veth-",
+                                                               "lan-", "prefill-"))],
                  [r for r in rows if r["case"].startswith("dgram-")],
                  [r for r in rows if r["case"].startswith("adapter-")],
                  [json.loads(x) for x in micro_out.splitlines() if x.startswith("{")],
@@ -1296,16 +1325,18 @@ def fmt_size(n: int) -> str:
 
 RAW_FLOORS = ("floor-udp", "floor-tcp")
 BOUND_FLOORS = ("floor-aead", "floor-sealed")
-PREFILL_CASES = [("prefill-ours", {"prefill": True}), ("prefill-ours-tcp", {"prefill": True, "tcp": True})]
+PREFILL_CASES = [("prefill-ours", {"prefill": True}),
+                 ("prefill-ours-tcp", {"prefill": True, "tcp": True})]
 ASYNCIO_FLOORS = ("asyncio-udp", "asyncio-tcp", "asyncio-tcp-buf")
 ASYNCIO_BOUNDS = ("asyncio-aead",)  # the asyncio UDP floor + floor-aead's work: not a floor
 BARE_CASES = ("bare-codec", "bare-sealed")
-MAIN_CASES = [*RAW_FLOORS, *BOUND_FLOORS, *ASYNCIO_FLOORS, *ASYNCIO_BOUNDS, *BARE_CASES, "ours", "ours-tcp", "ours-clear",
-              "grpc-exo"]
+MAIN_CASES = [*RAW_FLOORS, *BOUND_FLOORS, *ASYNCIO_FLOORS, *ASYNCIO_BOUNDS, *BARE_CASES,
+              "ours", "ours-tcp", "ours-clear", "grpc-exo"]
 
 
 def _floor(by: dict, size: int, cases: tuple[str, ...] = RAW_FLOORS) -> float | None:
-    """The fastest p50 of ``cases`` at ``size`` (the raw floor, or with ASYNCIO_FLOORS the asyncio one)."""
+    """The fastest p50 of ``cases`` at ``size`` (the raw floor, or with ASYNCIO_FLOORS the
+    asyncio one)."""
     fs = [by[(c, size)]["p50"] for c in cases if (c, size) in by and "error" not in by[(c, size)]]
     return min(fs) if fs else None
 
@@ -1339,18 +1370,21 @@ def print_tables(results: list[dict], dg: list[dict], adapters: list[dict], micr
             cells.append("—" if r is None else f"error: {r['error']}" if "error" in r
                          else f"{r['p50']:.0f} / {r['p99']:.0f} ({r['p50'] / floor(s):.2f}x)")
         print(f"| {c} | " + " | ".join(cells) + " |")
-    loops = {r.get("loop") for r in results if r["case"].startswith("asyncio-") and "error" not in r}
+    loops = {r.get("loop") for r in results
+             if r["case"].startswith("asyncio-") and "error" not in r}
     if loops - {"uvloop"}:
         print(f"\n(asyncio floor ran on: {', '.join(sorted(map(str, loops)))} -- not uvloop)")
-    print("\np50 ratios to the asyncio floor (the fastest of asyncio-udp, asyncio-tcp and asyncio-tcp-buf "
-          "at each size):\n")
+    print("\np50 ratios to the asyncio floor (the fastest of asyncio-udp, asyncio-tcp and "
+          "asyncio-tcp-buf at each size):\n")
     print("| ratio | " + " | ".join(fmt_size(s) for s in SIZES) + " |")
     print("|---|" + "---|" * len(SIZES))
     for c in (*BARE_CASES, "ours", "ours-tcp", "ours-clear", "grpc-exo"):
         print(f"| {c} / asyncio floor | "
-              + " | ".join(_x(_ratio(by.get((c, s)), _floor(by, s, ASYNCIO_FLOORS))) for s in SIZES) + " |")
+              + " | ".join(_x(_ratio(by.get((c, s)), _floor(by, s, ASYNCIO_FLOORS)))
+                           for s in SIZES) + " |")
     print("| asyncio floor / raw floor | " + " | ".join(
-        _x(a / f if (a := _floor(by, s, ASYNCIO_FLOORS)) and (f := _floor(by, s)) else None) for s in SIZES) + " |")
+        _x(a / f if (a := _floor(by, s, ASYNCIO_FLOORS)) and (f := _floor(by, s)) else None)
+        for s in SIZES) + " |")
     print("\n## 32 KiB frame, datagram size (ours, AES-128-OCB3 on; default on loopback: 65000 B), "
           "p50 / p99 µs (x raw floor)\n")
     print("| datagram | GSO/GRO on | GSO/GRO off |")
@@ -1360,7 +1394,8 @@ def print_tables(results: list[dict], dg: list[dict], adapters: list[dict], micr
         cells = []
         for g2 in ("gso", "nogso"):
             r = dby.get(f"dgram-{size}-{g2}")
-            cells.append("—" if r is None else f"{r['p50']:.0f} / {r['p99']:.0f} ({r['p50'] / floor(32 * KiB):.2f}x)")
+            cells.append("—" if r is None else f"{r['p50']:.0f} / {r['p99']:.0f} "
+                                               f"({r['p50'] / floor(32 * KiB):.2f}x)")
         print(f"| {size} B | " + " | ".join(cells) + " |")
     if adapters:
         print("\n## UDP adapter, 32 KiB as 1400-byte datagrams echoed, no crypto, p50 / p99 µs\n")
@@ -1390,32 +1425,45 @@ def print_summary(rows: list[dict], every: list[dict], passes: int) -> None:
         return _ratio(b.get(("grpc-exo", mid)), _p50(b.get(("ours", mid))))
 
     lines = [("ours / raw floor", lambda b: _ratio(b.get(("ours", mid)), _floor(b, mid))),
-             ("ours / asyncio floor", lambda b: _ratio(b.get(("ours", mid)), _floor(b, mid, ASYNCIO_FLOORS))),
+             ("ours / asyncio floor",
+              lambda b: _ratio(b.get(("ours", mid)), _floor(b, mid, ASYNCIO_FLOORS))),
              ("asyncio floor / raw floor", asyncio_over_raw),
-             ("floor-aead / raw floor", lambda b: _ratio(b.get(("floor-aead", mid)), _floor(b, mid))),
-             ("floor-sealed / raw floor", lambda b: _ratio(b.get(("floor-sealed", mid)), _floor(b, mid))),
-             ("asyncio-aead / raw floor", lambda b: _ratio(b.get(("asyncio-aead", mid)), _floor(b, mid))),
-             ("gRPC / floor-aead", lambda b: _ratio(b.get(("grpc-exo", mid)), _p50(b.get(("floor-aead", mid))))),
-             ("gRPC / asyncio-aead", lambda b: _ratio(b.get(("grpc-exo", mid)), _p50(b.get(("asyncio-aead", mid))))),
-             ("bare-sealed / raw floor", lambda b: _ratio(b.get(("bare-sealed", mid)), _floor(b, mid))),
-             ("ours / floor-aead", lambda b: _ratio(b.get(("ours", mid)), _p50(b.get(("floor-aead", mid))))),
-             ("ours / bare-sealed", lambda b: _ratio(b.get(("ours", mid)), _p50(b.get(("bare-sealed", mid))))),
+             ("floor-aead / raw floor",
+              lambda b: _ratio(b.get(("floor-aead", mid)), _floor(b, mid))),
+             ("floor-sealed / raw floor",
+              lambda b: _ratio(b.get(("floor-sealed", mid)), _floor(b, mid))),
+             ("asyncio-aead / raw floor",
+              lambda b: _ratio(b.get(("asyncio-aead", mid)), _floor(b, mid))),
+             ("gRPC / floor-aead",
+              lambda b: _ratio(b.get(("grpc-exo", mid)), _p50(b.get(("floor-aead", mid))))),
+             ("gRPC / asyncio-aead",
+              lambda b: _ratio(b.get(("grpc-exo", mid)), _p50(b.get(("asyncio-aead", mid))))),
+             ("bare-sealed / raw floor",
+              lambda b: _ratio(b.get(("bare-sealed", mid)), _floor(b, mid))),
+             ("ours / floor-aead",
+              lambda b: _ratio(b.get(("ours", mid)), _p50(b.get(("floor-aead", mid))))),
+             ("ours / bare-sealed",
+              lambda b: _ratio(b.get(("ours", mid)), _p50(b.get(("bare-sealed", mid))))),
              ("gRPC (exo-style) / ours", grpc_over_ours)]
     print("\n## Summary\n")
     print("32 KiB round trip, p50 ratios: of the best p50s"
-          + (f" of {passes} passes; then the range and the median of the same ratio within each pass:"
-             if passes > 1 else ":"))
+          + (f" of {passes} passes; then the range and the median of the same ratio within "
+             "each pass:" if passes > 1 else ":"))
     for name, f in lines:
         line = f"  {name:26s} {_x(f(by)):>7s}"
         vals = sorted(v for v in (f(b) for b in per_pass.values()) if v is not None)
         if passes > 1 and vals:
-            line += f"   per pass {vals[0]:.2f}-{vals[-1]:.2f}x, median {statistics.median(vals):.2f}x"
+            line += (f"   per pass {vals[0]:.2f}-{vals[-1]:.2f}x, "
+                     f"median {statistics.median(vals):.2f}x")
         print(line)
-    print("\n4 MiB effective throughput (one way = p50 / 2), minor page faults per round trip (client):")
-    for c in ("floor-tcp", "asyncio-tcp", "asyncio-tcp-buf", "ours", "ours-tcp", "ours-clear", "grpc-exo"):
+    print("\n4 MiB effective throughput (one way = p50 / 2), minor page faults per round trip "
+          "(client):")
+    for c in ("floor-tcp", "asyncio-tcp", "asyncio-tcp-buf", "ours", "ours-tcp", "ours-clear",
+              "grpc-exo"):
         r = by.get((c, big))
         if r and "error" not in r:
-            print(f"  {c:15s} {big / (r['p50'] / 2 / 1e6) / 1e9:6.2f} GB/s   {r['minflt']:8.0f} faults")
+            print(f"  {c:15s} {big / (r['p50'] / 2 / 1e6) / 1e9:6.2f} GB/s   "
+                  f"{r['minflt']:8.0f} faults")
 
 
 def print_prefill(rows: list[dict]) -> None:
@@ -1423,17 +1471,23 @@ def print_prefill(rows: list[dict]) -> None:
     by = {(r["case"], r["size"]): r for r in rows}
     mid = 32 * KiB
     print("\n## 32 KiB round trip while 4 MiB prefill frames cross the same link, p50 / p99 µs\n")
-    print("One 4 MiB activation and its echo in flight at all times (a request's prefill), while another\n"
-          "request's decode steps are timed. UDP (default): decode steps go by UDP, prefills by TCP;\n"
-          "TCP: both share the one connection, and a decode step waits behind the prefill's records.\n")
+    print("One 4 MiB activation and its echo in flight at all times (a request's prefill), "
+          "while another\n"
+          "request's decode steps are timed. UDP (default): decode steps go by UDP, "
+          "prefills by TCP;\n"
+          "TCP: both share the one connection, and a decode step waits behind the "
+          "prefill's records.\n")
     print("| channel | idle link | under prefill (x idle) | prefills during the run |")
     print("|---|---|---|---|")
     def cell(r: dict | None) -> str:
-        return "—" if r is None else f"error: {r['error']}" if "error" in r else f"{r['p50']:.0f} / {r['p99']:.0f}"
+        return ("—" if r is None else f"error: {r['error']}" if "error" in r
+                else f"{r['p50']:.0f} / {r['p99']:.0f}")
 
-    for label, idle, loaded in (("UDP (default)", "ours", "prefill-ours"), ("TCP", "ours-tcp", "prefill-ours-tcp")):
+    for label, idle, loaded in (("UDP (default)", "ours", "prefill-ours"),
+                                ("TCP", "ours-tcp", "prefill-ours-tcp")):
         a, b = by.get((idle, mid)), by.get((loaded, mid))
-        x = f" ({b['p50'] / a['p50']:.1f}x)" if a and b and "error" not in a and "error" not in b else ""
+        x = (f" ({b['p50'] / a['p50']:.1f}x)" if a and b and "error" not in a and "error" not in b
+             else "")
         print(f"| {label} | {cell(a)} | {cell(b)}{x} | {b.get('prefills', '—') if b else '—'} |")
 
 
@@ -1443,13 +1497,15 @@ def print_veth(rows: list[dict], skip: str | None) -> None:
         return
     vby = {r["case"]: r for r in rows}
     print("\n## 32 KiB frame over veth, MTU 1500 / 9000, p50 / p99 µs (x floor)\n")
-    print("Two network namespaces joined by a veth pair. floor = the faster of floor-udp and floor-tcp "
-          "at that MTU;\nfloor-udp sends one 32 KiB datagram, which the kernel IP-fragments "
-          "(23 fragments at MTU 1500, 4 at 9000).\n")
+    print("Two network namespaces joined by a veth pair. floor = the faster of floor-udp and "
+          "floor-tcp at that MTU;\nfloor-udp sends one 32 KiB datagram, which the kernel "
+          "IP-fragments (23 fragments at MTU 1500, 4 at 9000).\n")
     print("| case | " + " | ".join(f"MTU {m}" for m in VETH_MTUS) + " |")
     print("|---|" + "---|" * len(VETH_MTUS))
-    labels = [("floor-udp", "floor-udp"), ("floor-tcp", "floor-tcp"), ("ours-1400", "ours, 1400-B datagrams"),
-              ("ours-mtu", "ours, MTU-28 datagrams (" + " / ".join(str(m - 28) for m in VETH_MTUS) + " B)"),
+    labels = [("floor-udp", "floor-udp"), ("floor-tcp", "floor-tcp"),
+              ("ours-1400", "ours, 1400-B datagrams"),
+              ("ours-mtu",
+               "ours, MTU-28 datagrams (" + " / ".join(str(m - 28) for m in VETH_MTUS) + " B)"),
               ("ours-auto", "ours, datagram_size=0 (auto)"), ("ours-tcp", "ours over TCP")]
     errors: dict[str, list[str]] = {}
     for key, label in labels:
@@ -1461,7 +1517,8 @@ def print_veth(rows: list[dict], skip: str | None) -> None:
             if r is None:
                 cells.append("—")
             elif "error" in r:
-                mark = list(errors).index(r["error"]) + 1 if r["error"] in errors else len(errors) + 1
+                mark = (list(errors).index(r["error"]) + 1 if r["error"] in errors
+                        else len(errors) + 1)
                 errors.setdefault(r["error"], []).append(r["case"])
                 cells.append(f"error [{mark}]")
             else:
@@ -1479,11 +1536,11 @@ def print_lan(rows: list[dict], skip: str | None) -> None:
         return
     by = {r["case"]: r for r in rows}
     print(f"\n## 32 KiB over veth (MTU {LAN_MTU}) with loss and after idle, p50 / p99 µs\n")
-    print(f"loss: {LAN_LOSS}% of packets dropped on arrival, each way (nftables); idle: {IDLE_ROUND_TRIPS} "
-          f"round trips, each after {IDLE_GAP * 1e3:.0f} ms of silence\n(a token's time in a 405B ring). "
-          "Run once, not per pass. A UDP GSO or TCP TSO burst crosses the veth as one buffer, so a drop\n"
-          "takes a whole burst (up to a 32 KiB frame): burst loss. The link has no wire time: an extra "
-          "round trip costs microseconds.\n")
+    print(f"loss: {LAN_LOSS}% of packets dropped on arrival, each way (nftables); "
+          f"idle: {IDLE_ROUND_TRIPS} round trips, each after {IDLE_GAP * 1e3:.0f} ms of silence\n"
+          "(a token's time in a 405B ring). Run once, not per pass. A UDP GSO or TCP TSO burst "
+          "crosses the veth as one buffer, so a drop\ntakes a whole burst (up to a 32 KiB frame): "
+          "burst loss. The link has no wire time: an extra round trip costs microseconds.\n")
     print("| case | " + " | ".join(LAN_CONDITIONS) + " |")
     print("|---|" + "---|" * len(LAN_CONDITIONS))
     for kind, label in (("floor-tcp", "floor-tcp"), ("ours-auto", "ours (UDP, default)"),

@@ -47,40 +47,56 @@ class Settings:
 
     # --- identity and files -------------------------------------------------
     state_dir: Path = _opt(factory=default_state_dir, kind="path",
-                           help="Directory for the node id, epoch counter and cluster key. Never a temp dir.")
+                           help="Directory for the node id, epoch counter and cluster key. "
+                                "Never a temp dir.")
     model_store: Path = _opt(factory=default_model_store, kind="path",
                              help="Directory holding models, one mlx-lm model directory each.")
-    model: str = _opt(DEFAULT_MODEL, help="Name of the model (a directory in the store) this node proposes to serve.")
+    model: str = _opt(DEFAULT_MODEL,
+                      help="Name of the model (a directory in the store) this node proposes "
+                           "to serve.")
     cluster_key_file: Path | None = _opt(None, kind="path",
-                                         help="File with the 32-byte cluster key (mode 0600). Default: STATE_DIR/cluster.key, created on first start.")
+                                         help="File with the 32-byte cluster key (mode 0600). "
+                                              "Default: STATE_DIR/cluster.key, created on "
+                                              "first start.")
     node_name: str = _opt(factory=socket.gethostname, help="Human-readable name shown in status.")
 
     # --- network --------------------------------------------------------------
     bind_host: str = _opt("0.0.0.0", help="Address the peer ports (UDP and TCP) bind to.")
-    advertise_host: str | None = _opt(None, help="Address peers should use to reach this node. Default: detected.")
-    port: int = _opt(7411, help="Peer port, UDP and TCP (membership and activations). 0 picks a free port.")
+    advertise_host: str | None = _opt(None, help="Address peers should use to reach this node. "
+                                                 "Default: detected.")
+    port: int = _opt(7411, help="Peer port, UDP and TCP (membership and activations). "
+                                "0 picks a free port.")
     peers: tuple[str, ...] = _opt((), kind="list",
-                                  help="Static peers as host:port, for networks where multicast (mDNS) is blocked.")
+                                  help="Static peers as host:port, for networks where "
+                                       "multicast (mDNS) is blocked.")
     mdns: bool = _opt(True, help="Find peers with mDNS/zeroconf.")
     mdns_interfaces: tuple[str, ...] = _opt((), kind="list",
-                                            help="Interface addresses mDNS uses. Empty: all interfaces.")
-    datagram_size: int = _opt(0, help="Largest UDP payload sent (bytes). 0: follow each peer's path MTU "
-                                      "(64 KB on loopback, 1472 on 1500-byte Ethernet); a set value is "
-                                      "still lowered to the path MTU.")
+                                            help="Interface addresses mDNS uses. "
+                                                 "Empty: all interfaces.")
+    datagram_size: int = _opt(0, help="Largest UDP payload sent (bytes). 0: follow each peer's "
+                                      "path MTU (64 KB on loopback, 1472 on 1500-byte "
+                                      "Ethernet); a set value is still lowered to the path MTU.")
     tcp_threshold: int = _opt(256 * 1024, kind="size",
-                              help="Frames larger than this travel over TCP instead of UDP (prefill).")
-    encrypt: bool = _opt(True, help="Encrypt peer frames (AES-128-OCB3). Frames are always authenticated.")
+                              help="Frames larger than this travel over TCP instead of UDP "
+                                   "(prefill).")
+    encrypt: bool = _opt(True, help="Encrypt peer frames (AES-128-OCB3). "
+                                    "Frames are always authenticated.")
 
     # --- local API ----------------------------------------------------------------
-    http_host: str = _opt("127.0.0.1", help="Address of the local control and OpenAI-compatible HTTP API.")
-    http_port: int = _opt(7412, help="Port of the local control and OpenAI-compatible HTTP API. 0 picks a free port.")
-    api_key: str | None = _opt(None, help="Bearer key required by the HTTP API. Required when http_host is not loopback.")
+    http_host: str = _opt("127.0.0.1", help="Address of the local control and "
+                                            "OpenAI-compatible HTTP API.")
+    http_port: int = _opt(7412, help="Port of the local control and OpenAI-compatible HTTP API. "
+                                     "0 picks a free port.")
+    api_key: str | None = _opt(None, help="Bearer key required by the HTTP API. "
+                                          "Required when http_host is not loopback.")
 
     # --- memory ---------------------------------------------------------------------
     memory_budget: int | None = _opt(None, kind="size",
-                                     help="Memory this node offers the ring (e.g. 6GiB). Default: measured usable memory.")
+                                     help="Memory this node offers the ring (e.g. 6GiB). "
+                                          "Default: measured usable memory.")
     memory_reserve: int = _opt(2 * 1024**3, kind="size",
-                               help="Memory kept free for the rest of the machine when measuring usable memory.")
+                               help="Memory kept free for the rest of the machine when "
+                                    "measuring usable memory.")
     memory_bandwidth: int | None = _opt(
         None, kind="size",
         help="Memory bandwidth in bytes per second (e.g. 800GB), for the decode ceiling. "
@@ -88,22 +104,30 @@ class Settings:
 
     # --- membership timing --------------------------------------------------------------
     probe_interval: float = _opt(1.0, help="Seconds between failure-detector probes.")
-    probe_timeout: float = _opt(0.5, help="Seconds to wait for a direct probe ack before asking others.")
-    suspicion_timeout: float = _opt(4.0, help="Seconds a suspected member has to refute before it is declared failed.")
+    probe_timeout: float = _opt(0.5, help="Seconds to wait for a direct probe ack before "
+                                          "asking others.")
+    suspicion_timeout: float = _opt(4.0, help="Seconds a suspected member has to refute before "
+                                              "it is declared failed.")
     indirect_probes: int = _opt(3, help="Members asked to probe a silent member on our behalf.")
 
     # --- generation -------------------------------------------------------------------
-    max_concurrent: int = _opt(8, help="Requests in flight on the ring from this entry node; beyond it: 'busy'.")
+    max_concurrent: int = _opt(8, help="Requests in flight on the ring from this entry node; "
+                                       "beyond it: 'busy'.")
     max_context: int = _opt(4096, help="Longest context (prompt + generated tokens) per request.")
-    prefill_chunk: int = _opt(512, help="Tokens per prefill chunk (lowered if a chunk's activations would exceed one 64 MiB frame).")
-    request_timeout: float = _opt(300.0, help="Seconds a request may run before it is failed with a timeout.")
-    allow_model_switch: bool = _opt(False, help="Let a request for another model switch the ring when it is idle.")
+    prefill_chunk: int = _opt(512, help="Tokens per prefill chunk (lowered if a chunk's "
+                                        "activations would exceed one 64 MiB frame).")
+    request_timeout: float = _opt(300.0, help="Seconds a request may run before it is failed "
+                                              "with a timeout.")
+    allow_model_switch: bool = _opt(False, help="Let a request for another model switch the "
+                                                "ring when it is idle.")
 
     # --- service -------------------------------------------------------------------------
     log_level: str = _opt("info", help="debug, info, warning or error.")
     log_json: bool = _opt(False, help="Write logs as JSON lines (for log shippers).")
-    stall_timeout: float = _opt(30.0, help="Exit non-zero when the event loop is stuck this long (0: off).")
-    shutdown_timeout: float = _opt(10.0, help="Seconds in-flight requests get to finish on SIGTERM.")
+    stall_timeout: float = _opt(30.0, help="Exit non-zero when the event loop is stuck this "
+                                           "long (0: off).")
+    shutdown_timeout: float = _opt(10.0, help="Seconds in-flight requests get to finish on "
+                                              "SIGTERM.")
 
     def __post_init__(self) -> None:
         problems = []
@@ -121,7 +145,8 @@ class Settings:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            problems.append(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+            problems.append(f"log_level must be debug, info, warning or error, "
+                            f"got {self.log_level!r}")
         if problems:
             raise ConfigError("invalid settings: " + "; ".join(problems))
 
@@ -143,7 +168,8 @@ class Settings:
             for f in dataclasses.fields(cls):
                 raw = env.get(ENV_PREFIX + f.name.upper())
                 if raw is not None and raw != "":
-                    values[f.name] = _convert(f, raw, source=f"environment {ENV_PREFIX}{f.name.upper()}")
+                    values[f.name] = _convert(f, raw,
+                                              source=f"environment {ENV_PREFIX}{f.name.upper()}")
         for name, raw in flags.items():
             if raw is None or (isinstance(raw, tuple) and not raw):
                 continue

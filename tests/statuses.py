@@ -69,6 +69,7 @@ def node_status(members: list[Member], plan: Plan | None, *, serving: bool = Tru
     }
     return ring_status(
         node_id=node_id, node_name=me.name, addr=me.addr,
-        http_port=metas[node_id].http_port, members=members, metas=metas, plan=plan, rtt=RTTS.get, model=MODEL, shard_bytes=shard_bytes,
+        http_port=metas[node_id].http_port, members=members, metas=metas, plan=plan, rtt=RTTS.get,
+        model=MODEL, shard_bytes=shard_bytes,
         serving=serving, reason=reason, fingerprint="c0ffee1234", measured_tps=measured_tps,
         timeline={"plan_committed": 1.25}, stats=stats)

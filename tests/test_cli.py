@@ -27,7 +27,8 @@ def test_model_list_on_an_empty_store_says_what_to_do(tmp_path):
 
 
 def test_model_import_of_a_missing_file_is_a_message(tmp_path):
-    r = CliRunner().invoke(main, ["model", "import", str(tmp_path / "nope.gguf"), "--store", str(tmp_path)])
+    r = CliRunner().invoke(main, ["model", "import", str(tmp_path / "nope.gguf"),
+                                  "--store", str(tmp_path)])
     assert r.exit_code != 0 and "nope.gguf" in r.output and "Traceback" not in r.output
 
 

@@ -9,9 +9,11 @@ from ringd.errors import ConfigError
 
 def test_file_then_environment_then_flags(tmp_path):
     cfg = tmp_path / "ringd.toml"
-    cfg.write_text('[ringd]\nport = 9000\nmemory-budget = "2GiB"\npeers = ["10.0.0.2:7411"]\nmdns = false\n')
+    cfg.write_text('[ringd]\nport = 9000\nmemory-budget = "2GiB"\n'
+                   'peers = ["10.0.0.2:7411"]\nmdns = false\n')
     s = Settings.load(cfg, env={})
-    assert (s.port, s.memory_budget, s.peers, s.mdns) == (9000, 2 * 2**30, ("10.0.0.2:7411",), False)
+    assert ((s.port, s.memory_budget, s.peers, s.mdns)
+            == (9000, 2 * 2**30, ("10.0.0.2:7411",), False))
     s = Settings.load(cfg, env={"RINGD_PORT": "9100", "RINGD_MDNS": "yes"})
     assert (s.port, s.mdns) == (9100, True)
     s = Settings.load(cfg, env={"RINGD_PORT": "9100"}, port=9200, memory_budget="512MiB")
@@ -51,8 +53,9 @@ def test_bad_environment_value_names_the_variable():
         Settings.load(env={"RINGD_PROBE_INTERVAL": "soon"})
 
 
-@pytest.mark.parametrize("text, value", [("6GiB", 6 * 2**30), ("512 MB", 512 * 10**6), ("1.5g", 1_500_000_000),
-                                         ("1073741824", 2**30), (4096, 4096)])
+@pytest.mark.parametrize("text, value", [("6GiB", 6 * 2**30), ("512 MB", 512 * 10**6),
+                                         ("1.5g", 1_500_000_000), ("1073741824", 2**30),
+                                         (4096, 4096)])
 def test_parse_size(text, value):
     assert parse_size(text) == value
 

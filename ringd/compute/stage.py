@@ -113,5 +113,6 @@ class StageCompute:
         return len(self.engine.active_requests())
 
     def stats(self) -> dict[str, Any]:
-        return {"layers": [self.engine.start, self.engine.end], "loaded_bytes": self.engine.loaded_bytes,
+        return {"layers": [self.engine.start, self.engine.end],
+                "loaded_bytes": self.engine.loaded_bytes,
                 "kv_cache_bytes": self.engine.cache_bytes(), "requests": self.active()}

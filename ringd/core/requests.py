@@ -91,7 +91,8 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
-            raise RequestError("bad_request", "give either chat messages or a prompt, not both or neither")
+            raise RequestError("bad_request",
+                               "give either chat messages or a prompt, not both or neither")
 
 
 @dataclass(frozen=True)

@@ -80,11 +80,14 @@ class Route:
 
 
 def epoch_error(sender: str, self_id: str, epoch: int, serving: int) -> RequestError:
-    """``sender`` routed an activation of plan ``epoch`` to ``self_id``, which serves ``serving``."""
+    """``sender`` routed an activation of plan ``epoch`` to ``self_id``, which serves
+    ``serving``."""
     return RequestError(
         "coverage",
-        f"node {sender} sent an activation of plan epoch {epoch} to node {self_id}, which serves epoch {serving}",
-        hint="a node is routing with another plan; the request was stopped before it produced a token",
+        f"node {sender} sent an activation of plan epoch {epoch} to node {self_id}, "
+        f"which serves epoch {serving}",
+        hint="a node is routing with another plan; the request was stopped before it produced "
+             "a token",
     )
 
 
@@ -102,7 +105,8 @@ def check_activation(route: Route, self_id: str, *, epoch: int, layer_lo: int, l
     return stage
 
 
-def check_complete(route: Route, *, layer_lo: int, layer_hi: int, sender: str, self_id: str) -> None:
+def check_complete(route: Route, *, layer_lo: int, layer_hi: int, sender: str,
+                   self_id: str) -> None:
     """At the sampling node: the step must have passed through ``[0, num_layers)`` exactly."""
     if (layer_lo, layer_hi) != (0, route.num_layers):
         raise RequestError(
@@ -114,15 +118,18 @@ def check_complete(route: Route, *, layer_lo: int, layer_hi: int, sender: str, s
 
 
 def _interval_problem(route: Route, lo: int, hi: int, stage: Stage, sender: str) -> str:
-    head = (f"node {stage.node_id} owns layers [{stage.start}, {stage.end}) but received an activation "
-            f"from node {sender} that passed through [{lo}, {hi})")
+    head = (f"node {stage.node_id} owns layers [{stage.start}, {stage.end}) but received "
+            f"an activation from node {sender} that passed through [{lo}, {hi})")
     if lo != 0:
         return head + f": layers [0, {lo}) were skipped at the start"
     if hi < stage.start:
         missing = sorted({route.owner_of(layer) or "?" for layer in range(hi, stage.start)})
-        return head + f": gap, layers [{hi}, {stage.start}) (owned by {', '.join(missing)}) were not computed"
-    overlap = sorted({route.owner_of(layer) or "?" for layer in range(stage.start, min(hi, stage.end))})
-    return head + f": overlap, layers [{stage.start}, {hi}) would be computed twice (also by {', '.join(overlap)})"
+        return head + (f": gap, layers [{hi}, {stage.start}) (owned by {', '.join(missing)}) "
+                       "were not computed")
+    overlap = sorted({route.owner_of(layer) or "?"
+                      for layer in range(stage.start, min(hi, stage.end))})
+    return head + (f": overlap, layers [{stage.start}, {hi}) would be computed twice "
+                   f"(also by {', '.join(overlap)})")
 
 
 def chunks(n: int, size: int) -> Iterator[tuple[int, int]]:

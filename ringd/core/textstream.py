@@ -18,7 +18,8 @@ from ringd.errors import LocalProtocolError
 
 
 class Decoder(Protocol):
-    """The tokenizer's incremental detokenizer (:meth:`ringd.compute.tokenizer.Tokenizer.new_decoder`)."""
+    """The tokenizer's incremental detokenizer
+    (:meth:`ringd.compute.tokenizer.Tokenizer.new_decoder`)."""
 
     def add(self, token_id: int) -> str: ...
 

@@ -81,7 +81,8 @@ class Transport:
         self._loop = asyncio.get_running_loop()
         udp_sock, tcp_sock = _bind_pair(self.settings.bind_host, self.settings.port)
         self.local_addr = udp_sock.getsockname()[:2]
-        endpoint = Endpoint(self.sealer, self.guard, config=self._reliable_cfg, counters=self.counters)
+        endpoint = Endpoint(self.sealer, self.guard, config=self._reliable_cfg,
+                            counters=self.counters)
         self.udp = UdpChannel(udp_sock, endpoint, self._on_udp_event, offload=self._udp_offload,
                               datagram_size=self.settings.datagram_size)
         self.tcp = TcpChannel(self.sealer, self.guard, self.counters, port=self.local_addr[1],
@@ -90,7 +91,8 @@ class Transport:
         self.udp.start()
         log.info("peer transport on %s:%d (UDP+TCP, %s, datagrams %s, GSO %s, encryption %s)",
                  self.local_addr[0], self.local_addr[1], loop_name(),
-                 f"{self.settings.datagram_size} B" if self.settings.datagram_size else "by path MTU",
+                 (f"{self.settings.datagram_size} B" if self.settings.datagram_size
+                  else "by path MTU"),
                  "on" if self.udp.gso else "off",
                  "on" if self.sealer.encrypt else "off")
         return self.local_addr
@@ -115,7 +117,8 @@ class Transport:
         if not reliable and size <= self.udp.max_oneshot(addr):
             self.udp.send_frame(addr, b"".join((head, body)), reliable=False)
         elif size <= self._udp_limit and self._udp_ok(addr):
-            self.udp.send_frame(addr, b"".join((head, body)) if body else head, stream=stream_of(msg))
+            self.udp.send_frame(addr, b"".join((head, body)) if body else head,
+                                stream=stream_of(msg))
         else:
             self.tcp.send_frame(addr, head, body)
 
@@ -201,7 +204,8 @@ def _bind_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
             tcp.close()
             if port == 0 and e.errno == errno.EADDRINUSE:
                 continue
-            raise ConfigError(f"cannot bind the peer port {host}:{port} (UDP and TCP): {e.strerror or e}",
+            raise ConfigError(f"cannot bind the peer port {host}:{port} (UDP and TCP): "
+                              f"{e.strerror or e}",
                               hint="another ringd may be running; choose another port with --port "
                                    "or RINGD_PORT, or check bind_host") from None
         udp.setblocking(False)

@@ -27,8 +27,10 @@ def test_route_navigation():
 
 
 def test_healthy_activation_is_accepted():
-    assert check_activation(ROUTE, "b", epoch=7, layer_lo=0, layer_hi=10, sender="a") == Stage("b", 10, 20)
-    assert check_activation(ROUTE, "a", epoch=7, layer_lo=0, layer_hi=0, sender="entry") == Stage("a", 0, 10)
+    assert (check_activation(ROUTE, "b", epoch=7, layer_lo=0, layer_hi=10, sender="a")
+            == Stage("b", 10, 20))
+    assert (check_activation(ROUTE, "a", epoch=7, layer_lo=0, layer_hi=0, sender="entry")
+            == Stage("a", 0, 10))
     check_complete(ROUTE, layer_lo=0, layer_hi=30, sender="c", self_id="c")
 
 

@@ -99,7 +99,8 @@ def test_stream_decoder_buffered_protocol_api_and_buffer_reuse() -> None:
     got = _feed_buffered(d, big, 65536)
     assert len(got) == 1 and len(decode(got[0].data).payload) == 500_000
     first = d._buf
-    big2 = bytes(seal_tcp_frame(Sealer(KEY, "tx", 42), 2, encode_bytes(Gossip(os.urandom(500_000)))))
+    big2 = bytes(seal_tcp_frame(Sealer(KEY, "tx", 42), 2,
+                                encode_bytes(Gossip(os.urandom(500_000)))))
     [f2] = d.receive_data(big2)
     assert len(decode(f2.data).payload) == 500_000
     assert d._buf is first  # the same buffer serves the next large frame

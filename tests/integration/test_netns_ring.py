@@ -23,12 +23,14 @@ PEER_PORT = 7411
 
 
 def ringctl(host, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(host.exec([sys.executable, "-m", "ringd.cli", *args, "--port", str(HTTP_PORT)]),
+    return subprocess.run(host.exec([sys.executable, "-m", "ringd.cli", *args,
+                                     "--port", str(HTTP_PORT)]),
                           capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.netns
-def test_ring_across_namespaces_forms_by_mdns_and_answers(tiny_quantized_model_dir: Path, tmp_path: Path):
+def test_ring_across_namespaces_forms_by_mdns_and_answers(tiny_quantized_model_dir: Path,
+                                                          tmp_path: Path):
     try:
         lab = BridgeLab(3).__enter__()
     except NetnsUnavailable as e:
@@ -45,9 +47,10 @@ def test_ring_across_namespaces_forms_by_mdns_and_answers(tiny_quantized_model_d
             args = [sys.executable, "-m", "ringd", "run", f"--state-dir={tmp_path / f'state{i}'}",
                     f"--cluster-key-file={key}", f"--model-store={tiny_quantized_model_dir.parent}",
                     f"--model={tiny_quantized_model_dir.name}", f"--node-name=host{i}",
-                    "--bind-host=0.0.0.0", f"--advertise-host={host.address}", f"--port={PEER_PORT}",
-                    "--http-host=127.0.0.1", f"--http-port={HTTP_PORT}", f"--memory-budget={unit * i}",
-                    "--mdns", f"--mdns-interface={host.address}", *RING_ARGS]
+                    "--bind-host=0.0.0.0", f"--advertise-host={host.address}",
+                    f"--port={PEER_PORT}", "--http-host=127.0.0.1", f"--http-port={HTTP_PORT}",
+                    f"--memory-budget={unit * i}", "--mdns", f"--mdns-interface={host.address}",
+                    *RING_ARGS]
             with open(log, "wb") as out:
                 procs.append(subprocess.Popen(host.exec(args), stdout=out, stderr=subprocess.STDOUT,
                                               start_new_session=True))
@@ -67,12 +70,14 @@ def test_ring_across_namespaces_forms_by_mdns_and_answers(tiny_quantized_model_d
         assert len({s["plan"]["hash"] for s in statuses}) == 1
         addrs = {m["addr"] for m in statuses[0]["members"]}
         assert addrs == {f"{h.address}:{PEER_PORT}" for h in lab.hosts}
-        spans = sorted((a["end"] - a["start"], a["node_id"]) for a in statuses[0]["plan"]["assignments"])
+        spans = sorted((a["end"] - a["start"], a["node_id"])
+                       for a in statuses[0]["plan"]["assignments"])
         ids_by_budget = [s["node"]["id"] for s in statuses]  # host1..3 have budgets 1:2:3
         assert spans[-1][1] == ids_by_budget[2] and spans[0][0] <= spans[-1][0]
 
         prompt = "What is the capital of France?"
-        r = ringctl(lab.hosts[0], "prompt", "--raw", "--json", "--max-tokens", "16", prompt, timeout=60)
+        r = ringctl(lab.hosts[0], "prompt", "--raw", "--json", "--max-tokens", "16", prompt,
+                    timeout=60)
         assert r.returncode == 0, r.stderr
         events = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
         got = [e["token_id"] for e in events if e["type"] == "token"]

@@ -239,8 +239,8 @@ def test_a_node_with_a_wrong_layer_file_keeps_the_ring_from_serving(tiny: Path, 
         reason = (bad.statuses()[0] or {}).get("reason") or ""
         return reason if "refuses to serve" in reason else None
 
-    assert "refuses to serve: the ring's weights do not match" in wait_for("node3 to show the refusal",
-                                                                        node3_refusal)
+    assert "refuses to serve: the ring's weights do not match" in wait_for(
+        "node3 to show the refusal", node3_refusal)
     for entry in (good, bad):
         assert refused(entry, 0).code == "not_ready"
 

@@ -154,20 +154,23 @@ def test_openai_client_streaming_and_not(tiny_ring, tiny_quantized_model_dir):
     models = [m.id for m in client.models.list().data]
     assert models == [tiny_quantized_model_dir.name]
     messages = [{"role": "user", "content": PROMPTS[0]}]
-    whole = client.chat.completions.create(model=models[0], messages=messages, max_tokens=16, temperature=0)
-    chunks = client.chat.completions.create(model=models[0], messages=messages, max_tokens=16, temperature=0,
-                                            stream=True)
+    whole = client.chat.completions.create(model=models[0], messages=messages, max_tokens=16,
+                                           temperature=0)
+    chunks = client.chat.completions.create(model=models[0], messages=messages, max_tokens=16,
+                                            temperature=0, stream=True)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert whole.choices[0].message.content == streamed
     assert whole.usage.completion_tokens >= 1 and whole.usage.prompt_tokens > 5
-    ref = stream(Client("127.0.0.1", node.http_port), messages=messages, max_tokens=16, temperature=0.0)
+    ref = stream(Client("127.0.0.1", node.http_port), messages=messages, max_tokens=16,
+                 temperature=0.0)
     assert text(ref) == streamed
 
 
 def test_a_ring_with_every_frame_over_tcp_gives_the_same_tokens(tiny_quantized_model_dir, tmp_path):
     """``tcp_threshold = 0`` (the README's switch for links where TCP does better) sends every
     activation and token over TCP, through the channel's queue: same greedy tokens."""
-    ring = ring_for(tiny_quantized_model_dir, tmp_path / "tcp", (1, 2), extra_args=("--tcp-threshold=0",))
+    ring = ring_for(tiny_quantized_model_dir, tmp_path / "tcp", (1, 2),
+                    extra_args=("--tcp-threshold=0",))
     ring.start()
     try:
         ring.wait_ready(90)
@@ -185,7 +188,8 @@ def test_a_ring_with_every_frame_over_tcp_gives_the_same_tokens(tiny_quantized_m
         assert ring.stop() == [0, 0]
 
 
-def test_request_while_the_ring_cannot_form_is_refused_with_the_reason(tiny_quantized_model_dir, tmp_path):
+def test_request_while_the_ring_cannot_form_is_refused_with_the_reason(tiny_quantized_model_dir,
+                                                                       tmp_path):
     # One node with far too little memory: the plan cannot fit, so the ring never serves.
     ring = ring_for(tiny_quantized_model_dir, tmp_path / "small", (1,), slack=0.3)
     ring.start()
@@ -218,7 +222,8 @@ def test_greedy_ring_equals_mlx_lm_on_the_default_model(default_model_dir, tmp_p
             messages = [{"role": "user", "content": prompt}]
             ids = tok.encode_chat(messages)
             want = reference_tokens(default_model_dir, ids, 12)
-            events = stream(ring.nodes[i % 3].client, messages=messages, max_tokens=12, temperature=0.0)
+            events = stream(ring.nodes[i % 3].client, messages=messages, max_tokens=12,
+                            temperature=0.0)
             assert without_eos(token_ids(events), tok.eos_token_ids) == want
             if i == 0:
                 assert "Paris" in text(events)

@@ -1,5 +1,6 @@
 """The HTTP API with the official ``openai`` client, against a real ApiServer on loopback
-backed by SoloBackend (a one-stage ring in process) running the tiny model; references from the engine's generate_local."""
+backed by SoloBackend (a one-stage ring in process) running the tiny model; references from
+the engine's generate_local."""
 
 from __future__ import annotations
 

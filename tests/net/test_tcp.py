@@ -24,7 +24,8 @@ from tests.net.test_udp import Inbox, on_both_loops
 KEY = bytes(range(32))
 
 
-async def node(name: str, *, key: bytes = KEY, port: int = 0, **kw) -> tuple[TcpChannel, Inbox, tuple[str, int]]:
+async def node(name: str, *, key: bytes = KEY, port: int = 0,
+               **kw) -> tuple[TcpChannel, Inbox, tuple[str, int]]:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
@@ -32,8 +33,9 @@ async def node(name: str, *, key: bytes = KEY, port: int = 0, **kw) -> tuple[Tcp
     sock.setblocking(False)
     addr = sock.getsockname()
     inbox = Inbox()
-    ch = TcpChannel(Sealer(key, name, new_session(1000, len(name))), ReplayGuard(), wire.new_counters(),
-                    port=addr[1], on_frame=lambda s, a, d: inbox.put((s, a, bytes(d))), **kw)
+    ch = TcpChannel(Sealer(key, name, new_session(1000, len(name))), ReplayGuard(),
+                    wire.new_counters(), port=addr[1],
+                    on_frame=lambda s, a, d: inbox.put((s, a, bytes(d))), **kw)
     await ch.start(sock)
     return ch, inbox, addr
 
@@ -74,7 +76,8 @@ async def test_frames_flow_both_ways_on_one_connection() -> None:
         await inb.wait(lambda xs: len(xs) == 2)
         assert decode(inb.items[0][2]).payload == b"hello"
         assert bytes(decode(inb.items[1][2]).tensor.data) == big
-        assert all(s == "a" and addr == aa for s, addr, _ in inb.items)  # a's peer port, not its ephemeral one
+        # a's peer port, not its ephemeral one
+        assert all(s == "a" and addr == aa for s, addr, _ in inb.items)
         b.send_frame(aa, gossip(b"reply"))  # reuses the connection a opened
         await ina.wait(lambda xs: len(xs) == 1)
         assert ina.items[0][:2] == ("b", ba)
@@ -108,7 +111,8 @@ async def test_large_frames_go_in_records_between_small_frames_in_order() -> Non
         per_record = stream.TCP_HEADER.size + a.sealer.overhead
         overhead = a.totals["bytes_sent"] - sent_before - sum(len(x) for x in expected)
         assert n >= 4 and overhead == 4 * 4 + (3 * (n + 1) + n + 3) * per_record
-        assert sum(b.counters.values()) == 0 and b.totals["frames_received"] == 1 + len(expected)  # + connected()'s
+        assert (sum(b.counters.values()) == 0
+                and b.totals["frames_received"] == 1 + len(expected))  # + connected()'s
         assert all(c.decoder.failed is None for c in b.conns_all)
 
 
@@ -218,7 +222,8 @@ async def test_the_queue_for_a_peer_that_does_not_read_is_bounded() -> None:
         await asyncio.wait_for(a.drain(ba), 10)
         await inb.wait(lambda xs: len(xs) == 64 - dropped)
         got = [d for _, _, d in inb.items]
-        assert got == chunks[:len(got)]  # the first ones, whole and in order: the later ones were dropped
+        # the first ones, whole and in order: the later ones were dropped
+        assert got == chunks[:len(got)]
 
 
 @on_both_loops
@@ -240,7 +245,8 @@ async def test_small_frames_wait_in_the_queue_while_the_transport_pushes_back() 
 
 
 @on_both_loops
-async def test_a_message_that_cannot_be_sealed_fails_its_sender_not_the_connection(monkeypatch) -> None:
+async def test_a_message_that_cannot_be_sealed_fails_its_sender_not_the_connection(
+        monkeypatch) -> None:
     async with connected() as (a, _, inb, ba):
         huge = memoryview(mmap.mmap(-1, 64 << 20))  # untouched pages: no memory
         with pytest.raises(LocalProtocolError, match="exceeds the limit"):
@@ -271,7 +277,8 @@ async def test_a_large_message_does_not_hold_the_loop() -> None:
         a.send_frame(ba, gossip(b"after"))
         assert a.totals["bytes_sent"] - before < tcp.RECORD  # nothing sealed yet
         written_when_called = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().call_soon(lambda: written_when_called.set_result(a.totals["bytes_sent"] - before))
+        asyncio.get_running_loop().call_soon(
+            lambda: written_when_called.set_result(a.totals["bytes_sent"] - before))
         assert await written_when_called <= 2 * tcp.RECORD + 4096
         await inb.wait(lambda xs: len(xs) == 2, timeout=20)
         assert inb.items[0][2] == big and inb.items[1][2] == gossip(b"after")

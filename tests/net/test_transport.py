@@ -24,9 +24,11 @@ KEY = bytes(range(32))
 SETTINGS = Settings(bind_host="127.0.0.1", port=0, mdns=False)
 
 
-async def transport(name: str, *, key: bytes = KEY, settings: Settings = SETTINGS, **kw) -> tuple[Transport, Inbox]:
+async def transport(name: str, *, key: bytes = KEY, settings: Settings = SETTINGS,
+                    **kw) -> tuple[Transport, Inbox]:
     inbox = Inbox()
-    t = Transport(settings, node_id=name, key=key, on_message=lambda s, a, m: inbox.put((s, a, m)), **kw)
+    t = Transport(settings, node_id=name, key=key,
+                  on_message=lambda s, a, m: inbox.put((s, a, m)), **kw)
     await t.start()
     return t, inbox
 
@@ -55,7 +57,8 @@ async def test_binds_udp_and_tcp_on_one_port() -> None:
 @on_both_loops
 async def test_small_frames_use_udp_large_ones_tcp() -> None:
     a, _ = await transport("a")
-    b, inbox = await transport("b", settings=Settings(bind_host="127.0.0.1", port=0, tcp_threshold=64 * 1024))
+    b, inbox = await transport("b", settings=Settings(bind_host="127.0.0.1", port=0,
+                                                      tcp_threshold=64 * 1024))
     try:
         small, large = act(32 * 1024), act(1 << 20, step=1)
         a.send(b.local_addr, small)
@@ -64,7 +67,8 @@ async def test_small_frames_use_udp_large_ones_tcp() -> None:
         a.send(b.local_addr, large)
         await inbox.wait(lambda xs: len(xs) == 2)
         assert [m for _, _, m in inbox.items] == [small, large]
-        assert all(s == "a" and addr == a.local_addr for s, addr, _ in inbox.items)  # same address either way
+        # same address either way
+        assert all(s == "a" and addr == a.local_addr for s, addr, _ in inbox.items)
         assert b.udp.endpoint.totals["frames_received"] == b_udp + 1
         assert b.tcp.totals["frames_received"] == b_tcp + 1
         # b's threshold is lower: its 100 KiB reply goes over TCP, a's over UDP
@@ -107,7 +111,8 @@ async def test_a_malformed_frame_is_counted_and_never_raises() -> None:
 async def test_peer_silent_on_udp_is_moved_to_tcp() -> None:
     changes: list[tuple] = []
     fast = ReliableConfig(initial_rtt=0.005, pto_limit=3)
-    a, _ = await transport("a", reliable=fast, on_channel_change=lambda addr, ch: changes.append((addr, ch)),
+    a, _ = await transport("a", reliable=fast,
+                           on_channel_change=lambda addr, ch: changes.append((addr, ch)),
                            udp_retry=0.3)
     b, inbox = await transport("b")
     try:
@@ -129,7 +134,8 @@ async def test_peer_silent_on_udp_is_moved_to_tcp() -> None:
                 break
         b.udp.resume_reading()
         start = time.monotonic()
-        while time.monotonic() - start < 0.3:  # wait out udp_retry: a deadline, not a synchronisation
+        # wait out udp_retry: a deadline, not a synchronisation
+        while time.monotonic() - start < 0.3:
             await asyncio.sleep(0.05)
         a.send(b.local_addr, act(1024, step=4))
         await inbox.wait(lambda xs: len(xs) == 5)
@@ -141,7 +147,8 @@ async def test_peer_silent_on_udp_is_moved_to_tcp() -> None:
 
 @on_both_loops
 async def test_ten_thousand_frames_through_a_lossy_link_arrive_once_in_order() -> None:
-    lan = Settings(bind_host="127.0.0.1", port=0, mdns=False, datagram_size=1400)  # an Ethernet's size
+    lan = Settings(bind_host="127.0.0.1", port=0, mdns=False,
+                   datagram_size=1400)  # an Ethernet's size
     b, inbox = await transport("b", settings=lan)
     proxy = LossyProxy(b.local_addr, seed=7, loss=0.05, dup=0.03, reorder=0.1, max_delay=0.003)
     front = await proxy.start()
@@ -158,7 +165,8 @@ async def test_ten_thousand_frames_through_a_lossy_link_arrive_once_in_order() -
         got = [int.from_bytes(m.payload[:4], "little") for _, _, m in inbox.items]
         assert got == list(range(n))
         assert all(s == "a" and addr == proxy.back_addr for s, addr, _ in inbox.items)
-        assert proxy.forward.dropped > 100 and proxy.forward.duplicated > 50 and proxy.forward.delayed > 100
+        assert (proxy.forward.dropped > 100 and proxy.forward.duplicated > 50
+                and proxy.forward.delayed > 100)
         assert a.udp.endpoint.totals["packets_lost"] > 0
         assert b.stats()["drops"]["replay"] > 0  # duplicates were recognised
         assert b.udp.totals["gathered"] > 0  # the proxy sends datagrams one by one: no kernel GRO

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 import ringd.cli.service as cli_service
 from ringd.cli.service import service
-from ringd.service.units import LABEL, Scope, render_env_file, render_launchd_plist, render_systemd_unit
+from ringd.service.units import (LABEL, Scope, render_env_file, render_launchd_plist,
+                                 render_systemd_unit)
 
 
 class FakeRunner:
@@ -32,7 +33,8 @@ class FakeRunner:
                                            "" if rc == 0 else f"{argv[1]} went wrong\n")
 
 
-def invoke(args: list[str], runner: FakeRunner | None = None, config: str | None = None) -> click.testing.Result:
+def invoke(args: list[str], runner: FakeRunner | None = None,
+           config: str | None = None) -> click.testing.Result:
     @click.group()
     @click.pass_context
     def main(ctx: click.Context) -> None:  # stands in for ringctl's main group
@@ -43,7 +45,8 @@ def invoke(args: list[str], runner: FakeRunner | None = None, config: str | None
 
 
 def files_under(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in root.rglob("*") if p.is_file()}
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777
+            for p in root.rglob("*") if p.is_file()}
 
 
 @pytest.fixture
@@ -59,9 +62,12 @@ def test_dry_run_prints_files_and_commands_and_writes_nothing(tmp_path: Path, ho
     r = invoke(["install", "--scope", "system", "--manager", "systemd", "--root", str(root),
                 "--exec", "/opt/ringd/bin/ringd", "--dry-run"], config="/etc/ringd/ringd.toml")
     assert r.exit_code == 0, r.output
-    unit = render_systemd_unit(Scope.SYSTEM, "/opt/ringd/bin/ringd", config_file="/etc/ringd/ringd.toml")
-    assert f"--- would write {root}/etc/systemd/system/ringd.service (mode 0644):\n{unit}" in r.output
-    assert f"--- would write {root}/etc/ringd/ringd.env (mode 0600, only if missing):\n{render_env_file()}" in r.output
+    unit = render_systemd_unit(Scope.SYSTEM, "/opt/ringd/bin/ringd",
+                               config_file="/etc/ringd/ringd.toml")
+    assert (f"--- would write {root}/etc/systemd/system/ringd.service (mode 0644):\n{unit}"
+            in r.output)
+    assert (f"--- would write {root}/etc/ringd/ringd.env (mode 0600, only if missing):\n"
+            f"{render_env_file()}" in r.output)
     assert "\nsystemctl daemon-reload\nsystemctl enable ringd.service\n" \
            "systemctl restart --no-block ringd.service\n" in r.output
     assert "would NOT run these commands (--root given" in r.output
@@ -73,7 +79,8 @@ def test_install_into_a_root_then_uninstall(tmp_path: Path, home: Path) -> None:
     r = invoke(["install", "--scope", "system", "--manager", "systemd", "--root", str(root),
                 "--exec", "/opt/ringd/bin/ringd"])
     assert r.exit_code == 0, r.output
-    assert files_under(root) == {"etc/systemd/system/ringd.service": 0o644, "etc/ringd/ringd.env": 0o600}
+    assert files_under(root) == {"etc/systemd/system/ringd.service": 0o644,
+                                 "etc/ringd/ringd.env": 0o600}
     assert (root / "etc/systemd/system/ringd.service").read_text() == \
         render_systemd_unit(Scope.SYSTEM, "/opt/ringd/bin/ringd")
     assert "did not tell the service manager (--root given" in r.output
@@ -87,14 +94,16 @@ def test_install_into_a_root_then_uninstall(tmp_path: Path, home: Path) -> None:
 
     r = invoke(["status", "--scope", "system", "--manager", "systemd", "--root", str(root)])
     assert r.exit_code == 3 and "installed, up to date" in r.output, r.output
-    (root / "etc/systemd/system/ringd.service").write_text("[Service]\nExecStart=/opt/ringd/bin/ringd run\n")
+    (root / "etc/systemd/system/ringd.service").write_text(
+        "[Service]\nExecStart=/opt/ringd/bin/ringd run\n")
     r = invoke(["status", "--scope", "system", "--manager", "systemd", "--root", str(root)])
     assert "differs from what `ringctl service install` writes now" in r.output
 
     r = invoke(["uninstall", "--scope", "system", "--manager", "systemd", "--root", str(root)])
     assert r.exit_code == 0 and files_under(root) == {"etc/ringd/ringd.env": 0o600}
     assert "state directory (node id, cluster key) and the model store are kept" in r.output
-    r = invoke(["uninstall", "--scope", "system", "--manager", "systemd", "--root", str(root), "--purge"])
+    r = invoke(["uninstall", "--scope", "system", "--manager", "systemd", "--root", str(root),
+                "--purge"])
     assert r.exit_code == 0 and files_under(root) == {}
     r = invoke(["status", "--scope", "system", "--manager", "systemd", "--root", str(root)])
     assert r.exit_code == 1 and "not installed" in r.output
@@ -111,7 +120,8 @@ def test_user_scope_install_into_a_root_uses_the_home(tmp_path: Path, home: Path
 
 def test_launchd_agent_install_runs_the_exact_launchctl_commands(
         home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli_service, "manager_unusable", lambda manager, scope: None)  # pretend macOS
+    monkeypatch.setattr(cli_service, "manager_unusable",
+                        lambda manager, scope: None)  # pretend macOS
     fake = FakeRunner()
     r = invoke(["install", "--manager", "launchd", "--exec", "/opt/ringd"], runner=fake)
     assert r.exit_code == 0, r.output
@@ -122,11 +132,13 @@ def test_launchd_agent_install_runs_the_exact_launchctl_commands(
                           ["launchctl", "bootstrap", f"gui/{uid}", str(plist_path)]]
     assert plist_path.read_bytes() == render_launchd_plist(Scope.USER, "/opt/ringd", home=str(home))
     assert (plist_path.stat().st_mode & 0o777) == 0o644
-    assert plistlib.loads(plist_path.read_bytes())["StandardErrorPath"] == f"{home}/Library/Logs/ringd.log"
+    assert (plistlib.loads(plist_path.read_bytes())["StandardErrorPath"]
+            == f"{home}/Library/Logs/ringd.log")
 
     fake.calls.clear()
     r = invoke(["status", "--manager", "launchd"], runner=fake)
-    assert r.exit_code == 0 and "installed, up to date" in r.output and "state = running" in r.output
+    assert (r.exit_code == 0 and "installed, up to date" in r.output
+            and "state = running" in r.output)
     assert fake.calls == [["launchctl", "print", f"gui/{uid}/{LABEL}"]]
 
     fake = FakeRunner(fail={"bootout": 3})  # not loaded: fine for uninstall
@@ -148,7 +160,8 @@ def test_a_failing_command_is_a_clear_error(home: Path, monkeypatch: pytest.Monk
 def test_without_a_usable_manager_install_refuses_and_writes_nothing(
         tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli_service, "manager_unusable",
-                        lambda manager, scope: "systemd is not running on this machine (PID 1 is 'init')")
+                        lambda manager, scope: "systemd is not running on this machine "
+                                               "(PID 1 is 'init')")
     fake = FakeRunner()
     r = invoke(["install", "--manager", "systemd", "--exec", "/x/ringd"], runner=fake)
     assert r.exit_code == 2 and fake.calls == []
