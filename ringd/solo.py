@@ -20,13 +20,12 @@ from ringd.config import Settings
 from ringd.core import wire
 from ringd.core.pipeline import Pipeline
 from ringd.core.requests import FinishEvent, GenerationRequest, TokenEvent
-from ringd.core.membership import MemberState
 from ringd.core.ringmeta import NodePhase
 from ringd.core.route import Route, Stage
+from ringd.core.swim_wire import MemberState
 from ringd.errors import LocalProtocolError, RequestError
 from ringd.runner import Runner, pipeline_config
-from ringd.status import (AssignmentStatus, MemberStatus, ModelStatus, NodeStatus, PlanStatus,
-                          Status)
+from ringd.status import AssignmentStatus, MemberStatus, ModelStatus, NodeStatus, PlanStatus, Status
 
 NODE_ID = "local"
 

@@ -35,8 +35,8 @@ from typing import Any
 
 import msgpack
 
-from ringd.core.membership import Addr, Member
 from ringd.core.plan import canonical_hash
+from ringd.core.swim_wire import Addr, Member
 from ringd.errors import LocalProtocolError, RemoteProtocolError
 
 log = logging.getLogger(__name__)
