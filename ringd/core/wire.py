@@ -29,7 +29,7 @@ import msgpack
 from ringd.core.requests import SamplingParams
 from ringd.errors import LocalProtocolError, RemoteProtocolError, RequestError
 
-#: Version of the wire: UDP segment headers (:mod:`ringd.core.reliable`), sealed units
+#: Version of the wire: UDP segment headers (:mod:`ringd.core.packet`), sealed units
 #: (:mod:`ringd.core.seal`), TCP records (:mod:`ringd.core.stream`), message encoding.
 #: 2: AES-128-OCB3 for encrypted units (1 used AES-256-GCM); TCP records with a flags byte
 #: (large messages in several records, see :data:`ringd.core.stream.TCP_HEADER`).
