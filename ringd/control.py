@@ -20,15 +20,27 @@ from typing import Any, Callable
 from ringd import __version__
 from ringd.config import Settings
 from ringd.core import wire
-from ringd.core.agreement import (Agreement, LoadShard, PlanDropped, PlanUnfit, RingReady,
-                                  StopServing)
-from ringd.core.membership import Member, Membership, MembershipConfig
+from ringd.core.agreement import (
+    Agreement,
+    LoadShard,
+    PlanDropped,
+    PlanUnfit,
+    RingReady,
+    StopServing,
+)
+from ringd.core.membership import Membership
 from ringd.core.plan import Plan, model_shape
-from ringd.core.proof import (StageClaim, fingerprint_problem, not_ready_reason, refusal_text,
-                              ring_fingerprint)
-from ringd.core.ringmeta import (MetaDecoder, NodeMeta, NodePhase, adopt_active_model,
-                                  make_view)
+from ringd.core.proof import (
+    StageClaim,
+    fingerprint_problem,
+    not_ready_reason,
+    refusal_text,
+    ring_fingerprint,
+)
+from ringd.core.ringmeta import MetaDecoder, NodeMeta, NodePhase, adopt_active_model, make_view
 from ringd.core.route import Route, Stage
+from ringd.core.swim_config import MembershipConfig
+from ringd.core.swim_wire import Member
 from ringd.errors import RemoteProtocolError, RingdError
 from ringd.faults import Fault
 from ringd.net.transport import Transport

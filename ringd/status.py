@@ -13,16 +13,16 @@ phase (often "serving") says nothing about it any more.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
 import dataclasses
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
-from ringd.core.membership import Member, MemberState
 from ringd.core.plan import Plan
 from ringd.core.proof import StageLoad, rate_verdict, ring_ceiling
 from ringd.core.ringmeta import NodeMeta, NodePhase
+from ringd.core.swim_wire import Member, MemberState
 from ringd.errors import RingdError
 
 Json = dict[str, Any]

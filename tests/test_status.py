@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from ringd.core.membership import MemberState
-from ringd.core.ringmeta import NodePhase
 from ringd.core.proof import StageLoad, ring_ceiling
+from ringd.core.ringmeta import NodePhase
+from ringd.core.swim_wire import MemberState
 from ringd.status import MalformedStatus, Status
 from tests.statuses import member, node_status, plan_of, ring_members, shard_bytes
 

@@ -14,10 +14,10 @@ from typing import Any
 import click
 
 from ringd.cli.common import Command, client_from, daemon_options, read_status
-from ringd.units import format_size
+from ringd.core.swim_wire import MemberState
 from ringd.errors import ExitCode, UsageError
-from ringd.core.membership import MemberState
 from ringd.status import Ceiling, Status
+from ringd.units import format_size
 
 BAR_WIDTH = 24
 NO_PEER_HINT = (

@@ -31,7 +31,10 @@ Usage (the adapter's loop)::
     for addr, payload in m.outbox(): send(addr, payload)
     while (ev := m.next_event()) is not None: ...
 
-Payloads are msgpack; :func:`decode_payload` bounds and type-checks every field.
+Around this state machine: :mod:`ringd.core.swim_wire` holds the records and messages and
+their msgpack codec (:func:`~ringd.core.swim_wire.decode_payload` bounds and type-checks
+every field), :mod:`ringd.core.swim_gossip` the update queue and the suspicion timer, and
+:mod:`ringd.core.swim_config` the knobs.
 """
 
 from __future__ import annotations
@@ -43,259 +46,32 @@ import random
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Union
 
-import msgpack
-
 from ringd import PROTOCOL_VERSION
-from ringd.core.wire import FieldReader
+from ringd.core.swim_config import MembershipConfig
+from ringd.core.swim_gossip import Suspicion, UpdateQueue
+from ringd.core.swim_wire import (
+    MAX_SYNC_MEMBERS,
+    U32,
+    Ack,
+    Addr,
+    Broadcast,
+    Member,
+    MemberState,
+    Message,
+    Ping,
+    PingReq,
+    Sync,
+    Update,
+    decode_payload,
+    to_payload,
+)
 from ringd.errors import LocalProtocolError, RemoteProtocolError
 
 log = logging.getLogger(__name__)
 
-Addr = tuple[str, int]
-
-# Wire bounds (validated on decode).
-MAX_PAYLOAD = 1 << 20
-MAX_ID = 64
-MAX_NAME = 64
-MAX_HOST = 255
-#: Default bound of one member's metadata (bytes); see MembershipConfig.max_meta_bytes.
-MAX_META = 2048
-MAX_UPDATES = 64
-MAX_SYNC_MEMBERS = 1024
-_U32 = (1 << 32) - 1
-
-
-class MemberState(Enum):
-    ALIVE = "alive"
-    SUSPECT = "suspect"
-    DEAD = "dead"
-    LEFT = "left"
-
-
 _LIVE = (MemberState.ALIVE, MemberState.SUSPECT)
-_STATES = tuple(MemberState)
-
-
-@dataclass(frozen=True)
-class Member:
-    node_id: str
-    name: str
-    addr: Addr
-    incarnation: int
-    state: MemberState
-    #: The node's metadata: opaque bytes for SWIM (the ring reads them, see
-    #: :mod:`ringd.core.ringmeta`), at most ``MembershipConfig.max_meta_bytes``.
-    meta: bytes = b""
-    #: Peer protocol version the node speaks; only members of ours are live for the ring.
-    protocol_version: int = PROTOCOL_VERSION
-
-
-@dataclass(frozen=True)
-class Update:
-    """A claim about ``member``'s state, first made by node ``origin``."""
-
-    member: Member
-    origin: str
-
-
-# ------------------------------------------------------------------------------ messages
-@dataclass(frozen=True)
-class Ping:
-    seq: int
-    source: Member
-    #: The node the sender means to reach; None when probing a bare address.
-    target_id: str | None
-    updates: tuple[Update, ...] = ()
-
-
-@dataclass(frozen=True)
-class Ack:
-    seq: int
-    source: Member
-    updates: tuple[Update, ...] = ()
-
-
-@dataclass(frozen=True)
-class PingReq:
-    """Please ping ``target_id`` at ``target_addr`` and forward its ack to me as Ack(seq)."""
-
-    seq: int
-    source: Member
-    target_id: str
-    target_addr: Addr
-    updates: tuple[Update, ...] = ()
-
-
-@dataclass(frozen=True)
-class Broadcast:
-    """Gossip only: updates that have not been able to piggy-back on probes."""
-
-    source: Member
-    updates: tuple[Update, ...] = ()
-
-
-@dataclass(frozen=True)
-class Sync:
-    """Full state push-pull (join, periodic anti-entropy, reconnect after a partition)."""
-
-    source: Member
-    members: tuple[Member, ...]
-    reply: bool
-
-
-Message = Union[Ping, Ack, PingReq, Broadcast, Sync]
-_TAGS: dict[type, int] = {Ping: 1, Ack: 2, PingReq: 3, Broadcast: 4, Sync: 5}
-
-
-def _enc_member(m: Member) -> list[Any]:
-    return [
-        m.node_id,
-        m.name,
-        m.addr[0],
-        m.addr[1],
-        m.incarnation,
-        _STATES.index(m.state),
-        m.protocol_version,
-        m.meta,
-    ]
-
-
-def _enc_updates(updates: Iterable[Update]) -> list[Any]:
-    return [[_enc_member(u.member), u.origin] for u in updates]
-
-
-def to_payload(msg: Message) -> bytes:
-    """Encode a membership message (msgpack)."""
-    if isinstance(msg, Ping):
-        body = [msg.seq, _enc_member(msg.source), msg.target_id, _enc_updates(msg.updates)]
-    elif isinstance(msg, Ack):
-        body = [msg.seq, _enc_member(msg.source), _enc_updates(msg.updates)]
-    elif isinstance(msg, PingReq):
-        body = [
-            msg.seq,
-            _enc_member(msg.source),
-            msg.target_id,
-            list(msg.target_addr),
-            _enc_updates(msg.updates),
-        ]
-    elif isinstance(msg, Broadcast):
-        body = [_enc_member(msg.source), _enc_updates(msg.updates)]
-    elif isinstance(msg, Sync):
-        body = [_enc_member(msg.source), [_enc_member(m) for m in msg.members], msg.reply]
-    else:
-        raise LocalProtocolError(f"not a membership message: {msg!r}")
-    return msgpack.packb([_TAGS[type(msg)], *body], use_bin_type=True)
-
-
-# Decoding: every value is checked with the core's one field kit (ringd.core.wire); any
-# problem is a RemoteProtocolError.
-def _bad(what: str) -> RemoteProtocolError:
-    return RemoteProtocolError(f"membership payload: {what}")
-
-
-_read = FieldReader(_bad)
-_list, _int, _str = _read.items, _read.integer, _read.text
-
-
-def _dec_addr(host: Any, port: Any, what: str) -> Addr:
-    return (_str(host, f"{what}.host", MAX_HOST, 1), _int(port, f"{what}.port", 1, 65535))
-
-
-def _bytes(v: Any, what: str, max_len: int) -> bytes:
-    if type(v) is not bytes or len(v) > max_len:
-        raise _bad(f"{what}: expected bytes, at most {max_len}")
-    return v
-
-
-def _dec_member(v: Any, max_meta: int, what: str = "member") -> Member:
-    f = _list(v, what, 8)
-    return Member(
-        node_id=_str(f[0], f"{what}.node_id", MAX_ID, 1),
-        name=_str(f[1], f"{what}.name", MAX_NAME),
-        addr=_dec_addr(f[2], f[3], f"{what}.addr"),
-        incarnation=_int(f[4], f"{what}.incarnation"),
-        state=_STATES[_int(f[5], f"{what}.state", 0, len(_STATES) - 1)],
-        protocol_version=_int(f[6], f"{what}.protocol_version", 0, _U32),
-        meta=_bytes(f[7], f"{what}.meta", max_meta),
-    )
-
-
-def _dec_source(v: Any, max_meta: int) -> Member:
-    m = _dec_member(v, max_meta, "source")
-    if m.state not in (MemberState.ALIVE, MemberState.LEFT):
-        raise _bad(f"source: a node cannot describe itself as {m.state.value}")
-    return m
-
-
-def _dec_updates(v: Any, max_meta: int) -> tuple[Update, ...]:
-    out = []
-    for u in _list(v, "updates", max_len=MAX_UPDATES):
-        f = _list(u, "update", 2)
-        member = _dec_member(f[0], max_meta, "update.member")
-        out.append(Update(member, _str(f[1], "update.origin", MAX_ID, 1)))
-    return tuple(out)
-
-
-def decode_payload(data: bytes, max_meta: int = MAX_META) -> Message:
-    """Decode and validate a membership payload; junk raises RemoteProtocolError only.
-    A member's metadata longer than ``max_meta`` bytes is junk too."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise _bad("expected bytes")
-    if len(data) > MAX_PAYLOAD:
-        raise _bad(f"{len(data)} bytes, at most {MAX_PAYLOAD} allowed")
-    try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            max_str_len=MAX_HOST,
-            max_bin_len=MAX_PAYLOAD,  # each member's meta: checked against max_meta below
-            max_array_len=MAX_SYNC_MEMBERS,
-            max_map_len=0,
-            max_ext_len=0,
-        )
-    except (ValueError, TypeError, msgpack.UnpackException) as e:
-        raise _bad(f"not valid msgpack ({type(e).__name__})") from None
-    f = _list(obj, "message", max_len=8)
-    if not f:
-        raise _bad("empty message")
-    tag = f[0]
-    if tag == _TAGS[Ping] and type(tag) is int:
-        _list(f, "ping", 5)
-        target = None if f[3] is None else _str(f[3], "ping.target_id", MAX_ID, 1)
-        seq = _int(f[1], "ping.seq", 0, _U32)
-        return Ping(seq, _dec_source(f[2], max_meta), target, _dec_updates(f[4], max_meta))
-    if tag == _TAGS[Ack] and type(tag) is int:
-        _list(f, "ack", 4)
-        seq = _int(f[1], "ack.seq", 0, _U32)
-        return Ack(seq, _dec_source(f[2], max_meta), _dec_updates(f[3], max_meta))
-    if tag == _TAGS[PingReq] and type(tag) is int:
-        _list(f, "ping_req", 6)
-        a = _list(f[4], "ping_req.target_addr", 2)
-        return PingReq(
-            _int(f[1], "ping_req.seq", 0, _U32),
-            _dec_source(f[2], max_meta),
-            _str(f[3], "ping_req.target_id", MAX_ID, 1),
-            _dec_addr(a[0], a[1], "ping_req.target_addr"),
-            _dec_updates(f[5], max_meta),
-        )
-    if tag == _TAGS[Broadcast] and type(tag) is int:
-        _list(f, "broadcast", 3)
-        return Broadcast(_dec_source(f[1], max_meta), _dec_updates(f[2], max_meta))
-    if tag == _TAGS[Sync] and type(tag) is int:
-        _list(f, "sync", 4)
-        members = tuple(
-            _dec_member(m, max_meta, "sync.members[]")
-            for m in _list(f[2], "sync.members", max_len=MAX_SYNC_MEMBERS)
-        )
-        if type(f[3]) is not bool:
-            raise _bad("sync.reply: expected a boolean")
-        return Sync(_dec_source(f[1], max_meta), members, f[3])
-    raise _bad(f"unknown message type {tag!r}")
 
 
 # ------------------------------------------------------------------------------- events
@@ -327,93 +103,12 @@ class MemberLeft:
 Event = Union[MemberJoined, MemberUpdated, MemberSuspected, MemberFailed, MemberLeft]
 
 
-# ------------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class MembershipConfig:
-    """Timing and size knobs; LAN defaults after memberlist's DefaultLANConfig."""
-
-    probe_interval: float = 1.0
-    probe_timeout: float = 0.5
-    #: Base (minimum) suspicion timeout for rings of up to 10 nodes.
-    suspicion_timeout: float = 4.0
-    #: Without confirmations the timeout is this multiple of the base.
-    suspicion_max_mult: float = 3.0
-    #: Independent confirmations that shrink the timeout to the base (needs n - 2 >= this).
-    suspicion_confirmations: int = 2
-    indirect_probes: int = 3
-    gossip_interval: float = 0.2
-    gossip_fanout: int = 3
-    #: Each update is sent retransmit_mult x ceil(log10(n + 1)) times.
-    retransmit_mult: int = 4
-    #: Budget for piggy-backed updates on pings, acks and gossip (fits one datagram).
-    max_payload_bytes: int = 1200
-    #: Push-pull full state with one random member this often.
-    sync_interval: float = 10.0
-    #: Retry known addresses without a live member, and dead members, this often.
-    reconnect_interval: float = 2.0
-    #: Forget dead and left members after this long.
-    reap_after: float = 300.0
-    max_members: int = 256
-    #: Longest metadata a member may carry, in bytes: the local node's is refused above it,
-    #: a peer's payload holding a longer one is junk, so every node of a ring needs the same
-    #: value. memberlist allows 512 bytes; the ring's metadata (:mod:`ringd.core.ringmeta`)
-    #: takes ~300 bytes serving, but its bounds (three plan hashes, a fingerprint, a
-    #: 240-character refusal, model names) reach ~1.0 KB in ASCII and ~1.7 KB with a
-    #: multi-byte refusal: 2 KiB holds them with room for fields to come. A record too big to
-    #: ride next to a probe within ``max_payload_bytes`` (metadata over ~700 bytes) spreads
-    #: only by push-pull and its owner's own messages.
-    max_meta_bytes: int = MAX_META
-
-    def __post_init__(self) -> None:
-        if not 0 < self.probe_timeout < self.probe_interval:
-            raise LocalProtocolError(
-                f"membership: need 0 < probe_timeout ({self.probe_timeout}) "
-                f"< probe_interval ({self.probe_interval})"
-            )
-        if min(self.suspicion_timeout, self.gossip_interval, self.reconnect_interval) <= 0:
-            raise LocalProtocolError("membership: timeouts and intervals must be positive")
-        if not 0 <= self.max_meta_bytes <= MAX_PAYLOAD // 16:
-            raise LocalProtocolError(
-                f"membership: max_meta_bytes ({self.max_meta_bytes}) must be in "
-                f"0..{MAX_PAYLOAD // 16}"
-            )
-
-    @classmethod
-    def from_settings(cls, settings: Any, **overrides: Any) -> MembershipConfig:
-        """Take the timing fields a :class:`ringd.config.Settings` carries."""
-        values = {
-            k: getattr(settings, k)
-            for k in ("probe_interval", "probe_timeout", "suspicion_timeout", "indirect_probes")
-        }
-        if getattr(settings, "datagram_size", 0):  # 0: path MTU; gossip keeps to 1400-byte datagrams
-            values["max_payload_bytes"] = max(512, min(1400, settings.datagram_size) - 200)
-        values.update(overrides)
-        return cls(**values)
-
-
 # ------------------------------------------------------------------------ state machine
-@dataclass
-class _Suspicion:
-    start: float
-    k: int
-    min: float
-    max: float
-    confirmations: set[str]
-
-    def deadline(self) -> float:
-        n = len(self.confirmations) - 1  # the first suspecter does not count
-        if self.k < 1:
-            return self.start + self.min
-        frac = math.log(n + 1) / math.log(self.k + 1)
-        timeout = max(self.min, self.max - frac * (self.max - self.min))
-        return self.start + timeout
-
-
 @dataclass
 class _Entry:
     member: Member
     since: float
-    suspicion: _Suspicion | None = None
+    suspicion: Suspicion | None = None
     rtt: float | None = None
     last_rtt: float | None = None
     dead_notice_at: float = -math.inf
@@ -427,14 +122,6 @@ class _Probe:
     indirect_at: float
     acked: bool = False
     indirect_sent: bool = False
-
-
-@dataclass
-class _Queued:
-    update: Update
-    packed: bytes
-    transmits: int
-    order: int
 
 
 @dataclass
@@ -468,8 +155,7 @@ class Membership:
         self._members: dict[str, _Entry] = {}
         self._events: deque[Event] = deque()
         self._out: list[tuple[Addr, bytes]] = []
-        self._queue: dict[str, _Queued] = {}
-        self._queue_order = 0
+        self._queue = UpdateQueue()
         self._seq = 0
         self._probe: _Probe | None = None
         self._probe_list: list[str] = []
@@ -816,10 +502,15 @@ class Membership:
     def _suspect(self, entry: _Entry, new: Member, origin: str, now: float) -> None:
         cfg = self.config
         n = len(self._live_ids()) + 1
-        k = cfg.suspicion_confirmations if n - 2 >= cfg.suspicion_confirmations else 0
-        base = cfg.suspicion_timeout * max(1.0, math.log10(max(1, n)))
         self._set(entry, new, now)
-        entry.suspicion = _Suspicion(now, k, base, cfg.suspicion_max_mult * base, {origin})
+        entry.suspicion = Suspicion.begin(
+            now,
+            origin,
+            n,
+            timeout=cfg.suspicion_timeout,
+            max_mult=cfg.suspicion_max_mult,
+            confirmations=cfg.suspicion_confirmations,
+        )
         self._enqueue(Update(new, origin))
         self.counters["suspicions"] += 1
 
@@ -884,7 +575,7 @@ class Membership:
 
     # ------------------------------------------------------------------------ probing
     def _next_seq(self) -> int:
-        self._seq = (self._seq + 1) & _U32
+        self._seq = (self._seq + 1) & U32
         return self._seq
 
     def _probe_tick(self, now: float) -> None:
@@ -972,13 +663,11 @@ class Membership:
             if e.member.state not in _LIVE and now - e.since >= self.config.reap_after
         ]:
             del self._members[node_id]
-            self._queue.pop(node_id, None)
+            self._queue.discard(node_id)
 
     # ------------------------------------------------------------------------ gossip
     def _enqueue(self, u: Update) -> None:
-        self._queue_order += 1
-        packed = msgpack.packb(_enc_updates([u])[0], use_bin_type=True)
-        self._queue[u.member.node_id] = _Queued(u, packed, 0, self._queue_order)
+        self._queue.put(u)
 
     def _retransmit_limit(self) -> int:
         n = len(self._live_ids()) + 1
@@ -986,19 +675,7 @@ class Membership:
 
     def _take_updates(self, base_size: int) -> tuple[Update, ...]:
         budget = self.config.max_payload_bytes - base_size - 5
-        picked: list[Update] = []
-        limit = self._retransmit_limit()
-        for q in sorted(self._queue.values(), key=lambda q: (q.transmits, -q.order)):
-            if len(picked) >= MAX_UPDATES:
-                break
-            if len(q.packed) > budget:
-                continue
-            budget -= len(q.packed)
-            picked.append(q.update)
-            q.transmits += 1
-            if q.transmits >= limit:
-                del self._queue[q.update.member.node_id]
-        return tuple(picked)
+        return self._queue.take(budget, self._retransmit_limit())
 
     def _send(self, addr: Addr, msg: Message, piggyback: bool = False) -> None:
         if piggyback and self._queue and not isinstance(msg, Sync):

@@ -4,15 +4,12 @@ Feed it with :meth:`Endpoint.receive_datagram`, ask it what to send with
 :meth:`Endpoint.datagrams_to_send`, take :meth:`Endpoint.next_event`, and re-arm one timer
 at :meth:`Endpoint.get_timer` that calls :meth:`Endpoint.handle_timer`.
 
-Layers, bottom up:
+Layers, bottom up (the bytes of the first two: :mod:`ringd.core.packet`):
 
-- **Segment** (one UDP datagram, at most ``datagram_size`` bytes)::
-
-      magic | version | index | count | cluster tag (4) | session (u64) | pn (u64) | payload
-
-  A packet is cut into up to 64 equal segments (the last may be shorter) so a Linux
-  adapter can send them with one ``sendmsg`` (UDP GSO) and receive them with one
-  ``recvmsg`` (UDP GRO); elsewhere they go one by one. IP fragmentation is never used.
+- **Segment**: one UDP datagram, at most ``datagram_size`` bytes. A packet is cut into up
+  to 64 equal segments so a Linux adapter can send them with one ``sendmsg`` (UDP GSO) and
+  receive them with one ``recvmsg`` (UDP GRO); elsewhere they go one by one. IP
+  fragmentation is never used.
 - **Packet**: the concatenated segment payloads form one sealed unit
   (:meth:`ringd.core.seal.Sealer.seal`): one AEAD tag per packet, nonce = packet number
   (never reused: a retransmission is a new packet). Nothing is parsed before the tag checks
@@ -24,9 +21,10 @@ Layers, bottom up:
 - **Frames** are byte strings delivered exactly once, in order per ``(peer, stream)``.
 
 Loss recovery follows RFC 9002: RTT estimate (smoothed, variance, min), packet threshold 3
-and time threshold 9/8 RTT, probe timeout with exponential backoff. A packet's segment
-budget halves when it is lost and grows back by one per acknowledged packet, so a lossy
-path degrades to one segment per packet. After ``pto_limit`` probe timeouts in a row the
+and time threshold 9/8 RTT, probe timeout with exponential backoff (each peer's state and
+its maths live in :mod:`ringd.core.reliable_peer`). A packet's segment budget halves when
+it is lost and grows back by one per acknowledged packet, so a lossy path degrades to one
+segment per packet. After ``pto_limit`` probe timeouts in a row the
 peer is reported with :class:`PeerUnreachable` (carrying the frames not yet acknowledged)
 so the adapter can move it to TCP.
 """
@@ -38,37 +36,32 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Union
 
+from ringd.core.packet import (
+    ACK,
+    ACK_RANGE,
+    CH_ACK,
+    CH_DATA,
+    CH_ONESHOT,
+    DATA,
+    MAX_ACK_RANGES,
+    MAX_BURST,
+    MAX_SEGMENTS,
+    ONESHOT,
+    SEGMENT,
+    SEGMENT_MAGIC,
+    Addr,
+    Transmit,
+    ack_chunk,
+    geometry,
+    oneshot_room,
+    to_segments,
+)
+from ringd.core.reliable_peer import InFrame, InStream, OutFrame, OutStream, Peer, Sent
 from ringd.core.seal import CHANNEL_UDP, ReplayGuard, Sealer
 from ringd.core.wire import WIRE_VERSION, Buffer, Dropped, new_counters
 from ringd.errors import LocalProtocolError
 
-Addr = tuple[str, int]
-
-SEGMENT = struct.Struct("<BBBB4sQQ")  # magic, version, index, count, cluster tag, session, pn
-SEGMENT_MAGIC = 0xD7
-MAX_SEGMENTS = 64  # Linux UDP GSO limit per sendmsg
-MAX_BURST = 65000  # bytes of all segments of one packet (one GSO send fits in an IP packet)
-
-CH_ACK, CH_DATA, CH_ONESHOT = 1, 2, 3
-ACK = struct.Struct("<BIB")  # type, ack delay (us), range count
-ACK_RANGE = struct.Struct("<QQ")  # largest, smallest (newest range first)
-ACK1 = struct.Struct("<BIBQQ")  # an ACK chunk with one range
-DATA = struct.Struct("<BBQQIII")  # type, stream, seq, base, frame length, offset, length
-ONESHOT = struct.Struct("<BI")  # type, length
-MAX_ACK_RANGES = 64
-KEEP_RANGES = 128
 STREAM_WINDOW = 1024  # frames a stream may run ahead of the next one to deliver
-
-K_PACKET_THRESHOLD = 3
-K_TIME_THRESHOLD = 9 / 8
-K_GRANULARITY = 0.001
-
-
-def closes_packet(datagram: Buffer) -> bool:
-    """Whether ``datagram`` is the last segment of its packet (or no segment at all). An
-    adapter that gathers a packet's datagrams before handing them over (GRO done in user
-    space, where the kernel has none) ends a run there."""
-    return len(datagram) < SEGMENT.size or datagram[2] + 1 >= datagram[3]
 
 
 @dataclass(frozen=True)
@@ -117,148 +110,10 @@ class PeerUnreachable:
 Event = Union[FrameReceived, PeerUnreachable]
 
 
-@dataclass(slots=True)
-class Transmit:
-    """Datagrams for one ``sendmsg``: ``iov`` alternates segment headers and payloads.
-
-    Every segment is ``segment_size`` bytes except possibly the last (UDP GSO layout).
-    """
-
-    addr: Addr
-    iov: list[Buffer]
-    segment_size: int
-
-    @property
-    def segments(self) -> int:
-        return len(self.iov) // 2
-
-
 # ------------------------------------------------------------------------ state
-class _Ranges:
-    """Disjoint sorted half-open byte ranges."""
-
-    __slots__ = ("spans", "total")
-
-    def __init__(self) -> None:
-        self.spans: list[list[int]] = []
-        self.total = 0
-
-    def add(self, start: int, end: int) -> None:
-        if start >= end:
-            return
-        spans = self.spans
-        i = 0
-        while i < len(spans) and spans[i][1] < start:
-            i += 1
-        j = i
-        while j < len(spans) and spans[j][0] <= end:
-            start, end = min(start, spans[j][0]), max(end, spans[j][1])
-            j += 1
-        spans[i:j] = [[start, end]]
-        self.total = sum(e - s for s, e in spans)
-
-    def missing(self, start: int, end: int) -> list[tuple[int, int]]:
-        out, pos = [], start
-        for s, e in self.spans:
-            if e <= pos:
-                continue
-            if s >= end:
-                break
-            if s > pos:
-                out.append((pos, s))
-            pos = max(pos, e)
-        if pos < end:
-            out.append((pos, end))
-        return out
-
-
-class _OutFrame:
-    __slots__ = ("stream", "seq", "data", "acked", "done", "out")
-
-    def __init__(self, stream: int, seq: int, data: bytes, out: "_OutStream") -> None:
-        self.stream, self.seq, self.data, self.out = stream, seq, memoryview(data), out
-        self.acked = _Ranges()
-        self.done = False
-
-
-class _OutStream:
-    __slots__ = ("next_seq", "unacked")
-
-    def __init__(self) -> None:
-        self.next_seq = 0
-        self.unacked: dict[int, _OutFrame] = {}  # insertion order == seq order
-
-    @property
-    def base(self) -> int:
-        return next(iter(self.unacked)) if self.unacked else self.next_seq
-
-
-class _Sent:
-    __slots__ = ("pn", "time", "size", "ranges", "segments")
-
-    def __init__(self, pn: int, time: float, size: int, ranges: list, segments: int) -> None:
-        self.pn, self.time, self.size, self.ranges, self.segments = pn, time, size, ranges, segments
-
-
-class _InFrame:
-    __slots__ = ("buf", "have")
-
-    def __init__(self, length: int) -> None:
-        self.buf = bytearray(length)
-        self.have = _Ranges()
-
-
-class _InStream:
-    __slots__ = ("next_seq", "partial", "ready", "blocked_since")
-
-    def __init__(self, next_seq: int) -> None:
-        self.next_seq = next_seq
-        self.partial: dict[int, _InFrame] = {}
-        self.ready: dict[int, Buffer] = {}
-        self.blocked_since: float | None = None  # whole frames wait behind a missing one
-
-
-class _Peer:
-    def __init__(self, addr: Addr, now: float, cfg: ReliableConfig) -> None:
-        self.addr = addr
-        self.last_activity = now
-        # datagram geometry (set by Endpoint._size, per peer: it follows the path MTU)
-        self.datagram_size = cfg.datagram_size
-        self.seg_payload = 0
-        self.max_segs = 1
-        self.ack_ranges = 1
-        # sending
-        self.next_pn = 0
-        self.sent: dict[int, _Sent] = {}  # ack-eliciting packets in flight, pn order
-        self.in_flight = 0
-        self.queued = 0
-        self.out_streams: dict[int, _OutStream] = {}
-        self.new: deque[tuple[_OutFrame, int, int]] = deque()  # (frame, offset, length)
-        self.retx: deque[tuple[_OutFrame, int, int]] = deque()
-        self.oneshots: deque[bytes] = deque()
-        self.probes = 0
-        self.seg_limit = 1
-        # RFC 9002 state
-        self.latest_rtt = 0.0
-        self.smoothed_rtt = cfg.initial_rtt
-        self.rttvar = cfg.initial_rtt / 2
-        self.min_rtt = 0.0
-        self.has_rtt = False
-        self.largest_acked = -1
-        self.loss_time: float | None = None
-        self.pto_count = 0
-        self.last_eliciting = 0.0
-        # receiving
-        self.remote_session: int | None = None
-        self.remote_node = ""
-        self.recv_ranges: list[list[int]] = []  # [largest, smallest], newest first
-        self.largest_recv_time = now
-        self.ack_pending = False
-        self.in_streams: dict[int, _InStream] = {}
-        self.reassembly = 0  # bytes held in partial and ready frames
-
-
 class _Assembly:
+    """The segments of one packet received so far (before reassembly)."""
+
     __slots__ = ("parts", "got", "size", "first_seen")
 
     def __init__(self, count: int, now: float) -> None:
@@ -279,8 +134,8 @@ class Endpoint:
         self._guard = guard
         self.counters = counters if counters is not None else new_counters()
         self._sizes: OrderedDict[Addr, int] = OrderedDict()  # datagram sizes set per peer
-        self._peers: OrderedDict[Addr, _Peer] = OrderedDict()
-        self._dirty: dict[Addr, _Peer] = {}
+        self._peers: OrderedDict[Addr, Peer] = OrderedDict()
+        self._dirty: dict[Addr, Peer] = {}
         self._assemblies: OrderedDict[tuple[Addr, int, int], _Assembly] = OrderedDict()
         self._assembly_bytes = 0
         self._events: deque[Event] = deque()
@@ -294,10 +149,11 @@ class Endpoint:
     def max_oneshot(self) -> int:
         """Largest unreliable message to a peer with the default datagram size (it must fit
         in one packet); :meth:`max_oneshot_to` knows each peer's own size."""
-        return self._oneshot_room(self.config.datagram_size)
+        return oneshot_room(self.config.datagram_size, self._sealer.overhead)
 
     def max_oneshot_to(self, addr: Addr) -> int:
-        return self._oneshot_room(self._sizes.get(addr, self.config.datagram_size))
+        size = self._sizes.get(addr, self.config.datagram_size)
+        return oneshot_room(size, self._sealer.overhead)
 
     def set_datagram_size(self, addr: Addr, size: int) -> int:
         """Send datagrams of at most ``size`` bytes to ``addr`` from now on (the adapter
@@ -321,9 +177,11 @@ class Endpoint:
         """Queue a frame. False (and counted as ``overflow``) if the peer's queue is full."""
         n = memoryview(data).nbytes
         if reliable and n > self.config.max_frame:
-            raise LocalProtocolError(f"frame of {n} bytes exceeds the UDP limit {self.config.max_frame}")
+            raise LocalProtocolError(
+                f"frame of {n} bytes exceeds the UDP limit {self.config.max_frame}")
         if not reliable and n > self.max_oneshot_to(addr):
-            raise LocalProtocolError(f"unreliable message of {n} bytes exceeds {self.max_oneshot_to(addr)}")
+            raise LocalProtocolError(
+                f"unreliable message of {n} bytes exceeds {self.max_oneshot_to(addr)}")
         if not 0 <= stream <= 255:
             raise LocalProtocolError(f"stream must be 0..255, got {stream}")
         peer = self._peer(addr, now)
@@ -333,8 +191,8 @@ class Endpoint:
         if reliable:
             s = peer.out_streams.get(stream)
             if s is None:
-                s = peer.out_streams[stream] = _OutStream()
-            f = _OutFrame(stream, s.next_seq, data if type(data) is bytes else bytes(data), s)
+                s = peer.out_streams[stream] = OutStream()
+            f = OutFrame(stream, s.next_seq, data if type(data) is bytes else bytes(data), s)
             s.unacked[s.next_seq] = f
             s.next_seq += 1
             peer.new.append((f, 0, n))
@@ -374,7 +232,8 @@ class Endpoint:
         if self._dirty:
             for addr, peer in list(self._dirty.items()):
                 self._build(peer, now, out)
-                if not ((peer.retx or peer.new) and self._window_open(peer, 0) and self._stream_open(peer)):
+                if not ((peer.retx or peer.new) and self._window_open(peer, 0)
+                        and self._stream_open(peer)):
                     del self._dirty[addr]
         return out
 
@@ -384,7 +243,7 @@ class Endpoint:
     def get_timer(self) -> float | None:
         t: float | None = None
         for peer in self._peers.values():
-            pt = self._peer_timer(peer)
+            pt = peer.timer()
             if pt is not None and (t is None or pt < t):
                 t = pt
             if self._evictable(peer):
@@ -408,7 +267,7 @@ class Endpoint:
             if peer.loss_time is not None:
                 if peer.loss_time <= now:
                     self._detect_lost(peer, now)
-            elif peer.sent and peer.last_eliciting + self._pto(peer) <= now:
+            elif peer.sent and peer.last_eliciting + peer.pto() <= now:
                 peer.pto_count += 1
                 if peer.pto_count >= self.config.pto_limit:
                     self._unreachable(peer)
@@ -440,37 +299,27 @@ class Endpoint:
             "pto_count": p.pto_count} for a, p in self._peers.items()}
 
     # ---------------------------------------------------------------- sending
-    def _peer(self, addr: Addr, now: float) -> _Peer | None:
+    def _peer(self, addr: Addr, now: float) -> Peer | None:
         peer = self._peers.get(addr)
         if peer is None:
             if len(self._peers) >= self.config.max_peers and not self._evict_idle():
                 return None
-            peer = self._peers[addr] = _Peer(addr, now, self.config)
+            cfg = self.config
+            peer = self._peers[addr] = Peer(addr, now, datagram_size=cfg.datagram_size,
+                                            initial_rtt=cfg.initial_rtt,
+                                            max_ack_delay=cfg.max_ack_delay)
             self._size(peer, self._sizes.get(addr, self.config.datagram_size))
         else:
             self._peers.move_to_end(addr)
         peer.last_activity = now
         return peer
 
-    def _geometry(self, size: int) -> tuple[int, int, int]:
-        """``(segment payload, segments per packet, ack ranges)`` for datagrams of ``size``."""
-        seg_payload = size - SEGMENT.size
-        # an ACK chunk always fits in one segment next to the unit's overhead
-        room = seg_payload - self._sealer.overhead - ACK.size
-        return (seg_payload, max(1, min(MAX_SEGMENTS, MAX_BURST // size)),
-                max(1, min(MAX_ACK_RANGES, room // ACK_RANGE.size)))
-
-    def _size(self, peer: _Peer, size: int) -> None:
+    def _size(self, peer: Peer, size: int) -> None:
         peer.datagram_size = size
-        peer.seg_payload, peer.max_segs, peer.ack_ranges = self._geometry(size)
+        peer.seg_payload, peer.max_segs, peer.ack_ranges = geometry(size, self._sealer.overhead)
         peer.seg_limit = peer.max_segs
 
-    def _oneshot_room(self, size: int) -> int:
-        seg_payload, max_segs, ack_ranges = self._geometry(size)
-        return (max_segs * seg_payload - self._sealer.overhead - ONESHOT.size - ACK.size
-                - ack_ranges * ACK_RANGE.size)
-
-    def _evictable(self, peer: _Peer) -> bool:
+    def _evictable(self, peer: Peer) -> bool:
         return not (peer.sent or peer.queued or peer.oneshots or peer.addr in self._dirty)
 
     def _evict_idle(self) -> bool:
@@ -480,17 +329,17 @@ class Endpoint:
                 return True
         return False
 
-    def _stream_open(self, peer: _Peer) -> bool:
+    def _stream_open(self, peer: Peer) -> bool:
         """False when the only data left is new frames too far ahead of their stream's oldest."""
         if peer.retx or not peer.new:
             return True
         f = peer.new[0][0]
         return f.done or f.seq < f.out.base + STREAM_WINDOW
 
-    def _window_open(self, peer: _Peer, extra: int) -> bool:
+    def _window_open(self, peer: Peer, extra: int) -> bool:
         return peer.probes > 0 or peer.in_flight + extra < self.config.max_in_flight
 
-    def _build(self, peer: _Peer, now: float, out: list[Transmit]) -> None:
+    def _build(self, peer: Peer, now: float, out: list[Transmit]) -> None:
         """Packets for ``peer``: its ACK, then one-shots, retransmissions and new frames."""
         overhead = self._sealer.overhead
         sp = peer.seg_payload
@@ -501,10 +350,10 @@ class Endpoint:
         while True:
             cap = min(peer.seg_limit, peer.max_segs) * sp - overhead
             parts: list[Buffer] = []
-            ranges: list[tuple[_OutFrame, int, int]] = []
+            ranges: list[tuple[OutFrame, int, int]] = []
             size = 0
             if peer.ack_pending:
-                ack = self._ack_chunk(peer, now)
+                ack = ack_chunk(peer.recv_ranges, now - peer.largest_recv_time, peer.ack_ranges)
                 parts.append(ack)
                 size = len(ack)
                 peer.ack_pending = False
@@ -513,7 +362,8 @@ class Endpoint:
                 msg = oneshots.popleft()
                 parts += (ONESHOT.pack(CH_ONESHOT, len(msg)), msg)
                 size += ONESHOT.size + len(msg)
-            while (retx or new) and size + DATA.size < cap and (peer.probes or peer.in_flight + size < max_flight):
+            while ((retx or new) and size + DATA.size < cap
+                   and (peer.probes or peer.in_flight + size < max_flight)):
                 q = retx or new
                 f, off, ln = q[0]
                 if f.done:
@@ -544,45 +394,22 @@ class Endpoint:
             pn = peer.next_pn
             peer.next_pn = pn + 1
             unit = self._sealer.seal(CHANNEL_UDP, pn, b"".join(parts))
-            t = self._segment(peer, pn, unit)
+            t = to_segments(peer.addr, unit, tag=self._sealer.cluster_tag,
+                            session=self._sealer.session, pn=pn, seg_payload=peer.seg_payload,
+                            datagram_size=peer.datagram_size)
             out.append(t)
             segments = len(t.iov) >> 1
             totals["packets_sent"] += 1
             totals["segments_sent"] += segments
             if ranges:
                 n = len(unit)
-                peer.sent[pn] = _Sent(pn, now, n, ranges, segments)
+                peer.sent[pn] = Sent(pn, now, n, ranges, segments)
                 peer.in_flight += n
                 peer.last_eliciting = now
                 if peer.probes:
                     peer.probes -= 1
             if not (retx or new or oneshots):
                 return
-
-    def _segment(self, peer: _Peer, pn: int, unit: Buffer) -> Transmit:
-        sp, size, n = peer.seg_payload, SEGMENT.size, len(unit)
-        sealer = self._sealer
-        if n <= sp:
-            return Transmit(peer.addr, [SEGMENT.pack(SEGMENT_MAGIC, WIRE_VERSION, 0, 1, sealer.cluster_tag,
-                                                     sealer.session, pn), unit], peer.datagram_size)
-        count = -(-n // sp)
-        head = SEGMENT.pack(SEGMENT_MAGIC, WIRE_VERSION, 0, count, sealer.cluster_tag, sealer.session, pn)
-        heads = bytearray(head * count)
-        heads[2::size] = bytes(range(count))  # segment indexes
-        hv, uv = memoryview(heads), memoryview(unit)
-        iov: list[Buffer] = [b""] * (2 * count)
-        iov[0::2] = [hv[i:i + size] for i in range(0, count * size, size)]
-        iov[1::2] = [uv[i:i + sp] for i in range(0, n, sp)]
-        return Transmit(peer.addr, iov, peer.datagram_size)
-
-    def _ack_chunk(self, peer: _Peer, now: float) -> bytes:
-        r = peer.recv_ranges
-        lag = now - peer.largest_recv_time
-        delay = (int(lag * 1e6) if lag < 4000.0 else 0xFFFFFFFF) if lag > 0 else 0
-        if len(r) == 1:  # the usual case: everything received so far is one range
-            return ACK1.pack(CH_ACK, delay, 1, r[0][0], r[0][1])
-        ranges = r[:peer.ack_ranges]
-        return ACK.pack(CH_ACK, delay, len(ranges)) + b"".join([ACK_RANGE.pack(hi, lo) for hi, lo in ranges])
 
     # ---------------------------------------------------------------- receiving
     def _receive_burst(self, mv: memoryview, ss: int, addr: Addr, now: float) -> bool:
@@ -698,12 +525,12 @@ class Endpoint:
             self.counters["malformed"] += 1
             return
         if not refused:  # every packet is acked (keeps ranges whole); only data asks for it
-            self._record(peer, pn, now)
+            peer.record(pn, now)
             if eliciting:
                 peer.ack_pending = True
                 self._dirty[addr] = peer
 
-    def _chunks(self, peer: _Peer, sender: str, plain: memoryview, owned: bool,
+    def _chunks(self, peer: Peer, sender: str, plain: memoryview, owned: bool,
                 now: float) -> tuple[bool, bool]:
         pos, end = 0, len(plain)
         eliciting = refused = False
@@ -732,7 +559,8 @@ class Endpoint:
                     ranges = [(hi, lo)]
                     bad = lo > hi
                 else:
-                    ranges = [ACK_RANGE.unpack_from(plain, pos + i * ACK_RANGE.size) for i in range(count)]
+                    ranges = [ACK_RANGE.unpack_from(plain, pos + i * ACK_RANGE.size)
+                              for i in range(count)]
                     bad = any(lo > hi for hi, lo in ranges)
                 if bad:
                     raise ValueError("bad ack range")
@@ -746,17 +574,18 @@ class Endpoint:
                 piece = plain[pos:pos + ln]
                 pos += ln
                 self.totals["oneshots_received"] += 1
-                self._events.append(FrameReceived(peer.addr, sender, piece if owned else bytes(piece), None))
+                self._events.append(
+                    FrameReceived(peer.addr, sender, piece if owned else bytes(piece), None))
             else:
                 raise ValueError(f"unknown chunk {kind}")
         return eliciting, refused
 
-    def _data(self, peer: _Peer, stream: int, seq: int, base: int, flen: int,
+    def _data(self, peer: Peer, stream: int, seq: int, base: int, flen: int,
               off: int, piece: memoryview, owned: bool, now: float) -> bool:
         """Store a frame piece. False if refused for lack of room (then it is not acked)."""
         s = peer.in_streams.get(stream)
         if s is None:
-            s = peer.in_streams[stream] = _InStream(base)
+            s = peer.in_streams[stream] = InStream(base)
         if base > s.next_seq:
             self._skip_to(peer, stream, s, base, now)
         if seq < s.next_seq or seq in s.ready:
@@ -773,7 +602,7 @@ class Endpoint:
             if off == 0 and len(piece) == flen:
                 self._complete(peer, stream, s, seq, piece if owned else bytes(piece), now)
                 return True
-            f = s.partial[seq] = _InFrame(flen)
+            f = s.partial[seq] = InFrame(flen)
             peer.reassembly += flen
         elif len(f.buf) != flen:
             raise ValueError("frame length changed")
@@ -786,7 +615,7 @@ class Endpoint:
             self._complete(peer, stream, s, seq, f.buf, now)
         return True
 
-    def _complete(self, peer: _Peer, stream: int, s: _InStream, seq: int, data: Buffer,
+    def _complete(self, peer: Peer, stream: int, s: InStream, seq: int, data: Buffer,
                   now: float) -> None:
         if seq != s.next_seq:
             s.ready[seq] = data
@@ -798,7 +627,7 @@ class Endpoint:
         s.next_seq += 1
         self._drain(peer, stream, s, now)
 
-    def _skip_to(self, peer: _Peer, stream: int, s: _InStream, base: int, now: float) -> None:
+    def _skip_to(self, peer: Peer, stream: int, s: InStream, base: int, now: float) -> None:
         """Frames below ``base`` were given up (by the sender, or by the gap timeout):
         deliver those that are whole, drop the rest."""
         for seq in sorted(q for q in s.partial if q < base):
@@ -811,7 +640,7 @@ class Endpoint:
         s.next_seq = base
         self._drain(peer, stream, s, now)
 
-    def _drain(self, peer: _Peer, stream: int, s: _InStream, now: float) -> None:
+    def _drain(self, peer: Peer, stream: int, s: InStream, now: float) -> None:
         while s.next_seq in s.ready:
             data = s.ready.pop(s.next_seq)
             peer.reassembly -= len(data)
@@ -819,44 +648,13 @@ class Endpoint:
             s.next_seq += 1
         s.blocked_since = now if s.ready else None
 
-    def _deliver(self, peer: _Peer, stream: int, data: Buffer) -> None:
+    def _deliver(self, peer: Peer, stream: int, data: Buffer) -> None:
         self.totals["frames_received"] += 1
         self._events.append(FrameReceived(peer.addr, peer.remote_node, data, stream))
 
-    def _record(self, peer: _Peer, pn: int, now: float) -> None:
-        r = peer.recv_ranges
-        if not r or pn > r[0][0]:
-            peer.largest_recv_time = now
-            if r and pn == r[0][0] + 1:
-                r[0][0] = pn
-            else:
-                r.insert(0, [pn, pn])
-        else:
-            for i, span in enumerate(r):
-                hi, lo = span
-                if pn > hi + 1:
-                    r.insert(i, [pn, pn])
-                    break
-                if pn == hi + 1:
-                    span[0] = pn
-                    if i and r[i - 1][1] == pn + 1:
-                        r[i - 1][1] = lo
-                        del r[i]
-                    break
-                if pn >= lo:
-                    break
-                if pn == lo - 1:
-                    span[1] = pn
-                    if i + 1 < len(r) and r[i + 1][0] == pn - 1:
-                        span[1] = r[i + 1][1]
-                        del r[i + 1]
-                    break
-            else:
-                r.append([pn, pn])
-        del r[KEEP_RANGES:]
-
     # ---------------------------------------------------------------- loss recovery
-    def _on_ack(self, peer: _Peer, ranges: list[tuple[int, int]], ack_delay: float, now: float) -> None:
+    def _on_ack(self, peer: Peer, ranges: list[tuple[int, int]], ack_delay: float,
+                now: float) -> None:
         sent = peer.sent
         if not sent:
             return
@@ -895,7 +693,7 @@ class Endpoint:
         if top_sent.pn > peer.largest_acked:
             peer.largest_acked = top_sent.pn
             if top_sent.pn == ranges[0][0]:
-                self._update_rtt(peer, now - top_sent.time, ack_delay)
+                peer.update_rtt(now - top_sent.time, ack_delay)
         peer.pto_count = 0
         if sent:
             self._detect_lost(peer, now)
@@ -904,55 +702,13 @@ class Endpoint:
         if peer.retx or peer.new or peer.oneshots:
             self._dirty[peer.addr] = peer
 
-    def _update_rtt(self, peer: _Peer, latest: float, ack_delay: float) -> None:
-        # An adapter whose clock reading is older than the send it acks (one reading for a
-        # batch of reads) must not make the estimate negative: a sample is at least 1 µs.
-        latest = max(latest, 1e-6)
-        peer.latest_rtt = latest
-        if not peer.has_rtt:
-            peer.has_rtt = True
-            peer.min_rtt = peer.smoothed_rtt = latest
-            peer.rttvar = latest / 2
-            return
-        peer.min_rtt = min(peer.min_rtt, latest)
-        ack_delay = min(ack_delay, self.config.max_ack_delay)
-        adjusted = latest - ack_delay if latest >= peer.min_rtt + ack_delay else latest
-        peer.rttvar = 0.75 * peer.rttvar + 0.25 * abs(peer.smoothed_rtt - adjusted)
-        peer.smoothed_rtt = 0.875 * peer.smoothed_rtt + 0.125 * adjusted
-
-    def _detect_lost(self, peer: _Peer, now: float) -> None:
-        delay = max(K_TIME_THRESHOLD * max(peer.latest_rtt, peer.smoothed_rtt), K_GRANULARITY)
-        peer.loss_time = None
-        lost: list[_Sent] = []
-        for pn, p in peer.sent.items():
-            if pn > peer.largest_acked:
-                break
-            if p.time + delay <= now or peer.largest_acked >= pn + K_PACKET_THRESHOLD:
-                lost.append(p)
-            elif peer.loss_time is None or p.time + delay < peer.loss_time:
-                peer.loss_time = p.time + delay
-        for p in lost:
-            del peer.sent[p.pn]
-            peer.in_flight -= p.size
-            self.totals["packets_lost"] += 1
-            peer.retx.extend(r for r in p.ranges if not r[0].done)
-            if p.segments > 1:
-                peer.seg_limit = max(1, min(peer.seg_limit, p.segments // 2))
+    def _detect_lost(self, peer: Peer, now: float) -> None:
+        lost = peer.detect_lost(now)
         if lost:
+            self.totals["packets_lost"] += lost
             self._dirty[peer.addr] = peer
 
-    def _pto(self, peer: _Peer) -> float:
-        base = peer.smoothed_rtt + max(4 * peer.rttvar, K_GRANULARITY) + self.config.max_ack_delay
-        return base * (1 << peer.pto_count)
-
-    def _peer_timer(self, peer: _Peer) -> float | None:
-        if peer.loss_time is not None:
-            return peer.loss_time
-        if not peer.sent:
-            return None
-        return peer.last_eliciting + self._pto(peer)
-
-    def _unreachable(self, peer: _Peer) -> None:
+    def _unreachable(self, peer: Peer) -> None:
         frames = []
         for stream in sorted(peer.out_streams):
             s = peer.out_streams[stream]

@@ -20,8 +20,9 @@ not know are ignored (their values may be any msgpack with string map keys) and 
 keys take the field's default, so fields can be added without breaking older peers; a
 field at its default is left out. Keys are short because every probe carries its sender's
 record: a serving node's metadata takes ~300 bytes. Every value is type-checked and
-bounded both ways: a bad local value raises :class:`LocalProtocolError` on encode, a bad
-peer value :class:`RemoteProtocolError` on decode.
+bounded both ways, by a rule of the core's one field kit (:class:`ringd.core.wire.Rule`): a
+bad local value raises :class:`LocalProtocolError` on encode, a bad peer value
+:class:`RemoteProtocolError` on decode.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from typing import Any
 
 import msgpack
 
-from ringd.core.membership import Addr, Member
 from ringd.core.plan import canonical_hash
+from ringd.core.swim_wire import Addr, Member
+from ringd.core.wire import U63, Rule, integer, list_of, optional, text
 from ringd.errors import LocalProtocolError, RemoteProtocolError
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,6 @@ MAX_REFUSAL = 240
 MAX_ENCODED = 64 * 1024
 #: At most this many keys, known or not.
 MAX_KEYS = 64
-_U63 = (1 << 63) - 1
 
 
 class NodePhase(Enum):
@@ -101,7 +102,7 @@ class NodeMeta:
             if value == _DEFAULTS[f.name]:
                 continue
             wire = f.dump(value)
-            if not f.ok(wire):
+            if not f.rule.test(wire):
                 raise LocalProtocolError(f"NodeMeta.{f.name}: bad value {value!r:.80}")
             out[f.key] = wire
         return msgpack.packb(out, use_bin_type=True)
@@ -130,31 +131,10 @@ class NodeMeta:
             if f.key not in obj:
                 continue
             wire = obj[f.key]
-            if not f.ok(wire):
-                raise _bad(f"{f.key}: bad value {wire!r:.40}")
+            if not f.rule.test(wire):
+                raise _bad(f"{f.key}: bad value {wire!r:.40}, expected {f.rule.expected}")
             values[f.name] = f.load(wire)
         return cls(**values)
-
-
-# Field checks, in core/wire.py's style: a predicate per value.
-# TODO: use the shared validator kit being extracted from ringd.core.wire once it lands.
-def _int(lo: int, hi: int) -> Callable[[Any], bool]:
-    return lambda v: type(v) is int and lo <= v <= hi
-
-
-def _text(limit: int, *, empty: bool = False) -> Callable[[Any], bool]:
-    return lambda v: (
-        type(v) is str and (empty or v != "") and len(v) <= limit and v.isprintable()
-    )
-
-
-def _optional(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda v: v is None or ok(v)
-
-
-def _texts(items: int, limit: int) -> Callable[[Any], bool]:
-    one = _text(limit)
-    return lambda v: type(v) is list and len(v) <= items and all(one(x) for x in v)
 
 
 def _same(v: Any) -> Any:
@@ -168,13 +148,14 @@ _PHASES = {p.value: p for p in NodePhase}
 class _Field:
     name: str  # NodeMeta attribute
     key: str  # msgpack map key
-    ok: Callable[[Any], bool]  # check of the wire value
+    rule: Rule  # what the wire value may be
     load: Callable[[Any], Any] = _same  # wire value -> attribute
     dump: Callable[[Any], Any] = _same  # attribute -> wire value
 
 
-_u63 = _int(0, _U63)
-_hash = _optional(_text(MAX_HASH))
+# Each field's rule (the core's one kit, ringd.core.wire) tests the wire value.
+_u63 = integer(0, U63)
+_hash = optional(text(MAX_HASH, min_len=1, printable=True))
 
 #: The schema: one row per NodeMeta field. Never reuse a key for another meaning.
 _SCHEMA = (
@@ -183,28 +164,28 @@ _SCHEMA = (
     _Field(
         "models",
         "models",
-        _texts(MAX_MODELS, MAX_MODEL_NAME),
+        list_of(text(MAX_MODEL_NAME, min_len=1, printable=True), MAX_MODELS),
         load=tuple,
         dump=lambda v: list(v) if type(v) in (tuple, list) else v,
     ),
     _Field(
         "phase",
         "phase",
-        lambda v: type(v) is str and v in _PHASES,
+        Rule(lambda v: type(v) is str and v in _PHASES, f"one of {', '.join(_PHASES)}"),
         load=_PHASES.__getitem__,
         dump=lambda v: v.value if isinstance(v, NodePhase) else v,
     ),
-    _Field("software_version", "sw", _text(MAX_VERSION, empty=True)),
-    _Field("http_port", "http", _int(0, 65535)),
+    _Field("software_version", "sw", text(MAX_VERSION, printable=True)),
+    _Field("http_port", "http", integer(0, 65535)),
     _Field("view_hash", "view", _hash),
     _Field("epoch", "epoch", _u63),
     _Field("plan_hash", "plan", _hash),
     _Field("ready_plan_hash", "ready", _hash),
-    _Field("fingerprint", "fp", _optional(_text(MAX_FINGERPRINT))),
-    _Field("model", "model", _text(MAX_MODEL_NAME, empty=True)),
+    _Field("fingerprint", "fp", optional(text(MAX_FINGERPRINT, min_len=1, printable=True))),
+    _Field("model", "model", text(MAX_MODEL_NAME, printable=True)),
     _Field("model_version", "model_v", _u63),
     _Field("memory_bandwidth", "bw", _u63),
-    _Field("refusal", "refusal", _optional(_text(MAX_REFUSAL))),
+    _Field("refusal", "refusal", optional(text(MAX_REFUSAL, min_len=1, printable=True))),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(NodeMeta)}
 assert {f.name for f in _SCHEMA} == set(_DEFAULTS), "every NodeMeta field needs a schema row"

@@ -10,7 +10,7 @@ been checked; every length is bounded before anything is allocated.
 
 The field rules (:class:`Rule`, :func:`check`, :class:`FieldReader`) are the one kit every
 decoder of peer input in the core validates values with: these messages, the membership
-payload.
+payload (:mod:`ringd.core.swim_wire`), the ring's metadata (:mod:`ringd.core.ringmeta`).
 
 Peers' bad input raises :class:`Dropped` (a :class:`ringd.errors.RemoteProtocolError`) with
 a ``reason`` that the network layer counts; it never crashes anything.
@@ -29,7 +29,7 @@ import msgpack
 from ringd.core.requests import SamplingParams
 from ringd.errors import LocalProtocolError, RemoteProtocolError, RequestError
 
-#: Version of the wire: UDP segment headers (:mod:`ringd.core.reliable`), sealed units
+#: Version of the wire: UDP segment headers (:mod:`ringd.core.packet`), sealed units
 #: (:mod:`ringd.core.seal`), TCP records (:mod:`ringd.core.stream`), message encoding.
 #: 2: AES-128-OCB3 for encrypted units (1 used AES-256-GCM); TCP records with a flags byte
 #: (large messages in several records, see :data:`ringd.core.stream.TCP_HEADER`).
@@ -83,7 +83,8 @@ def new_counters() -> dict[str, int]:
 # One kit for every decoder of peer input in the core. A built message checks its fields
 # with :func:`check` (a bad value is our misuse: LocalProtocolError, which :func:`decode`
 # turns into a ``malformed`` drop); a decoder of plain msgpack (the membership payload)
-# takes each value through a :class:`FieldReader`, which raises that decoder's own error.
+# takes each value through a :class:`FieldReader`, which raises that decoder's own error; a
+# schema of named fields (the ring's metadata) keeps a rule per field and tests with it.
 @dataclass(frozen=True, slots=True)
 class Rule:
     """What one field accepts: ``test(value)`` is True for a good value; ``expected`` says
@@ -116,6 +117,14 @@ def optional(rule: Rule) -> Rule:
     """None, or what ``rule`` accepts."""
     test = rule.test
     return Rule(lambda v: v is None or test(v), f"None or {rule.expected}")
+
+
+def list_of(rule: Rule, max_len: int) -> Rule:
+    """A ``list`` (msgpack array decoded with ``use_list``) of at most ``max_len`` items,
+    each accepted by ``rule``."""
+    test = rule.test
+    return Rule(lambda v: type(v) is list and len(v) <= max_len and all(test(x) for x in v),
+                f"a list of at most {max_len} items, each {rule.expected}")
 
 
 def exactly(cls: type) -> Rule:

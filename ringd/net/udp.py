@@ -34,7 +34,8 @@ import time
 from collections import deque
 from typing import Callable
 
-from ringd.core.reliable import MAX_BURST, MAX_SEGMENTS, Endpoint, Event, Transmit, closes_packet
+from ringd.core.packet import MAX_BURST, MAX_SEGMENTS, Transmit, closes_packet
+from ringd.core.reliable import Endpoint, Event
 from ringd.net.pmtu import udp_payload_limit
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,19 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ringd.core.agreement import Agreement, AgreementConfig, LoadShard, PlanDropped
-from ringd.core.membership import Addr, Membership, MembershipConfig
+from ringd.core.membership import Membership
 from ringd.core.plan import ModelShape
-from ringd.core.ringmeta import (MetaDecoder, NodeMeta, NodePhase, View, adopt_active_model,
-                                 make_view, set_active_model)
+from ringd.core.ringmeta import (
+    MetaDecoder,
+    NodeMeta,
+    NodePhase,
+    View,
+    adopt_active_model,
+    make_view,
+    set_active_model,
+)
+from ringd.core.swim_config import MembershipConfig
+from ringd.core.swim_wire import Addr
 from ringd.errors import RemoteProtocolError
 
 

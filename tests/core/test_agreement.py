@@ -15,9 +15,9 @@ from ringd.core.agreement import (
     RingReady,
     StopServing,
 )
-from ringd.core.membership import Member, MemberState
 from ringd.core.plan import ModelShape
 from ringd.core.ringmeta import NodeMeta, NodePhase, make_view
+from ringd.core.swim_wire import Member, MemberState
 from tests.core.simnet import MemberNode, RingNode, SimNet
 
 GiB = 1024**3

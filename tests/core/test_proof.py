@@ -7,12 +7,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ringd.core.ceiling import GB, aggregate_ceiling, decode_ceiling
-from ringd.core.membership import Member, MemberState, Ping, decode_payload, to_payload
-from ringd.core.proof import (StageClaim, StageLoad, check_fingerprints, check_loaded,
-                              fingerprint_problem, name_nodes, not_ready_reason, parse_fingerprint,
-                              rate_verdict, refusal_text, ring_ceiling, ring_fingerprint,
-                              shard_fingerprint, tensors_digest)
+from ringd.core.proof import (
+    StageClaim,
+    StageLoad,
+    check_fingerprints,
+    check_loaded,
+    fingerprint_problem,
+    name_nodes,
+    not_ready_reason,
+    parse_fingerprint,
+    rate_verdict,
+    refusal_text,
+    ring_ceiling,
+    ring_fingerprint,
+    shard_fingerprint,
+    tensors_digest,
+)
 from ringd.core.ringmeta import MAX_REFUSAL, NodeMeta
+from ringd.core.swim_wire import Member, MemberState, Ping, decode_payload, to_payload
 from ringd.errors import LocalProtocolError
 
 PAIRS = [("model.layers.0.w", "aa" * 16), ("model.layers.1.w", "bb" * 16),

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ringd.core import reliable
-from ringd.core.reliable import (SEGMENT, Endpoint, FrameReceived, PeerUnreachable,
-                                 ReliableConfig, Transmit)
+from ringd.core.packet import SEGMENT, Transmit
+from ringd.core.reliable import Endpoint, FrameReceived, PeerUnreachable, ReliableConfig
 from ringd.core.seal import ReplayGuard, Sealer, new_session
 from ringd.errors import LocalProtocolError
 
@@ -23,7 +23,9 @@ B = ("10.0.0.2", 7411)
 
 
 def endpoint(name: str, *, key: bytes = KEY, session: int | None = None, **cfg) -> Endpoint:
-    sealer = Sealer(key, name, session if session is not None else new_session(1000, hash(name) & 0xFFFF))
+    if session is None:
+        session = new_session(1000, hash(name) & 0xFFFF)
+    sealer = Sealer(key, name, session)
     return Endpoint(sealer, ReplayGuard(), config=ReliableConfig(**cfg))
 
 
@@ -326,7 +328,8 @@ def test_nodes_sharing_a_session_number_both_get_through(size: int) -> None:
     """Two nodes that drew the same session number (started in the same millisecond): each
     one's packet numbers are replay-checked against its own window, never the other's."""
     c_addr = ("10.0.0.3", 7411)
-    a, c = endpoint("a", session=5, datagram_size=1400), endpoint("c", session=5, datagram_size=1400)
+    a = endpoint("a", session=5, datagram_size=1400)
+    c = endpoint("c", session=5, datagram_size=1400)
     b = endpoint("b", datagram_size=1400)
     net = Net({A: a, B: b, c_addr: c})
     for i in range(20):
@@ -487,4 +490,5 @@ def test_fuzz_datagram_decoder_never_raises(data) -> None:
     b.datagrams_to_send(0.0)
     b.handle_timer(10.0)
     assert b._assembly_bytes <= 64 * 1024
-    assert sum(p.reassembly for p in b._peers.values()) <= b.config.reassembly_budget + b.config.max_frame
+    held = sum(p.reassembly for p in b._peers.values())
+    assert held <= b.config.reassembly_budget + b.config.max_frame

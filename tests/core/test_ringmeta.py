@@ -10,7 +10,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ringd.core.membership import Member, MembershipConfig, MemberState
 from ringd.core.ringmeta import (
     MAX_ENCODED,
     MAX_FINGERPRINT,
@@ -27,6 +26,8 @@ from ringd.core.ringmeta import (
     make_view,
     set_active_model,
 )
+from ringd.core.swim_config import MembershipConfig
+from ringd.core.swim_wire import Member, MemberState
 from ringd.errors import LocalProtocolError, RemoteProtocolError
 
 printable = st.characters(min_codepoint=32, max_codepoint=0x2FFF).filter(str.isprintable)

@@ -12,9 +12,22 @@ from hypothesis import strategies as st
 
 from ringd.core import wire
 from ringd.core.requests import SamplingParams
-from ringd.core.wire import (DTYPE_SIZES, MAX_DIM, MAX_RANK, Activation, Cancel, Dropped, Error,
-                             Gossip, Handshake, Tensor, Token, decode, encode,
-                             encode_bytes)
+from ringd.core.wire import (
+    DTYPE_SIZES,
+    MAX_DIM,
+    MAX_RANK,
+    Activation,
+    Cancel,
+    Dropped,
+    Error,
+    Gossip,
+    Handshake,
+    Tensor,
+    Token,
+    decode,
+    encode,
+    encode_bytes,
+)
 from ringd.errors import LocalProtocolError, RemoteProtocolError, RequestError
 
 # ------------------------------------------------------------------------ strategies
@@ -185,6 +198,10 @@ def test_rules_accept_their_range_and_say_what_they_expect() -> None:
     assert [o.test(v) for v in (None, 5, 0)] == [True, True, False]
     assert o.expected == "None or an integer in 1..9"
     assert [wire.exactly(bool).test(v) for v in (True, 1, None)] == [True, False, False]
+    ls = wire.list_of(r, 2)
+    verdicts = [ls.test(v) for v in ([], [1, 9], [1, 2, 3], [0], (1,), None)]
+    assert verdicts == [True, True, False, False, False, False]
+    assert ls.expected == "a list of at most 2 items, each an integer in 1..9"
 
 
 def test_check_names_the_bad_field_of_a_built_message() -> None:

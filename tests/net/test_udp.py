@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import uvloop
 
-from ringd.core.reliable import MAX_BURST, Endpoint, FrameReceived, PeerUnreachable, ReliableConfig
+from ringd.core.packet import MAX_BURST
+from ringd.core.reliable import Endpoint, FrameReceived, PeerUnreachable, ReliableConfig
 from ringd.core.seal import ReplayGuard, Sealer, new_session
 from ringd.core.wire import WIRE_VERSION
 from ringd.net.udp import UdpChannel
