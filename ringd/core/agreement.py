@@ -128,6 +128,7 @@ class Agreement:
         self._settled = False
         self._metas: dict[str, NodeMeta] = {}
         self._shape: ModelShape | None = None
+        self._missing: str | None = None
         self._state = AgreementState.FORMING
         self._reason = "no view yet"
         self._plan: Plan | None = None
@@ -138,13 +139,16 @@ class Agreement:
 
     # ---------------------------------------------------------------------- inputs
     def update(
-        self, now: float, view: View, metas: Mapping[str, NodeMeta], shape: ModelShape | None
+        self, now: float, view: View, metas: Mapping[str, NodeMeta], shape: ModelShape | None,
+        missing: str | None = None,
     ) -> None:
         """Feed the current view, the members' metadata (by node id) and the shape of
-        ``view.model`` as this node knows it (None if it does not)."""
+        ``view.model`` as this node knows it (None if it does not; ``missing`` then says
+        why, e.g. its manifest is being fetched)."""
         self._metas = {i: metas[i] for i in view.node_ids if i != self.node_id and i in metas}
         self._see_epochs(meta.epoch for meta in metas.values())
         self._shape = shape
+        self._missing = missing
         if self._view is None or view.hash != self._view.hash:
             self._drop(_describe_change(self._view, view))
             self._view = view
@@ -329,9 +333,13 @@ class Agreement:
                 f"to agree on epoch {self._epoch}"
             )
             return
+        if view.model_problem:
+            self._set_forming(view.model_problem)
+            return
         if self._shape is None or self._shape.name != view.model:
             self._set_forming(
-                f"model {view.model or '(none)'} is unknown on this node: "
+                self._missing
+                or f"model {view.model or '(none)'} is unknown on this node: "
                 "its files are not in the store"
             )
             return

@@ -44,8 +44,11 @@ from ringd.errors import LocalProtocolError, RemoteProtocolError
 log = logging.getLogger(__name__)
 
 # Bounds of each value (checked on encode and decode).
-MAX_MODELS = 64
+MAX_HOLDINGS = 4
+MAX_RANGES = 4
 MAX_MODEL_NAME = 128
+MAX_MODEL_ID = 32
+MAX_LAYER = 1 << 20
 MAX_VERSION = 32
 MAX_HASH = 64
 MAX_FINGERPRINT = 128
@@ -59,10 +62,38 @@ MAX_KEYS = 64
 
 class NodePhase(Enum):
     JOINING = "joining"
+    FETCHING = "fetching"  # getting its model's files or its layers' tensors from peers
     LOADING = "loading"
     READY = "ready"
     SERVING = "serving"
     LEAVING = "leaving"
+
+
+@dataclass(frozen=True)
+class Holding:
+    """A model in a node's store: its name there, its model id (the hash of its manifest),
+    the layer ranges complete on that disk (what the node can serve and load), and the size
+    of its canonical manifest (the first thing a node without the model fetches)."""
+
+    name: str
+    model_id: str
+    ranges: tuple[tuple[int, int], ...] = ()
+    manifest_size: int = 0
+
+    def dump(self) -> list[Any]:
+        return [self.name, self.model_id, [list(r) for r in self.ranges], self.manifest_size]
+
+    @classmethod
+    def load(cls, v: list[Any]) -> "Holding":
+        return cls(v[0], v[1], tuple((a, b) for a, b in v[2]), v[3])
+
+
+def _is_holding(v: Any) -> bool:
+    return (type(v) is list and len(v) == 4 and _holding_name.test(v[0])
+            and _model_id.test(v[1]) and type(v[2]) is list and len(v[2]) <= MAX_RANGES
+            and all(type(r) is list and len(r) == 2 and _layer.test(r[0])
+                    and _layer.test(r[1]) and r[0] < r[1] for r in v[2])
+            and _u63_rule.test(v[3]))
 
 
 @dataclass(frozen=True)
@@ -71,8 +102,11 @@ class NodeMeta:
 
     usable_memory: int = 0
     total_memory: int = 0
-    models: tuple[str, ...] = ()
+    #: The models in its store (what it can serve to peers).
+    holdings: tuple[Holding, ...] = ()
     phase: NodePhase = NodePhase.JOINING
+    #: While fetching: bytes fetched and checked, of how many.
+    fetch: tuple[int, int] | None = None
     software_version: str = ""
     #: Port of the node's local HTTP API (for status), 0 if none.
     http_port: int = 0
@@ -154,19 +188,32 @@ class _Field:
 
 
 # Each field's rule (the core's one kit, ringd.core.wire) tests the wire value.
-_u63 = integer(0, U63)
+_u63 = _u63_rule = integer(0, U63)
 _hash = optional(text(MAX_HASH, min_len=1, printable=True))
+_holding_name = text(MAX_MODEL_NAME, min_len=1, printable=True)
+_model_id = text(MAX_MODEL_ID, min_len=1, printable=True)
+_layer = integer(0, MAX_LAYER)
 
 #: The schema: one row per NodeMeta field. Never reuse a key for another meaning.
 _SCHEMA = (
     _Field("usable_memory", "mem", _u63),
     _Field("total_memory", "total", _u63),
+    # "models" (a list of names) was retired with protocol 2: never reuse the key.
     _Field(
-        "models",
-        "models",
-        list_of(text(MAX_MODEL_NAME, min_len=1, printable=True), MAX_MODELS),
-        load=tuple,
-        dump=lambda v: list(v) if type(v) in (tuple, list) else v,
+        "holdings",
+        "hold",
+        list_of(Rule(_is_holding, "[name, model id, [[start, end], ...], manifest size]"),
+                MAX_HOLDINGS),
+        load=lambda v: tuple(Holding.load(h) for h in v),
+        dump=lambda v: [h.dump() for h in v] if type(v) is tuple else v,
+    ),
+    _Field(
+        "fetch",
+        "fetch",
+        optional(Rule(lambda v: type(v) is list and len(v) == 2 and all(map(_u63.test, v)),
+                      "[done, total]")),
+        load=lambda v: None if v is None else (v[0], v[1]),
+        dump=lambda v: list(v) if type(v) is tuple else v,
     ),
     _Field(
         "phase",
@@ -277,12 +324,15 @@ class ViewMember:
 @dataclass(frozen=True)
 class View:
     """The live members with usable metadata sorted by node id, and the ring-wide active
-    model. ``hash`` covers what the plan depends on: node ids, addresses, usable memory and
-    the model name."""
+    model: its name and the model id its holders agree on (``""`` when none does, with
+    ``model_problem`` saying why). ``hash`` covers what the plan depends on: node ids,
+    addresses, usable memory, the model name and its id."""
 
     members: tuple[ViewMember, ...]
     model: str
     hash: str
+    model_id: str = ""
+    model_problem: str | None = None
 
     @property
     def node_ids(self) -> tuple[str, ...]:
@@ -304,5 +354,30 @@ def make_view(members: Iterable[Member], metas: Mapping[str, NodeMeta]) -> View:
             key=lambda v: v.node_id,
         )
     )
-    h = canonical_hash([model, [[v.node_id, v.addr[0], v.addr[1], v.usable_memory] for v in vm]])
-    return View(vm, model, h)
+    model_id, problem = resolve_model(model, {m.node_id: metas[m.node_id] for m in known},
+                                      {m.node_id: m.name for m in known})
+    h = canonical_hash([model, model_id,
+                        [[v.node_id, v.addr[0], v.addr[1], v.usable_memory] for v in vm]])
+    return View(vm, model, h, model_id, problem)
+
+
+def resolve_model(name: str, metas: Mapping[str, NodeMeta],
+                  names: Mapping[str, str] | None = None) -> tuple[str, str | None]:
+    """Which bytes the ring serves as model ``name``: ``(model id, None)`` when every member
+    holding a model of that name holds the same one; ``("", why)`` when none holds it, or
+    when they hold different models under that name (the member ids named)."""
+    if not name:
+        return "", "no model is set for the ring"
+    held: dict[str, list[str]] = {}
+    for node_id, meta in sorted(metas.items()):
+        for h in meta.holdings:
+            if h.name == name:
+                held.setdefault(h.model_id, []).append((names or {}).get(node_id) or node_id[:8])
+    if len(held) == 1:
+        return next(iter(held)), None
+    if not held:
+        return "", (f"no node holds model {name}: put it on one node "
+                    "(`ringctl model pull` or `ringctl model import`)")
+    which = "; ".join(f"{mid[:12]} on {', '.join(nodes)}" for mid, nodes in sorted(held.items()))
+    return "", (f"nodes hold different models named {name} ({which}): remove the wrong one "
+                "with `ringctl model rm`")

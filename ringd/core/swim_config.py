@@ -39,9 +39,9 @@ class MembershipConfig:
     #: Longest metadata a member may carry, in bytes: the local node's is refused above it,
     #: a peer's payload holding a longer one is junk, so every node of a ring needs the same
     #: value. memberlist allows 512 bytes; the ring's metadata (:mod:`ringd.core.ringmeta`)
-    #: takes ~300 bytes serving, but its bounds (three plan hashes, a fingerprint, a
-    #: 240-character refusal, model names) reach ~1.0 KB in ASCII and ~1.7 KB with a
-    #: multi-byte refusal: 2 KiB holds them with room for fields to come. A record too big to
+    #: takes ~350 bytes serving one model, but its bounds (three plan hashes, a fingerprint,
+    #: a 240-character refusal, four held models with their layer ranges) reach ~2.5 KB with
+    #: a multi-byte refusal: 4 KiB holds them with room for fields to come. A record too big to
     #: ride next to a probe within ``max_payload_bytes`` (metadata over ~700 bytes) spreads
     #: only by push-pull and its owner's own messages.
     max_meta_bytes: int = MAX_META

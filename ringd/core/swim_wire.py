@@ -34,7 +34,7 @@ MAX_NAME = 64
 MAX_HOST = 255
 #: Default bound of one member's metadata (bytes); see
 #: :attr:`ringd.core.membership.MembershipConfig.max_meta_bytes`.
-MAX_META = 2048
+MAX_META = 4096
 MAX_UPDATES = 64
 MAX_SYNC_MEMBERS = 1024
 #: Largest sequence number (and protocol version) a message carries.

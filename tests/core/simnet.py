@@ -22,6 +22,7 @@ from ringd.core.agreement import Agreement, AgreementConfig, LoadShard, PlanDrop
 from ringd.core.membership import Membership
 from ringd.core.plan import ModelShape
 from ringd.core.ringmeta import (
+    Holding,
     MetaDecoder,
     NodeMeta,
     NodePhase,
@@ -190,7 +191,8 @@ class SimNet:
 # -------------------------------------------------------------------------- endpoints
 def meta_for(usable: int = 10 * 2**30, model: str = "tiny", **kw: Any) -> NodeMeta:
     return NodeMeta(
-        usable_memory=usable, total_memory=2 * usable, model=model, models=(model,), **kw
+        usable_memory=usable, total_memory=2 * usable, model=model,
+        holdings=(Holding(model, f"id-of-{model}", ((0, 1),), 100),), **kw
     )
 
 

@@ -16,7 +16,7 @@ from ringd.core.agreement import (
     StopServing,
 )
 from ringd.core.plan import ModelShape
-from ringd.core.ringmeta import NodeMeta, NodePhase, make_view
+from ringd.core.ringmeta import Holding, NodeMeta, NodePhase, make_view
 from ringd.core.swim_wire import Member, MemberState
 from tests.core.simnet import MemberNode, RingNode, SimNet
 
@@ -30,7 +30,9 @@ def view_of(*members: tuple[str, int], model: str = "tiny"):
             Member(i, i, ("10.0.0.1", 7000 + k), 0, MemberState.ALIVE)
             for k, (i, _) in enumerate(members)
         ],
-        {i: NodeMeta(usable_memory=u, model=model) for i, u in members},
+        {i: NodeMeta(usable_memory=u, model=model,
+                     holdings=(Holding(model, f"id-of-{model}", ((0, 30),), 1),))
+         for i, u in members},
     )
 
 
@@ -60,6 +62,8 @@ def test_commit_waits_for_every_member_to_report_the_view_and_epoch() -> None:
     peers["c"] = NodeMeta(view_hash=v.hash, epoch=5)
     a.update(0.2, v, peers, None)
     assert a.reason == "model tiny is unknown on this node: its files are not in the store"
+    a.update(0.25, v, peers, None, "fetching the manifest of tiny from b")
+    assert a.reason == "fetching the manifest of tiny from b" and a.get_timer() == 0.5
     a.update(0.3, v, peers, SHAPE)
     assert a.reason == f"view {v.short()} is settling" and a.get_timer() == 0.5
     assert a.next_event() is None
@@ -303,7 +307,8 @@ def test_the_active_model_setting_spreads_and_outlives_its_writer() -> None:
     net.run_until_true(lambda: all(n.view.model == "other" for n in nodes), 2.0)
     assert len({n.view.hash for n in nodes}) == 1 and nodes[0].view.hash != h0
     assert all(n.a.serving_plan is None for n in nodes)  # a model change is a view change
-    unknown = "model other is unknown on this node: its files are not in the store"
+    unknown = ("no node holds model other: put it on one node (`ringctl model pull` or "
+               "`ringctl model import`)")
     net.run_until_true(lambda: all(n.a.reason == unknown for n in nodes), 1.0)
     for n in nodes:  # each node adopted the setting (version 1, written by r2)
         assert (n.meta.model, n.meta.model_version) == ("other", 1)

@@ -11,11 +11,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ringd.core.ringmeta import (
+    Holding,
     MAX_ENCODED,
     MAX_FINGERPRINT,
     MAX_HASH,
+    MAX_HOLDINGS,
+    MAX_LAYER,
+    MAX_MODEL_ID,
     MAX_MODEL_NAME,
-    MAX_MODELS,
+    MAX_RANGES,
     MAX_REFUSAL,
     MAX_VERSION,
     MetaDecoder,
@@ -24,6 +28,7 @@ from ringd.core.ringmeta import (
     active_model,
     adopt_active_model,
     make_view,
+    resolve_model,
     set_active_model,
 )
 from ringd.core.swim_config import MembershipConfig
@@ -33,12 +38,18 @@ from ringd.errors import LocalProtocolError, RemoteProtocolError
 printable = st.characters(min_codepoint=32, max_codepoint=0x2FFF).filter(str.isprintable)
 names = st.text(printable, min_size=1, max_size=MAX_MODEL_NAME)
 hashes = st.none() | st.text("0123456789abcdef", min_size=1, max_size=MAX_HASH)
+ranges = st.lists(st.tuples(st.integers(0, MAX_LAYER - 1), st.integers(1, 40)).map(
+    lambda t: (t[0], min(MAX_LAYER, t[0] + t[1]))), max_size=MAX_RANGES).map(tuple)
+holdings = st.builds(Holding, names, st.text("0123456789abcdef", min_size=1,
+                                             max_size=MAX_MODEL_ID), ranges,
+                     st.integers(0, 2**63 - 1))
 metas = st.builds(
     NodeMeta,
     usable_memory=st.integers(0, 2**63 - 1),
     total_memory=st.integers(0, 2**63 - 1),
-    models=st.lists(names, max_size=3).map(tuple),
+    holdings=st.lists(holdings, max_size=MAX_HOLDINGS).map(tuple),
     phase=st.sampled_from(NodePhase),
+    fetch=st.none() | st.tuples(st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1)),
     software_version=st.text(printable, max_size=MAX_VERSION),
     http_port=st.integers(0, 65535),
     view_hash=hashes,
@@ -54,7 +65,7 @@ metas = st.builds(
 SERVING = NodeMeta(
     usable_memory=12 * 2**30,
     total_memory=32 * 2**30,
-    models=("SmolLM2-135M-Instruct",),
+    holdings=(Holding("SmolLM2-135M-Instruct", "0123456789abcdef" * 2, ((0, 30),), 71_000),),
     phase=NodePhase.SERVING,
     software_version="0.1.0",
     http_port=7412,
@@ -79,9 +90,10 @@ def test_round_trip(meta: NodeMeta) -> None:
 
 def test_a_map_with_named_keys_that_leaves_defaults_out() -> None:
     assert msgpack.unpackb(NodeMeta().encode()) == {}
-    m = NodeMeta(usable_memory=5, phase=NodePhase.READY, view_hash="ab", models=("m",))
-    assert msgpack.unpackb(m.encode()) == {"mem": 5, "models": ["m"], "phase": "ready",
-                                           "view": "ab"}
+    m = NodeMeta(usable_memory=5, phase=NodePhase.READY, view_hash="ab",
+                 holdings=(Holding("m", "ab12", ((0, 4), (6, 8)), 900),), fetch=(1, 2))
+    assert msgpack.unpackb(m.encode()) == {"mem": 5, "hold": [["m", "ab12", [[0, 4], [6, 8]], 900]],
+                                           "phase": "ready", "view": "ab", "fetch": [1, 2]}
 
 
 def test_unknown_keys_are_ignored_and_missing_keys_default() -> None:
@@ -96,12 +108,15 @@ def test_unknown_keys_are_ignored_and_missing_keys_default() -> None:
 
 
 def test_serving_metadata_is_small_and_the_worst_case_fits_the_membership_bound() -> None:
-    assert len(SERVING.encode()) < 320  # rides in every probe
+    assert len(SERVING.encode()) < 400  # rides in every probe
     worst = NodeMeta(
         usable_memory=2**63 - 1,
         total_memory=2**63 - 1,
-        models=("m" * MAX_MODEL_NAME,),
-        phase=NodePhase.SERVING,
+        holdings=(Holding("m" * MAX_MODEL_NAME, "f" * MAX_MODEL_ID,
+                          tuple((MAX_LAYER - 2 * i - 2, MAX_LAYER - 2 * i - 1)
+                                for i in range(MAX_RANGES)), 2**63 - 1),) * MAX_HOLDINGS,
+        phase=NodePhase.FETCHING,
+        fetch=(2**63 - 1, 2**63 - 1),
         software_version="v" * MAX_VERSION,
         http_port=65535,
         view_hash="a" * MAX_HASH,
@@ -121,10 +136,15 @@ def test_serving_metadata_is_small_and_the_worst_case_fits_the_membership_bound(
 BOUNDS = {
     "mem": (2**63 - 1, [-1, 2**63, True, 1.0, "1", None]),
     "total": (0, [-1, 2**64 - 1, False]),
-    "models": (
-        ["m" * MAX_MODEL_NAME] * MAX_MODELS,
-        [["m"] * (MAX_MODELS + 1), ["m" * (MAX_MODEL_NAME + 1)], [""], [1], ["a\nb"], "m", None],
+    "hold": (
+        [["m" * MAX_MODEL_NAME, "f" * MAX_MODEL_ID, [[0, 1]] * MAX_RANGES, 2**63 - 1]]
+        * MAX_HOLDINGS,
+        [[["m", "f", [], 1]] * (MAX_HOLDINGS + 1), [["m" * (MAX_MODEL_NAME + 1), "f", [], 1]],
+         [["m", "f" * (MAX_MODEL_ID + 1), [], 1]], [["m", "f", [[0, 1]] * (MAX_RANGES + 1), 1]],
+         [["m", "f", [[3, 3]], 1]], [["m", "f", [[4, 2]], 1]], [["m", "f", [[0, 1 << 21]], 1]],
+         [["m", "f", [], -1]], [["", "f", [], 1]], [["m", "f", []]], ["m"], "m", None],
     ),
+    "fetch": ([2**63 - 1, 0], [[1], [1, 2, 3], [-1, 0], ["1", 2], "x"]),
     "phase": ("leaving", ["asleep", 1, None, "SERVING"]),
     "sw": ("v" * MAX_VERSION, ["v" * (MAX_VERSION + 1), "1\x00", 1, None]),
     "http": (65535, [65536, -1, "80"]),
@@ -139,7 +159,8 @@ BOUNDS = {
     "refusal": ("r" * MAX_REFUSAL, ["r" * (MAX_REFUSAL + 1), "", "a\nb", 0]),
 }
 FIELD_OF = {
-    "mem": "usable_memory", "total": "total_memory", "models": "models", "phase": "phase",
+    "mem": "usable_memory", "total": "total_memory", "hold": "holdings", "phase": "phase",
+    "fetch": "fetch",
     "sw": "software_version", "http": "http_port", "view": "view_hash", "epoch": "epoch",
     "plan": "plan_hash", "ready": "ready_plan_hash", "fp": "fingerprint", "model": "model",
     "model_v": "model_version", "bw": "memory_bandwidth", "refusal": "refusal",
@@ -162,7 +183,7 @@ def test_each_bound_is_enforced_both_ways(key: str) -> None:
         if bad is None:
             continue  # None is not a value NodeMeta can hold for a non-optional field
         attr = FIELD_OF[key]
-        value = tuple(bad) if key == "models" and type(bad) is list else bad
+        value = bad
         if value == getattr(NodeMeta(), attr):
             continue  # a default is left out, not checked
         with pytest.raises(LocalProtocolError, match=f"NodeMeta.{attr}: bad value"):
@@ -291,3 +312,26 @@ def test_adopt_and_set_the_active_model() -> None:
     assert active_model({**peers, "a": claimed}) == ("next", 3)
     alone = set_active_model(NodeMeta(model_version=7), {}, "solo")
     assert (alone.model, alone.model_version) == ("solo", 8)
+
+
+# ------------------------------------------------------------------------- which bytes
+def test_the_ring_serves_the_model_id_its_holders_agree_on() -> None:
+    a, b, c = member("a", b""), member("b", b""), member("c", b"")
+    whole = Holding("m", "1" * 32, ((0, 30),), 900)
+    part = Holding("m", "1" * 32, ((10, 20),), 900)
+    metas = {"a": NodeMeta(usable_memory=5, model="m", holdings=(whole,)),
+             "b": NodeMeta(usable_memory=5, model="m", holdings=(part,)),
+             "c": NodeMeta(usable_memory=5, model="m")}  # holds nothing yet: fetches
+    view = make_view([a, b, c], metas)
+    assert (view.model_id, view.model_problem) == ("1" * 32, None)
+    # another model's bytes under the same name on c: no id, and the nodes are named
+    metas["c"] = NodeMeta(usable_memory=5, model="m",
+                          holdings=(Holding("m", "2" * 32, ((0, 30),), 900),))
+    split = make_view([a, b, c], metas)
+    assert split.model_id == "" and split.hash != view.hash
+    assert split.model_problem == (
+        "nodes hold different models named m (111111111111 on name-a, name-b; "
+        "222222222222 on name-c): remove the wrong one with `ringctl model rm`")
+    gone = make_view([c], {"c": NodeMeta(usable_memory=5, model="x")})
+    assert gone.model_id == "" and gone.model_problem.startswith("no node holds model x:")
+    assert resolve_model("", {}) == ("", "no model is set for the ring")
