@@ -6,8 +6,9 @@ Two asyncio adapters (loop thread only; no MLX) around the pure and file-level p
   node's model directories (:class:`ringd.compute.tensor_source.TensorSource`): the key and
   range are checked on the loop (dictionary look-ups), the bytes are read on the server's
   own small thread pool (never the event loop, never the MLX thread) and go back as a
-  :class:`ringd.core.wire.FetchReply`. Requests waiting for a read are bounded (in all and
-  per peer); beyond that the answer is ``busy``. A peer's bad request gets a status, a
+  :class:`ringd.core.wire.FetchReply`. Requests waiting for a read are bounded (in all, and
+  per peer in bytes with what the transport still holds for it); beyond that the answer is
+  ``busy``. A peer's bad request gets a status, a
   file that cannot be read (changed, gone) gets ``not_held`` and one rate-limited log line;
   nothing a peer sends raises out of :meth:`WeightServer.receive`.
 - :class:`Fetcher` drives one :class:`ringd.core.transfer.Transfer` at a time: it sends the
@@ -92,20 +93,30 @@ class WeightServer:
     thread, so it must not block (a dictionary look-up). Sources stay open while reads may
     run on them: close one only after :meth:`close`, or accept that its in-flight reads
     fail (they are answered ``not_held``).
+
+    Bounds: ``max_reads`` reads at a time; ``max_queued`` requests waiting or being read;
+    per peer, ``max_peer_bytes`` bytes asked for and not yet answered, plus (with
+    ``backlog(node_id)``: the bytes the transport still holds for that peer, e.g.
+    ``Transport.queued_bytes`` of its address) the replies it has not taken yet. Beyond any
+    of them the answer is ``busy``: a peer that asks without reading can't make the holder
+    read (or buffer) for it without end.
     """
 
     def __init__(self, send: SendFn, source_for: Callable[[str], TensorSource | None], *,
-                 max_reads: int = 4, max_queued: int = 256, max_per_peer: int = 64) -> None:
-        if max_reads < 1 or max_queued < 1 or max_per_peer < 1:
-            raise LocalProtocolError("max_reads, max_queued and max_per_peer must be >= 1")
+                 max_reads: int = 4, max_queued: int = 256, max_peer_bytes: int = 32 << 20,
+                 backlog: Callable[[str], int] | None = None) -> None:
+        if max_reads < 1 or max_queued < 1 or max_peer_bytes < wire.MAX_FETCH:
+            raise LocalProtocolError("need max_reads, max_queued >= 1 and max_peer_bytes >= "
+                                     f"{wire.MAX_FETCH}")
         self._send = send
         self._source_for = source_for
         self.max_queued = max_queued
-        self.max_per_peer = max_per_peer
+        self.max_peer_bytes = max_peer_bytes
+        self._backlog = backlog
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_reads, thread_name_prefix="ringd-serve")
         self._queued = 0  # requests accepted and not yet answered
-        self._per_peer: Counter[str] = Counter()
+        self._per_peer: Counter[str] = Counter()  # bytes asked for, not yet answered
         self._closed = False
         self._warn = _Warnings()
         self.totals = dict.fromkeys(("requests", "ok", "not_held", "bad_request", "busy",
@@ -136,11 +147,17 @@ class WeightServer:
         if msg.offset + msg.length > size:
             self._bad(sender, msg, f"range outside the item ({size} bytes)")
             return
-        if self._queued >= self.max_queued or self._per_peer[sender] >= self.max_per_peer:
+        asked = self._per_peer[sender] + msg.length
+        if self._backlog is not None:
+            try:
+                asked += self._backlog(sender)
+            except Exception:
+                log.exception("reading the send backlog of %s failed", sender[:8])
+        if self._queued >= self.max_queued or asked > self.max_peer_bytes:
             self._reply(sender, msg, "busy")
             return
         self._queued += 1
-        self._per_peer[sender] += 1
+        self._per_peer[sender] += msg.length
         loop = asyncio.get_running_loop()
         fut = self._pool.submit(source.read, msg.key, msg.offset, msg.length)
         fut.add_done_callback(lambda f: _call_soon(loop, self._done, sender, msg, f))
@@ -149,7 +166,7 @@ class WeightServer:
     def _done(self, sender: str, msg: wire.FetchRequest,
               fut: concurrent.futures.Future[bytes]) -> None:
         self._queued -= 1
-        self._per_peer[sender] -= 1
+        self._per_peer[sender] -= msg.length
         if self._per_peer[sender] <= 0:
             del self._per_peer[sender]
         if self._closed or fut.cancelled():
@@ -206,7 +223,7 @@ class Fetcher:
 
     def __init__(self, send: SendFn, *, config: TransferConfig = TransferConfig(),
                  max_backlog: int | None = None, progress_every: float = 0.5,
-                 holders_every: float = 2.0, busy_retry: float = 0.05,
+                 holders_every: float = 2.0, busy_retry: float = 0.02,
                  max_busy_retries: int = 40) -> None:
         if config.chunk_size > wire.MAX_FETCH:
             raise LocalProtocolError(f"chunk_size {config.chunk_size} is above the "

@@ -127,6 +127,10 @@ class Transport:
         else:
             self.tcp.send_frame(addr, head, body)
 
+    def queued_bytes(self, addr: Addr) -> int:
+        """Bytes of TCP messages waiting to go to ``addr`` (weight chunks, prefills)."""
+        return self.tcp.queued_bytes(addr) if self.tcp is not None else 0
+
     async def drain(self, addr: Addr) -> None:
         """Wait until the TCP connection to ``addr`` can take more (for prefill senders)."""
         if self.tcp is not None:

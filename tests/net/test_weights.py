@@ -555,6 +555,30 @@ async def test_too_many_queued_requests_are_told_busy(tiny_model_dir: Path,
 
 
 @on_both_loops
+async def test_a_peer_that_does_not_read_its_replies_is_told_busy(tiny_model_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    src = await holder_copy(tiny_model_dir, tmp_path / "h1")
+    mid = src.model_id
+    sent = Inbox()
+    waiting = {"slow": 0}  # bytes the transport holds for each peer
+    server = WeightServer(lambda node, m: sent.put((node, m.offset, m.status)), {mid: src}.get,
+                          max_peer_bytes=16 << 20, backlog=lambda node: waiting.get(node, 0))
+    name = sorted(k for k in src.keys() if k.startswith("model.layers.0."))[0]
+    try:
+        server.receive(FetchRequest(mid, name, 0, 64), "slow")
+        waiting["slow"] = 16 << 20  # its replies pile up unread
+        server.receive(FetchRequest(mid, name, 64, 64), "slow")
+        server.receive(FetchRequest(mid, name, 64, 64), "fast")  # others are served
+        assert sent.items == [("slow", 64, "busy")]  # at once
+        await sent.wait(lambda xs: len(xs) == 3)  # the reads finish on the server's threads
+        assert sorted(sent.items[1:]) == [("fast", 64, "ok"), ("slow", 0, "ok")]
+        assert server.stats()["queued"] == 0 and server.stats()["peers"] == 0
+    finally:
+        server.close()
+        src.close()
+
+
+@on_both_loops
 async def test_a_busy_holder_is_asked_again_and_the_fetch_completes(
         tiny_model_dir: Path, tmp_path: Path) -> None:
     inner = await holder_copy(tiny_model_dir, tmp_path / "h1")
