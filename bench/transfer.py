@@ -17,6 +17,10 @@ ranges ``A-B`` of the 30 layers, ``all`` = the whole model; the default ``0-10``
   manifest, group files synced and published): timed from the first request to the
   directory holding the shard;
 - ``ours-2``: the same from two holder processes (both on CPU 1: this machine has two);
+- ``ours-1-file``: ``ours-1`` into one preallocated file instead of a shard directory (each
+  tensor hashed back from the disk as ``ShardDir.finish`` does, one ``fsync`` at the end):
+  the network path and the verification without the directory's bookkeeping (one file and
+  its sync per layer, the index);
 - ``raw-copy``: the same bytes (each tensor ``pread`` from the model file by the same
   holder-side process kind) over a plain TCP socket into one file on the same disk (plain
   ``pwrite``, one ``fsync`` at the end): no encryption, no hashing, no protocol: the floor
@@ -179,6 +183,45 @@ def raw_server() -> None:
 
 
 # ============================================================ fetcher (CPU 0)
+class FileSink:
+    """``ours-1-file``: every tensor at its place in one preallocated file; ``finish``
+    hashes it back from the disk and compares with the manifest (as ``ShardDir`` does)."""
+
+    def __init__(self, path: Path, model: Any, names: list[str]) -> None:
+        self.model = model
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.at: dict[str, int] = {}
+        pos = 0
+        for n in names:
+            self.at[n] = pos
+            pos += model.tensors[n].size
+        os.posix_fallocate(self.fd, 0, pos)
+
+    def write(self, key: str, offset: int, data: bytes) -> None:
+        os.pwrite(self.fd, data, self.at[key] + offset)
+
+    def finish(self, key: str) -> bool:
+        from ringd.compute.shard_dir import _hash_region
+
+        return _hash_region(self.fd, self.at[key], self.model.tensors[key].size) == \
+            self.model.tensors[key].hash
+
+    def close(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+
+
+def hash_rate() -> float:
+    """MB/s of the manifest's hash (BLAKE2b-16) on this CPU: what verifying a byte costs."""
+    import hashlib
+
+    data = os.urandom(8 * MiB)
+    t0 = time.perf_counter()
+    for _ in range(8):
+        hashlib.blake2b(data, digest_size=16).digest()
+    return 8 * len(data) / (time.perf_counter() - t0) / 1e6
+
+
 def raw_fetch(port: int, names: list[str], total: int, out: Path | None) -> None:
     buf = bytearray(RAW_CHUNK)
     mv = memoryview(buf)
@@ -233,7 +276,7 @@ async def fetcher() -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    print(json.dumps({"ready": True, "bounds": {
+    print(json.dumps({"ready": True, "hash": await asyncio.to_thread(hash_rate), "bounds": {
         "chunk": config.chunk_size, "in_flight_per_peer": config.max_in_flight_per_peer,
         "in_flight": config.max_in_flight, "backlog": fetch.max_backlog}}), flush=True)
     try:
@@ -254,20 +297,27 @@ async def fetcher() -> None:
                 if out:
                     out.unlink()
             else:
-                sd = await asyncio.to_thread(ShardDir.create, dest, model, files)
-                await asyncio.to_thread(sd.plan, names)
+                if cmd["case"] == "ours-1-file":
+                    sd = await asyncio.to_thread(FileSink, dest.with_suffix(".bin"), model,
+                                                 names)
+                else:
+                    sd = await asyncio.to_thread(ShardDir.create, dest, model, files)
+                    await asyncio.to_thread(sd.plan, names)
                 book.update({h: ("127.0.0.1", p) for h, p in cmd["holders"].items()})
                 keys = set(model.holdings([(0, model.num_layers)])) | set(model.tensors)
                 held = {h: keys for h in cmd["holders"]}
                 t0 = time.perf_counter()
-                st = await fetch.fetch(model.model_id, model.item_sizes(names), sd.present(),
-                                       sd, lambda: held)
-                seconds = time.perf_counter() - t0
+                st = await fetch.fetch(model.model_id, model.item_sizes(names), (), sd,
+                                       lambda: held)
                 await asyncio.to_thread(sd.close)
+                seconds = time.perf_counter() - t0
                 assert st.done_bytes == total, st
                 extra = {"peers": {p.peer: p.bytes for p in st.peers},
                          "wasted": st.wasted_bytes}
-                await asyncio.to_thread(shutil.rmtree, dest)
+                if isinstance(sd, FileSink):
+                    dest.with_suffix(".bin").unlink()
+                else:
+                    await asyncio.to_thread(shutil.rmtree, dest)
             print(json.dumps({
                 "case": cmd["case"], "shard": cmd["shard"], "bytes": total, "seconds": seconds,
                 "cpu": cpu_seconds() - cpu0, "rss0_kib": rss0,
@@ -337,8 +387,9 @@ def main() -> None:
     try:
         ports = {name: int(first_line(p)) for name, p in holders.items()}
         raw_port = int(first_line(raw))
-        bounds = json.loads(first_line(fetch))["bounds"]
-        cases = ["raw-copy", "ours-1", "ours-2", "raw-net"]
+        ready = json.loads(first_line(fetch))
+        bounds = {**ready["bounds"], "hash": ready["hash"]}
+        cases = ["raw-copy", "ours-1", "ours-2", "ours-1-file", "raw-net"]
         rows: list[dict[str, Any]] = []
         run = 0
         for rep in range(a.reps + 1):  # pass 0 warms the page cache and the connections
@@ -347,8 +398,7 @@ def main() -> None:
                 for case in order:
                     run += 1
                     cmd = {"run": run, "case": case, "shard": shard, "port": raw_port,
-                           "holders": {"ours-1": {"h1": ports["h1"]},
-                                       "ours-2": ports}.get(case, {})}
+                           "holders": ports if case == "ours-2" else {"h1": ports["h1"]}}
                     fetch.stdin.write(json.dumps(cmd) + "\n")  # type: ignore[union-attr]
                     fetch.stdin.flush()  # type: ignore[union-attr]
                     r = json.loads(first_line(fetch))
@@ -390,8 +440,9 @@ def report(rows: list[dict[str, Any]], shards: list[str], cases: list[str],
 
     print("\n## Fetch throughput, MB/s: best / median of the passes "
           "(fetcher on CPU 0, holders on CPU 1, loopback)\n")
-    print("| shard | MiB | " + " | ".join(cases) + " | ours-1 / raw-copy | ours-2 / raw-copy |")
-    print("|---|---|" + "---|" * (len(cases) + 2))
+    print("| shard | MiB | " + " | ".join(cases)
+          + " | ours-1 / raw-copy | ours-2 / raw-copy | ours-1-file / raw-copy |")
+    print("|---|---|" + "---|" * (len(cases) + 3))
     for s in shards:
         size = by[(s, cases[0])][0]["bytes"] / MiB
 
@@ -402,7 +453,8 @@ def report(rows: list[dict[str, Any]], shards: list[str], cases: list[str],
         cells = [f"{best(s, c):.0f} / {median(s, c):.0f}" for c in cases]
         print(f"| {s} | {size:.1f} | " + " | ".join(cells)
               + f" | {x('ours-1')} (median {x('ours-1', median)})"
-              + f" | {x('ours-2')} (median {x('ours-2', median)}) |")
+              + f" | {x('ours-2')} (median {x('ours-2', median)})"
+              + f" | {x('ours-1-file')} (median {x('ours-1-file', median)}) |")
     print("\n## The fetching process: CPU-ms per MiB (median), peak RSS growth during a fetch "
           "(max over the passes)\n")
     print("| shard | case | CPU-ms/MiB | peak RSS growth | / shard size |")
@@ -414,7 +466,9 @@ def report(rows: list[dict[str, Any]], shards: list[str], cases: list[str],
             growth = [r["peak_growth_kib"] for r in rs if r["peak_growth_kib"] is not None]
             g = max(growth) / 1024 if growth else float("nan")
             print(f"| {s} | {c} | {cpu:.2f} | {g:.1f} MiB | {g / (rs[0]['bytes'] / MiB):.2f} |")
-    print(f"\nIn-flight bounds of a fetch: chunk {bounds['chunk'] / MiB:.0f} MiB, "
+    print(f"\nBLAKE2b-16 (the manifest's hash, every fetched byte) in the fetching process: "
+          f"{bounds['hash']:.0f} MB/s; raw-copy verifies nothing.")
+    print(f"In-flight bounds of a fetch: chunk {bounds['chunk'] / MiB:.0f} MiB, "
           f"{bounds['in_flight_per_peer'] / MiB:.0f} MiB per holder, "
           f"{bounds['in_flight'] / MiB:.0f} MiB in all, write backlog "
           f"{bounds['backlog'] / MiB:.0f} MiB.")
@@ -430,7 +484,7 @@ def report(rows: list[dict[str, Any]], shards: list[str], cases: list[str],
               + (f", {e['ok']} chunks served, {e['busy']} busy" if "ok" in e else ""))
     print("\n## Summary\n")
     for s in shards:
-        for c in ("ours-1", "ours-2"):
+        for c in ("ours-1", "ours-2", "ours-1-file"):
             b, r = best(s, c), best(s, "raw-copy")
             if b and r:
                 verdict = "meets" if b / r >= 0.8 else "misses"

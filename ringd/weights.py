@@ -33,8 +33,10 @@ import asyncio
 import concurrent.futures
 import heapq
 import logging
+import queue
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
@@ -285,6 +287,69 @@ class Fetcher:
             await run.close()
 
 
+class _Worker:
+    """One thread that runs a fetch's sink calls in order (``ShardDir`` is single-threaded).
+
+    Results come back to the loop in batches: after a job, the thread schedules one call of
+    ``on_results`` unless one is already pending, so a burst of chunk writes costs the loop
+    one wake-up, not one each. :meth:`stop` drops the jobs not started; :meth:`stopped` is
+    done once the thread has ended (the job it was running, finished).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 on_results: Callable[[list[tuple[Any, Any, BaseException | None]]], None]
+                 ) -> None:
+        self._loop = loop
+        self._on_results = on_results
+        self._jobs: queue.SimpleQueue[tuple[Any, Callable[..., Any], tuple[Any, ...]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._results: deque[tuple[Any, Any, BaseException | None]] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._stop = False
+        self.stopped: asyncio.Future[None] = loop.create_future()
+        self._thread = threading.Thread(target=self._work, name="ringd-fetch", daemon=True)
+        self._thread.start()
+
+    def submit(self, tag: Any, fn: Callable[..., Any], *args: Any) -> None:
+        self._jobs.put((tag, fn, args))
+
+    def stop(self) -> None:
+        self._stop = True
+        self._jobs.put(None)
+
+    def _work(self) -> None:
+        try:
+            while (job := self._jobs.get()) is not None and not self._stop:
+                tag, fn, args = job
+                try:
+                    result, exc = fn(*args), None
+                except BaseException as e:  # handed to the loop, like a pool worker does
+                    result, exc = None, e
+                del job, fn, args
+                self._results.append((tag, result, exc))
+                with self._lock:
+                    if self._scheduled:
+                        continue
+                    self._scheduled = True
+                _call_soon(self._loop, self._deliver)
+        finally:
+            _call_soon(self._loop, self._ended)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            self._scheduled = False
+        batch = []
+        while self._results:
+            batch.append(self._results.popleft())
+        if batch:
+            self._on_results(batch)
+
+    def _ended(self) -> None:
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+
 class _Run:
     """One fetch: the transfer, its worker thread, its timer (loop thread only)."""
 
@@ -304,15 +369,16 @@ class _Run:
         self.on_progress = on_progress
         self.wait_for_holders = wait_for_holders
         self.done: asyncio.Future[TransferStats] = self.loop.create_future()
-        self.worker = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="ringd-fetch")
-        self.jobs: set[concurrent.futures.Future[Any]] = set()
+        self.worker = _Worker(self.loop, self._results)
         self.backlog = 0  # bytes handed to the worker, not yet written
         self.known: dict[str, frozenset[str]] = {}  # holders as last set in the transfer
         self.asked: dict[tuple[str, str, int], int] = {}  # request sent -> busy replies
         self.retries: list[tuple[float, str, str, int, int]] = []  # heap: busy, ask again
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at: float | None = None
+        # The transfer's own deadline, read at each tick and timer (not on every reply:
+        # requests sent meanwhile have later deadlines, so it can only be late by a tick).
+        self.transfer_at: float | None = None
         self.next_tick = now
         self.next_holders = now
         self.waiting_since: float | None = None
@@ -336,7 +402,7 @@ class _Run:
             if t.chunk_received(sender, msg.key, msg.offset, n, now):
                 data = bytes(msg.data)  # out of the receive buffer, which is reused
                 self.backlog += n
-                self._submit(self._written, n, self.sink.write, msg.key, msg.offset, data)
+                self.worker.submit(("w", n), self.sink.write, msg.key, msg.offset, data)
         elif msg.status == "busy":
             size = self.sizes.get(msg.key)
             if asked is not None and asked < self.f.max_busy_retries and size is not None:
@@ -353,36 +419,20 @@ class _Run:
                           sender[:8], msg.key[:80], self.model_id[:12])
         self.flush()
 
-    def _written(self, n: int, fut: concurrent.futures.Future[Any]) -> None:
-        self.jobs.discard(fut)
-        self.backlog -= n
-        if self._failed_job(fut):
+    def _results(self, batch: list[tuple[Any, Any, BaseException | None]]) -> None:
+        """Jobs the worker finished (in order): writes free backlog, checks go to the core."""
+        if self.closed or self.done.done():
             return
+        now = time.monotonic()
+        for tag, result, exc in batch:
+            if exc is not None:  # the sink's error (ModelError: disk full, read-only) as is
+                self._end(exc)
+                return
+            if isinstance(tag, tuple):  # ("w", n): n bytes of a chunk written
+                self.backlog -= tag[1]
+            else:  # an item's key: its check
+                self.transfer.item_checked(tag, bool(result), now)
         self.flush()
-
-    def _checked(self, key: str, fut: concurrent.futures.Future[Any]) -> None:
-        self.jobs.discard(fut)
-        if self._failed_job(fut):
-            return
-        self.transfer.item_checked(key, bool(fut.result()), time.monotonic())
-        self.flush()
-
-    def _failed_job(self, fut: concurrent.futures.Future[Any]) -> bool:
-        if self.closed or fut.cancelled():
-            return True
-        exc = fut.exception()
-        if exc is not None:  # the sink's error (ModelError: disk full, read-only) as it is
-            self._end(exc)
-            return True
-        return False
-
-    def _submit(self, then: Callable[[Any, concurrent.futures.Future[Any]], None], tag: Any,
-                fn: Callable[..., Any], *args: Any) -> None:
-        """``fn(*args)`` on the worker, then ``then(tag, future)`` on the loop."""
-        fut = self.worker.submit(fn, *args)
-        self.jobs.add(fut)
-        loop = self.loop
-        fut.add_done_callback(lambda f: _call_soon(loop, then, tag, f))
 
     # ---------------------------------------------------------------- the one loop step
     def flush(self) -> None:
@@ -398,17 +448,18 @@ class _Run:
             if (peer, key, offset) in self.asked:
                 self.f.asked_again += 1
                 self._ask(peer, key, offset, length)
+        if now >= self.next_tick:
+            self._tick(now)
+            if self.done.done():
+                return
         self._events(now)
         if self.backlog < self.f.max_backlog and not self.done.done():
             for r in t.requests_to_send(now):
                 self.asked[(r.peer, r.key, r.offset)] = 0
                 self._ask(r.peer, r.key, r.offset, r.length)
             self._events(now)
-        if self.done.done():
-            return
-        if now >= self.next_tick:
-            self._tick(now)
-        self._rearm()
+        if not self.done.done():
+            self._rearm()
 
     def _ask(self, peer: str, key: str, offset: int, length: int) -> None:
         try:
@@ -421,7 +472,7 @@ class _Run:
         t = self.transfer
         while (ev := t.next_event()) is not None:
             if isinstance(ev, ItemReceived):
-                self._submit(self._checked, ev.key, self.sink.finish, ev.key)
+                self.worker.submit(ev.key, self.sink.finish, ev.key)
             elif isinstance(ev, HolderRejected):
                 log.warning("node %s served bytes of %s (model %s) that do not match its "
                             "manifest: not fetching from it any more", ev.peer, ev.key,
@@ -461,6 +512,8 @@ class _Run:
     def _tick(self, now: float) -> None:
         """Every ``progress_every``: progress, and how long nothing could be fetched."""
         self.next_tick = now + self.f.progress_every
+        self.transfer.handle_timer(now)  # what is due, and which items no holder has
+        self.transfer_at = self.transfer.get_timer()
         st = self.transfer.stats(now)
         if self.on_progress is not None:
             self._progress(st)
@@ -496,9 +549,8 @@ class _Run:
 
     def _rearm(self) -> None:
         times = [self.next_tick, self.next_holders]
-        at = self.transfer.get_timer()
-        if at is not None:
-            times.append(at)
+        if self.transfer_at is not None:
+            times.append(self.transfer_at)
         if self.retries:
             times.append(self.retries[0][0])
         at = min(times)
@@ -512,7 +564,10 @@ class _Run:
         self.timer, self.timer_at = None, None
         if self.closed or self.done.done():
             return
-        self.transfer.handle_timer(time.monotonic())
+        now = time.monotonic()
+        if self.transfer_at is not None and now >= self.transfer_at:
+            self.transfer.handle_timer(now)
+            self.transfer_at = self.transfer.get_timer()
         self.flush()
 
     # ---------------------------------------------------------------- the end
@@ -534,8 +589,5 @@ class _Run:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.worker.shutdown(wait=False, cancel_futures=True)
-        running = [asyncio.wrap_future(j) for j in self.jobs if not j.done()]
-        self.jobs.clear()
-        if running:
-            await asyncio.wait(running)
+        self.worker.stop()
+        await self.worker.stopped
