@@ -220,7 +220,7 @@ class Fetcher:
     ``send(node_id, request)``: the daemon's sender (``bulk=True``). ``config``: the
     transfer's tunables (chunk size at most :data:`ringd.core.wire.MAX_FETCH`).
     ``max_backlog``: bytes received and not yet written to the sink before requests wait
-    (default: two holders' worth of in-flight bytes).
+    (default: one holder's in-flight bytes; it only absorbs the disk's jitter).
     """
 
     def __init__(self, send: SendFn, *, config: TransferConfig = TransferConfig(),
@@ -233,7 +233,7 @@ class Fetcher:
         self._send = send
         self.config = config
         self.max_backlog = (max_backlog if max_backlog is not None
-                            else 2 * config.max_in_flight_per_peer)
+                            else config.max_in_flight_per_peer)
         self.progress_every = progress_every
         self.holders_every = holders_every
         self.busy_retry = busy_retry
@@ -266,13 +266,14 @@ class Fetcher:
                     wait_for_holders: float = 60.0) -> TransferStats:
         """Fetch ``items`` (key -> size) not in ``present`` into ``sink``.
 
-        ``holders()``: node id -> the item keys it holds (from gossip); called on the loop
-        thread. Returns the final stats once every item is written and checked. Raises
-        :class:`ModelError` when the transfer fails (every holder of an item served wrong
-        bytes: the reason names them), when no usable holder was there for
-        ``wait_for_holders`` seconds, or when the sink fails (disk full: its error). When
-        the task is cancelled it stops: nothing more is asked or written, and what the
-        sink holds stays (a :class:`ringd.compute.shard_dir.ShardDir` resumes from it).
+        ``holders()``: node id -> the item keys it holds (from gossip; not this node);
+        called on the loop thread, so it must not block. Returns the final stats once every
+        item is written and checked. Raises :class:`ModelError` when the transfer fails
+        (every holder of an item served wrong bytes: the reason names them), when no usable
+        holder was there for ``wait_for_holders`` seconds, or when the sink fails (disk
+        full: its error). When the task is cancelled it stops: nothing more is asked or
+        written, and what the sink holds stays (a :class:`ringd.compute.shard_dir.ShardDir`
+        resumes from it).
         """
         if self._run is not None:
             raise LocalProtocolError("Fetcher.fetch: another fetch is running")
