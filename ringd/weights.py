@@ -146,6 +146,11 @@ class WeightServer:
         except RemoteProtocolError:
             self._bad(sender, msg, "no such item")
             return
+        except Exception as e:  # a source that cannot say: as a read error
+            self.totals["read_errors"] += 1
+            self._warn(("read", msg.model_id), "not serving model %s: %s", msg.model_id[:12], e)
+            self._reply(sender, msg, "not_held")
+            return
         if msg.offset + msg.length > size:
             self._bad(sender, msg, f"range outside the item ({size} bytes)")
             return
