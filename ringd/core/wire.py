@@ -198,6 +198,8 @@ class MsgType(IntEnum):
     TOKEN = 4
     CANCEL = 5
     ERROR = 6
+    FETCH_REQUEST = 7
+    FETCH_REPLY = 8
 
 
 _u63, _i31, _rid = integer(0, U63), integer(0, I31), text(MAX_ID, min_len=1)
@@ -381,7 +383,76 @@ class Error:
 _ERROR_CHECKS = (("request_id", _rid), ("code", text(64, min_len=1)), ("message", text(MAX_TEXT)))
 
 
-Message = Union[Handshake, Gossip, Activation, Token, Cancel, Error]
+# --- weight transfer (ringd.weights): a holder serves an item's bytes by key, in chunks --
+MAX_MODEL_ID = 64  # model ids are 32 hex digits
+#: An item key (:mod:`ringd.core.model_manifest`: a tensor name of at most 300 characters,
+#: ``file:NAME`` or ``manifest``). The holder looks it up in its manifest, never as a path.
+MAX_KEY = 320
+MAX_FETCH = 16 << 20  # bytes one request may ask for (and one reply carry)
+#: ``ok``: the bytes are the body; ``not_held``: the holder does not hold (or cannot read)
+#: that item of that model now; ``bad_request``: no such item, or a range outside it;
+#: ``busy``: too many requests queued at the holder, ask again later.
+FETCH_STATUSES = ("ok", "not_held", "bad_request", "busy")
+
+
+@dataclass(slots=True)
+class FetchRequest:
+    """Ask a holder for bytes ``[offset, offset + length)`` of item ``key`` of a model."""
+
+    model_id: str
+    key: str
+    offset: int
+    length: int
+
+    def __post_init__(self) -> None:
+        check(self, _FETCH_REQUEST_CHECKS)
+
+
+_model_id = text(MAX_MODEL_ID, min_len=1, printable=True)
+_key = text(MAX_KEY, min_len=1, printable=True)
+_FETCH_REQUEST_CHECKS = (("model_id", _model_id), ("key", _key), ("offset", _u63),
+                         ("length", integer(1, MAX_FETCH)))
+
+
+@dataclass(eq=False, slots=True)
+class FetchReply:
+    """A holder's answer to a :class:`FetchRequest`: ``status`` (one of
+    :data:`FETCH_STATUSES`); with ``ok``, ``data`` is the bytes asked for (the message body,
+    never copied here: a received reply's data views the receive buffer), else empty."""
+
+    model_id: str
+    key: str
+    offset: int
+    status: str
+    data: Buffer = b""
+
+    def __post_init__(self) -> None:
+        check(self, _FETCH_REPLY_CHECKS)
+        n = memoryview(self.data).nbytes
+        if not (1 <= n <= MAX_FETCH if self.status == "ok" else n == 0):
+            raise LocalProtocolError(f"FetchReply: {n} bytes of data with status "
+                                     f"{self.status!r} (ok: 1..{MAX_FETCH}, else none)")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FetchReply):
+            return NotImplemented
+        return ((self.model_id, self.key, self.offset, self.status)
+                == (other.model_id, other.key, other.offset, other.status)
+                and bytes(self.data) == bytes(other.data))
+
+    def __repr__(self) -> str:
+        return (f"FetchReply({self.model_id[:12]}, {self.key!r}, {self.offset}, {self.status}, "
+                f"{memoryview(self.data).nbytes} bytes)")
+
+
+_FETCH_REPLY_CHECKS = (("model_id", _model_id), ("key", _key), ("offset", _u63),
+                       ("status", Rule(lambda v: v in FETCH_STATUSES,
+                                       f"one of {FETCH_STATUSES}")),
+                       ("data", Rule(lambda v: isinstance(v, (bytes, bytearray, memoryview)),
+                                     "bytes")))
+
+
+Message = Union[Handshake, Gossip, Activation, Token, Cancel, Error, FetchRequest, FetchReply]
 _HEAD = struct.Struct("<BI")
 _packb = msgpack.Packer(use_bin_type=True).pack
 
@@ -409,6 +480,9 @@ def encode(msg: Message) -> tuple[bytes, Buffer]:
     elif cls is Gossip:
         meta = ()
         body = msg.payload  # type: ignore[union-attr]
+    elif cls is FetchReply:
+        meta = (msg.model_id, msg.key, msg.offset, msg.status)  # type: ignore[union-attr]
+        body = msg.data  # type: ignore[union-attr]
     elif cls in _FIELDS:
         meta = tuple(getattr(msg, f) for f in _FIELDS[cls])
     else:
@@ -470,6 +544,11 @@ def decode(data: Buffer) -> Message:
             if len(meta) not in (7, 9) or (len(meta) == 7 and len(body)):
                 raise LocalProtocolError("Token needs 7 fields and no body, or 9 and its logits")
             return Token(*meta[:7], Tensor(meta[7], meta[8], body) if len(meta) == 9 else None)
+        if cls is FetchReply:
+            if len(meta) != 4 or len(body) > MAX_FETCH:
+                raise LocalProtocolError("FetchReply needs 4 fields and at most "
+                                         f"{MAX_FETCH} bytes of data")
+            return FetchReply(*meta, body)
         if len(meta) != len(_FIELDS[cls]) or len(body):
             raise LocalProtocolError(f"{cls.__name__} needs {len(_FIELDS[cls])} fields and no body")
         return cls(*meta)
@@ -479,6 +558,9 @@ def decode(data: Buffer) -> Message:
 
 _TYPES: dict[type, MsgType] = {Handshake: MsgType.HANDSHAKE, Gossip: MsgType.GOSSIP,
                                Activation: MsgType.ACTIVATION, Token: MsgType.TOKEN,
-                               Cancel: MsgType.CANCEL, Error: MsgType.ERROR}
+                               Cancel: MsgType.CANCEL, Error: MsgType.ERROR,
+                               FetchRequest: MsgType.FETCH_REQUEST,
+                               FetchReply: MsgType.FETCH_REPLY}
 _CLASSES = {int(v): k for k, v in _TYPES.items()}
-_FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in (Handshake, Token, Cancel, Error)}
+_FIELDS = {cls: tuple(f.name for f in fields(cls))
+           for cls in (Handshake, Token, Cancel, Error, FetchRequest)}

@@ -351,6 +351,17 @@ class TcpChannel:
             self._connecting[addr] = self.loop.create_task(self._connect(addr),
                                                            name=f"ringd-tcp-connect-{addr}")
 
+    def queued_bytes(self, addr: Addr) -> int:
+        """Bytes waiting to go to ``addr``: queued behind its connection (or until it is
+        open) and in the socket transport's buffer."""
+        conn = self.conns.get(addr)
+        n = self._pending_bytes.get(addr, 0)
+        if conn is not None:
+            n += conn.queued_bytes()
+            if conn.transport is not None:
+                n += conn.transport.get_write_buffer_size()
+        return n
+
     async def drain(self, addr: Addr) -> None:
         """Wait until the connection to ``addr`` has room (no-op if there is none)."""
         conn = self.conns.get(addr)

@@ -8,8 +8,9 @@ peer's ``(ip, peer port)``, whichever channel carried the message.
 Channel choice per frame: reliable frames up to ``settings.tcp_threshold`` bytes go over UDP
 unless the peer has been moved to TCP (after ``pto_limit`` unanswered probes; UDP is tried
 again after ``udp_retry`` seconds); bigger frames always go over TCP. Unreliable sends
-(membership probes) use single UDP packets. Ordering holds per (peer, stream) within a
-channel; a request's messages share a stream derived from its id.
+(membership probes) use single UDP packets; bulk frames (weight transfer) always go over
+TCP. Ordering holds per (peer, stream) within a channel; a request's messages share a
+stream derived from its id.
 """
 
 from __future__ import annotations
@@ -104,15 +105,22 @@ class Transport:
             await self.tcp.close()
 
     # ---------------------------------------------------------------- API
-    def send(self, addr: Addr, msg: Message, *, reliable: bool = True) -> None:
+    def send(self, addr: Addr, msg: Message, *, reliable: bool = True,
+             bulk: bool = False) -> None:
         """Queue ``msg`` for ``addr`` (``(ip, port)``). Never blocks; loop thread only.
 
         ``reliable=False``: one UDP packet, no retransmission (membership probes); messages
-        too big for one packet go reliably.
+        too big for one packet go reliably. ``bulk=True``: always TCP, whatever the size
+        (weight transfer): bulk bytes never share the UDP path and its per-peer reliability
+        state with decode steps, and the TCP channel writes a large message one record per
+        turn of the loop, so the steps' frames go on in between.
         """
         if self.udp is None or self.tcp is None:
             raise LocalProtocolError("Transport.send before start()")
         head, body = wire.encode(msg)
+        if bulk:
+            self.tcp.send_frame(addr, head, body)
+            return
         size = len(head) + memoryview(body).nbytes
         if not reliable and size <= self.udp.max_oneshot(addr):
             self.udp.send_frame(addr, b"".join((head, body)), reliable=False)
@@ -121,6 +129,10 @@ class Transport:
                                 stream=stream_of(msg))
         else:
             self.tcp.send_frame(addr, head, body)
+
+    def queued_bytes(self, addr: Addr) -> int:
+        """Bytes of TCP messages waiting to go to ``addr`` (weight chunks, prefills)."""
+        return self.tcp.queued_bytes(addr) if self.tcp is not None else 0
 
     async def drain(self, addr: Addr) -> None:
         """Wait until the TCP connection to ``addr`` can take more (for prefill senders)."""

@@ -264,6 +264,40 @@ def test_a_group_renamed_in_but_not_indexed_is_adopted(source: TensorSource,
     assert inspect_model(dest).holds(1, 2)
 
 
+def test_the_index_names_a_published_group_once_saved_and_never_before(
+        source: TensorSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sdm, "SAVE_EVERY", 3600.0)  # only the end of the filling saves
+    dest = tmp_path / "part"
+    index = dest / "model.safetensors.index.json"
+
+    def indexed() -> set[str]:
+        return set(json.loads(index.read_text())["weight_map"])
+
+    with new_shard(source, dest) as sd:
+        one, two = sd.model.tensors_for(1, 2), sd.model.tensors_for(2, 3)
+        sd.plan(one + two)
+        fill(source, sd, one)
+        assert (dest / "model-layer-00001.safetensors").exists()  # published
+        assert sd.ranges() == [(1, 2)] and sd.missing(one) == []  # and counted
+        assert indexed() == set()  # not yet named: a crash now means adopting it on open
+        fill(source, sd, two)  # the last group being filled: saved at once
+        assert indexed() == set(one + two)
+        three = sd.model.tensors_for(3, 4)
+        sd.plan(three + sd.model.tensors_for(4, 5))
+        fill(source, sd, three)
+        assert indexed() == set(one + two)
+    assert indexed() == set(one + two + three)  # close saves what was published
+    monkeypatch.setattr(sdm, "SAVE_EVERY", 0.0)
+    with ShardDir.open(dest, sd.model) as sd:
+        assert sd.ranges() == [(1, 4)]
+        four = sd.model.tensors_for(4, 5)
+        sd.plan(four + sd.model.tensors_for(5, 6))
+        fill(source, sd, four)
+        assert indexed() == set(one + two + three + four)  # due: saved with the group
+    assert load_manifest(dest).model_id == source.model_id
+    assert inspect_model(dest).holds(1, 5)
+
+
 def test_a_changed_shard_dir_is_refused_not_served(source: TensorSource, tmp_path: Path) -> None:
     dest = tmp_path / "part"
     with new_shard(source, dest) as sd:

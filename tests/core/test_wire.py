@@ -12,26 +12,14 @@ from hypothesis import strategies as st
 
 from ringd.core import wire
 from ringd.core.requests import SamplingParams
-from ringd.core.wire import (
-    DTYPE_SIZES,
-    MAX_DIM,
-    MAX_RANK,
-    Activation,
-    Cancel,
-    Dropped,
-    Error,
-    Gossip,
-    Handshake,
-    Tensor,
-    Token,
-    decode,
-    encode,
-    encode_bytes,
-)
+from ringd.core.wire import (DTYPE_SIZES, MAX_DIM, MAX_FETCH, MAX_KEY, MAX_RANK, Activation,
+                             Cancel, Dropped, Error, FetchReply, FetchRequest, Gossip, Handshake,
+                             MsgType, Tensor, Token, decode, encode, encode_bytes)
 from ringd.errors import LocalProtocolError, RemoteProtocolError, RequestError
 
 # ------------------------------------------------------------------------ strategies
 ids = st.text(min_size=1, max_size=40)
+printable = st.text(min_size=1, max_size=40).filter(str.isprintable)
 u63 = st.integers(0, (1 << 63) - 1)
 i31 = st.integers(0, (1 << 31) - 1)
 
@@ -59,6 +47,11 @@ messages = st.one_of(
               st.none() | logits),
     st.builds(Cancel, ids, st.text(max_size=200)),
     st.builds(Error, ids, st.text(min_size=1, max_size=64), st.text(max_size=500)),
+    st.builds(FetchRequest, printable, printable, u63, st.integers(1, MAX_FETCH)),
+    st.builds(FetchReply, printable, printable, u63,
+              st.sampled_from(["not_held", "bad_request", "busy"])),
+    st.builds(FetchReply, printable, printable, u63, st.just("ok"),
+              st.binary(min_size=1, max_size=5000)),
 )
 
 
@@ -249,3 +242,67 @@ def test_field_reader_fast_paths_agree_with_the_rules(value, lo, span) -> None:
         lo, lo + span).test(value)
     assert accepts(lambda: read.text(value, "v", lo + span, lo)) == wire.text(
         lo + span, min_len=lo, printable=True).test(value)
+
+
+# ------------------------------------------------------------------------ weight transfer
+def test_fetch_reply_data_is_the_body_and_never_copied() -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB
+    msg = FetchReply("ab" * 16, "model.layers.3.mlp.up_proj.weight", 2 << 20, "ok", data)
+    head, body = encode(msg)
+    assert body is data  # sending doesn't copy
+    assert len(head) < 100  # the metadata is small; the bytes are not msgpack-encoded
+    whole = encode_bytes(msg)
+    got = decode(whole)
+    assert got == msg and isinstance(got.data, memoryview) and got.data.obj is whole
+    req = FetchRequest("ab" * 16, "file:config.json", 0, MAX_FETCH)
+    assert decode(encode_bytes(req)) == req
+
+
+def test_fetch_messages_refuse_bad_fields_when_built() -> None:
+    mid = "ab" * 16
+    bad_requests = [("", "k", 0, 1), (mid, "", 0, 1), (mid, "k" * (MAX_KEY + 1), 0, 1),
+                    (mid, "k", -1, 1), (mid, "k", 0, 0), (mid, "k", 0, MAX_FETCH + 1),
+                    (mid, "k\n", 0, 1), (mid, "k", True, 1), (mid, "k", 0, 1.0),
+                    ("x" * 65, "k", 0, 1)]
+    for args in bad_requests:
+        with pytest.raises(LocalProtocolError):
+            FetchRequest(*args)
+    bad_replies = [(mid, "k", 0, "ok", b""), (mid, "k", 0, "ok", bytes(MAX_FETCH + 1)),
+                   (mid, "k", 0, "busy", b"x"), (mid, "k", 0, "maybe", b""),
+                   (mid, "k", 0, "ok", "text"), (mid, "k", -5, "not_held", b"")]
+    for args in bad_replies:
+        with pytest.raises(LocalProtocolError):
+            FetchReply(*args)
+
+
+def test_hostile_fetch_messages_are_dropped_as_malformed() -> None:
+    mid = "ab" * 16
+    req, rep = int(MsgType.FETCH_REQUEST), int(MsgType.FETCH_REPLY)
+    assert decode(_raw(req, [mid, "../../etc/passwd", 0, 1])).key == "../../etc/passwd"  # a
+    # key is only ever looked up in a manifest (the holder answers bad_request), never opened
+    assert _reason(_raw(req, [mid, "k", 0, 1], b"x")) == "malformed"  # a body on a request
+    assert _reason(_raw(req, [mid, "k", 0, MAX_FETCH + 1])) == "malformed"  # huge length
+    assert _reason(_raw(req, [mid, "k", 0, 0])) == "malformed"
+    assert _reason(_raw(req, [mid, "k", -1, 1])) == "malformed"
+    assert _reason(_raw(req, [mid, "k", 1 << 63, 1])) == "malformed"  # msgpack uint64
+    assert _reason(_raw(req, [mid, "k" * (MAX_KEY + 1), 0, 1])) == "malformed"
+    assert _reason(_raw(req, [mid, "k", 0])) == "malformed"  # a field short
+    assert _reason(_raw(req, [mid, b"k", 0, 1])) == "malformed"  # bytes, not text
+    assert _reason(_raw(rep, [mid, "k", 0, "ok"])) == "malformed"  # ok without data
+    assert _reason(_raw(rep, [mid, "k", 0, "busy"], b"xx")) == "malformed"  # data with busy
+    assert _reason(_raw(rep, [mid, "k", 0, "sure"], b"xx")) == "malformed"
+    assert _reason(_raw(rep, [mid, "k", 0, "ok"], bytes(MAX_FETCH + 1))) == "malformed"
+    assert _reason(_raw(rep, [mid, "k", 0, "ok", 5], b"x")) == "malformed"  # extra field
+    got = decode(_raw(rep, [mid, "k", 7, "ok"], b"xyz"))
+    assert (got.offset, got.status, bytes(got.data)) == (7, "ok", b"xyz")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_fetch_decoders(blob: bytes) -> None:
+    for mtype in (MsgType.FETCH_REQUEST, MsgType.FETCH_REPLY):
+        for data in (bytes([mtype]) + blob, struct.pack("<BI", mtype, len(blob)) + blob):
+            try:
+                decode(data)
+            except Dropped as e:
+                assert e.reason in wire.DROP_REASONS

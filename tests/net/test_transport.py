@@ -14,7 +14,7 @@ from ringd.config import Settings
 from ringd.core import stream, wire
 from ringd.core.reliable import ReliableConfig
 from ringd.core.requests import SamplingParams
-from ringd.core.wire import Activation, Gossip, Tensor, Token
+from ringd.core.wire import Activation, FetchReply, FetchRequest, Gossip, Tensor, Token
 from ringd.errors import ConfigError
 from ringd.net.transport import Transport, stream_of
 from tests.net.lossy_proxy import LossyProxy
@@ -81,6 +81,36 @@ async def test_small_frames_use_udp_large_ones_tcp() -> None:
         a.send(b.local_addr, unreliable, reliable=False)
         await inbox.wait(lambda xs: len(xs) == 4)
         assert inbox.items[-1][2] == unreliable and a.udp.endpoint.totals["oneshots_sent"] == 1
+    finally:
+        await a.close()
+        await b.close()
+
+
+@on_both_loops
+async def test_bulk_frames_always_take_tcp_and_do_not_hold_up_decode_steps() -> None:
+    a, _ = await transport("a")
+    b, inbox = await transport("b")
+    try:
+        mid = "ab" * 16
+        tiny = FetchRequest(mid, "model.norm.weight", 0, 1024)  # 60 bytes: UDP unless bulk
+        a.send(b.local_addr, tiny, bulk=True)
+        await inbox.wait(lambda xs: len(xs) == 1)
+        assert inbox.items[0][2] == tiny
+        assert b.tcp.totals["frames_received"] == 1  # the handshake is not counted
+        assert b.udp.endpoint.totals["frames_received"] == 0
+        # 32 MiB of weight chunks queued, then a decode step: the step goes by UDP and
+        # arrives while the chunks still cross, one TCP record per turn of the loop
+        chunks = [FetchReply(mid, f"t{i}", 0, "ok", os.urandom(4 << 20)) for i in range(8)]
+        for c in chunks:
+            a.send(b.local_addr, c, bulk=True)
+        step = act(32 * 1024, step=7)
+        a.send(b.local_addr, step)
+        await inbox.wait(lambda xs: len(xs) == 10, timeout=30)
+        got = [m for _, _, m in inbox.items[1:]]
+        assert [m for m in got if isinstance(m, FetchReply)] == chunks  # in order, whole
+        assert got.index(step) < 8  # not behind every chunk
+        assert b.udp.endpoint.totals["frames_received"] == 1
+        assert b.tcp.totals["frames_received"] == 9
     finally:
         await a.close()
         await b.close()
