@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable
 
 from ringd import __version__
+from ringd.compute.tokenizer import Tokenizer
 from ringd.config import Settings
 from ringd.core import wire
 from ringd.core.agreement import (
@@ -37,14 +38,17 @@ from ringd.core.proof import (
     refusal_text,
     ring_fingerprint,
 )
-from ringd.core.ringmeta import MetaDecoder, NodeMeta, NodePhase, adopt_active_model, make_view
+from ringd.core.ringmeta import (Holding, MetaDecoder, NodeMeta, NodePhase, View,
+                                  adopt_active_model, make_view, set_active_model)
 from ringd.core.route import Route, Stage
 from ringd.core.swim_config import MembershipConfig
 from ringd.core.swim_wire import Member
-from ringd.errors import RemoteProtocolError, RingdError
+from ringd.errors import ModelError, RemoteProtocolError, RingdError, UsageError
 from ringd.faults import Fault
+from ringd.models import LocalModel, ModelLibrary
 from ringd.net.transport import Transport
-from ringd.runner import Runner
+from ringd.provision import Provisioner
+from ringd.runner import Runner, served_model
 from ringd.service.sdnotify import notify
 from ringd.shard import ShardLoader
 
@@ -61,30 +65,33 @@ def route_of(plan: Plan) -> Route:
 class RingControl:
     """Membership + agreement for one node, and what follows from their decisions."""
 
-    def __init__(self, settings: Settings, node_id: str, addr: Addr, *, info: Any,
-                 usable: int, total: int, http_port: int, state: Any, transport: Transport,
-                 loader: ShardLoader, runner: Runner, spawn: Callable[[Any], asyncio.Task[Any]],
-                 served: tuple[Any, Any], fault: Fault | None = None) -> None:
+    def __init__(self, settings: Settings, node_id: str, addr: Addr, *, usable: int,
+                 total: int, http_port: int, state: Any, transport: Transport,
+                 library: ModelLibrary, provisioner: Provisioner, loader: ShardLoader,
+                 runner: Runner, spawn: Callable[[Any], asyncio.Task[Any]],
+                 fault: Fault | None = None) -> None:
         self.settings = settings
         self.node_id = node_id
-        self.info = info
-        self.shape = model_shape(info, settings)
         self.state = state  # ringd.state.NodeState: the plan epoch survives restarts
         self.transport = transport
+        self.library = library
+        self.provisioner = provisioner
         self.loader = loader
         self.runner = runner
         self.fault = fault
-        self.served = served  # (ServedModel, Tokenizer) of the model this node serves
         self._spawn = spawn
         self._load_task: asyncio.Task[Any] | None = None
+        self._loaded: tuple[str, LocalModel, Tokenizer] | None = None  # plan hash -> model
+        self.view: View | None = None
         self.ring_fingerprint: str | None = None  # while serving
         self.started = time.monotonic()
         self.timeline: dict[str, float] = {}
         self.ready = asyncio.Event()  # set while the ring serves (sd_notify READY, test hooks)
         self.wake = asyncio.Event()  # set when a timer may have moved earlier
-        self.meta = NodeMeta(usable_memory=usable, total_memory=total, models=(info.name,),
-                             phase=NodePhase.JOINING, software_version=__version__,
-                             http_port=http_port, model=settings.model, model_version=0)
+        self.meta = NodeMeta(usable_memory=usable, total_memory=total,
+                             holdings=library.holdings(), phase=NodePhase.JOINING,
+                             software_version=__version__, http_port=http_port,
+                             model=settings.model, model_version=0)
         self._decoder = MetaDecoder()  # the members' metadata as the ring reads it
         self.membership = Membership(node_id, settings.node_name, addr, self.meta.encode(),
                                      rng=random.Random(),
@@ -124,6 +131,24 @@ class RingControl:
         self.membership.leave(now)
         self.pump(now)
 
+    def use_model(self, name: str, now: float) -> int:
+        """Make ``name`` the ring's model (``ringctl model use``); the new setting's version.
+        Refused (UsageError) when no live node holds a model of that name."""
+        metas = self.metas()
+        live = {m.node_id for m in self.membership.live_members()} | {self.node_id}
+        if not any(h.name == name for i, m in metas.items() if i in live for h in m.holdings):
+            held = sorted({h.name for i, m in metas.items() if i in live for h in m.holdings})
+            raise UsageError(f"no node of the ring holds a model named {name!r} (held: "
+                             f"{', '.join(held) or 'none'})",
+                             hint="put it on one node first: `ringctl model pull` or "
+                                  "`ringctl model import`")
+        everyone = self._decoder.decode(self.membership.members())
+        self.meta = set_active_model(self.meta, everyone, name)
+        log.info("the ring's model is now %s (setting version %d)", name,
+                 self.meta.model_version)
+        self.pump(now)
+        return self.meta.model_version
+
     # ---------------------------------------------------------------- the pump
     def pump(self, now: float) -> None:
         """After any input: membership events -> agreement -> published meta -> outbox."""
@@ -132,16 +157,30 @@ class RingControl:
         metas = self._decoder.decode(self.membership.members())
         if not self.membership.leaving:  # the ring-wide model setting outlives its writer
             self.meta = adopt_active_model(self.node_id, self.meta, metas)
+        holdings = self.library.holdings()
+        if holdings != self.meta.holdings:
+            self.meta = dataclasses.replace(self.meta, holdings=holdings)
+            self.provisioner.fetcher.holders_changed()
         metas[self.node_id] = self.meta
         view = make_view(self.membership.live_members(), metas)
-        self.agreement.update(now, view, metas,
-                              self.shape if view.model == self.info.name else None)
+        if self.view is None or view.hash != self.view.hash:
+            self.provisioner.retry()  # holders may have come
+            self.provisioner.fetcher.holders_changed()
+        self.view = view
+        model = self.library.by_id(view.model_id) if view.model_id else None
+        missing = (self.provisioner.need_model(view.model, view.model_id)
+                   if view.model_id and model is None else None)
+        shape = model_shape(model.info, self.settings) if model is not None else None
+        self.agreement.update(now, view, metas, shape, missing)
         for ev in self.agreement.events():
             self._on_agreement(ev, now)
         pub = self.agreement.published()
+        progress = self.provisioner.fetch_progress()
         if self.membership.leaving:
             pub["phase"] = NodePhase.LEAVING
-        self._publish(**pub)
+        elif self.provisioner.fetching is not None:
+            pub["phase"] = NodePhase.FETCHING
+        self._publish(**pub, fetch=progress)
         for addr, payload in self.membership.outbox():
             # SWIM does its own retries: probes must not be masked by retransmission
             self.transport.send(addr, wire.Gossip(payload), reliable=False)
@@ -166,19 +205,26 @@ class RingControl:
             self.timeline.setdefault("committed", now - self.started)
             self._publish(refusal=None, fingerprint=None)
             self.state.save_plan_epoch(ev.plan.epoch)
-            self._load_task = self._spawn(self._load(ev))
+            assert self.view is not None
+            self._load_task = self._spawn(self._load(ev, self.view.model_id))
         elif isinstance(ev, RingReady):
             self._ring_ready(ev.plan, now)
         elif isinstance(ev, PlanUnfit):
-            log.error("the ring cannot hold %s: %s", self.info.name, ev.error)
+            log.error("the ring cannot hold its model: %s", ev.error)
             notify(status=f"cannot fit the model: {ev.error.message}")
 
-    async def _load(self, ev: LoadShard) -> None:
-        plan = ev.plan
+    async def _load(self, ev: LoadShard, model_id: str) -> None:
+        plan, a = ev.plan, ev.assignment
         try:
+            model = self.library.by_id(model_id)
+            if model is None:
+                raise ModelError(f"model {model_id[:12]} left the store while its plan loaded")
             bandwidth, _ = await self.loader.memory_bandwidth()
             self._publish(memory_bandwidth=int(bandwidth))
-            fingerprint = await self.loader.load(plan, ev.assignment,
+            if a is not None:
+                model = await self.provisioner.ensure_layers(model, a.start, a.end)
+            tokenizer = await asyncio.to_thread(Tokenizer.load, model.path)
+            fingerprint = await self.loader.load(plan, a, model,
                                                  status=lambda text: notify(status=text))
         except RingdError as e:
             log.error("cannot serve plan %s: %s", plan.hash[:8], e)
@@ -186,19 +232,26 @@ class RingControl:
                                        e.message + (f" (hint: {e.hint})" if e.hint else ""))
             self._publish(refusal=refusal_text(e.message))
         else:
+            self._loaded = (plan.hash, model, tokenizer)
             self._publish(fingerprint=fingerprint)
             self.agreement.loaded(plan.hash, time.monotonic())
         self.pump(time.monotonic())
 
     def _ring_ready(self, plan: Plan, now: float) -> None:
-        # Every node checks the others' gossiped fingerprints against its own model files.
+        loaded = self._loaded
+        if loaded is None or loaded[0] != plan.hash:
+            log.error("ring ready on plan %s, but this node did not load it", plan.hash[:8])
+            self.agreement.load_failed(plan.hash, "this node did not load the plan")
+            return
+        _, model, tokenizer = loaded
+        # Every node checks the others' gossiped fingerprints against the model's manifest.
         members = {m.node_id: m for m in self.membership.members()}
         metas = self.metas()
         claims = [StageClaim(a.node_id, m.name if m else a.node_id[:8], a.start, a.end,
                              meta.fingerprint if meta else None)
                   for a in plan.order
                   for m, meta in [(members.get(a.node_id), metas.get(a.node_id))]]
-        problems = self.loader.check_ring(claims, self.node_id)
+        problems = self.loader.check_ring(claims, self.node_id, model)
         if problems:
             reason = fingerprint_problem(problems)
             log.error("refusing to serve plan epoch %d: %s", plan.epoch, reason)
@@ -212,14 +265,15 @@ class RingControl:
         if self.fault is Fault.STALE_EPOCH:  # test hook: route with the previous epoch
             route = Route(max(0, route.epoch - 1), route.stages, route.num_layers)
         names = {m.node_id: m.name for m in members.values() if m.name}
-        self.runner.serve(route, self.loader.compute_for(plan, self.node_id), names,
-                          *self.served)
+        self.runner.serve(route, self.loader.compute_for(plan, self.node_id, model), names,
+                          served_model(self.settings, model.info), tokenizer)
         mine = plan.assignment(self.node_id)
         where = f"layers {mine.start}-{mine.end - 1}" if mine else "no layers (entry only)"
-        log.info("ring ready: plan %s epoch %d, %d nodes, %s here", plan.hash[:8], plan.epoch,
-                 len(plan.order), where)
+        log.info("ring ready: %s, plan %s epoch %d, %d nodes, %s here", model.name,
+                 plan.hash[:8], plan.epoch, len(plan.order), where)
         self.ready.set()
-        notify(ready=True, status=f"serving: ring of {len(plan.order)} nodes, {where}")
+        notify(ready=True, status=f"serving {model.name}: ring of {len(plan.order)} nodes, "
+                                  f"{where}")
 
     # ---------------------------------------------------------------- queries
     def address_of(self, node_id: str) -> Addr | None:
@@ -235,6 +289,19 @@ class RingControl:
         metas = self._decoder.decode(self.membership.members())
         metas[self.node_id] = self.meta
         return metas
+
+    def holders(self, model_id: str) -> dict[str, Holding]:
+        """Live peers holding (part of) ``model_id``: node id -> what they hold of it."""
+        metas = self._decoder.decode(self.membership.live_members())
+        return {i: h for i, m in metas.items() if i != self.node_id
+                for h in m.holdings if h.model_id == model_id}
+
+    def names(self) -> dict[str, str]:
+        return {m.node_id: m.name for m in self.membership.members() if m.name}
+
+    def served_model(self) -> LocalModel | None:
+        """The model of the plan this node loaded, if any."""
+        return self._loaded[1] if self._loaded is not None else None
 
     def not_ready_reason(self) -> str:
         """Why the ring is not serving: the agreement's reason, or the nodes that refuse."""

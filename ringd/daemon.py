@@ -25,7 +25,7 @@ from ringd.config import Settings
 from ringd.core import seal, wire
 from ringd.core.requests import FinishEvent, GenerationRequest, TokenEvent
 from ringd.errors import ConfigError, ModelError, RingdError, UsageError
-from ringd.faults import Faults
+from ringd.faults import Fault, Faults
 from ringd.net.loop import import_off_loop
 from ringd.net.peers import default_advertise, parse_peer, resolve_peer
 from ringd.status import Status
@@ -52,18 +52,18 @@ class Daemon:
 
     # ------------------------------------------------------------------ start-up
     async def setup(self) -> None:
-        from ringd.compute import store
         from ringd.compute.memory import usable_memory
         from ringd.compute.mlx_thread import mlx_executor
-        from ringd.compute.model_info import inspect_model
-        from ringd.compute.tokenizer import Tokenizer
         from ringd.control import RingControl
         from ringd.core.pipeline import Pipeline
         from ringd.keys import load_or_create_key
+        from ringd.models import ModelLibrary
         from ringd.net.api import ApiServer
         from ringd.net.transport import Transport
-        from ringd.runner import Runner, pipeline_config, served_model
+        from ringd.provision import Provisioner
+        from ringd.runner import Runner, pipeline_config
         from ringd.shard import ShardLoader
+        from ringd.weights import Fetcher, WeightServer
 
         s = self.settings
         key, created = load_or_create_key(s.key_path)
@@ -71,31 +71,39 @@ class Daemon:
             log.warning("created a new cluster key in %s: copy it (mode 0600) to every node of "
                         "this ring", s.key_path)
         self.cluster_id = seal.cluster_id(key)
-        model_dir = store.resolve_model(s.model_store, s.model)
-        self.info = info = inspect_model(model_dir)
+        self.library = library = ModelLibrary(s.model_store)
+        held = await asyncio.to_thread(library.scan)  # hashes new weight files once
         usable, total = usable_memory(s.memory_reserve)
         if s.memory_budget is not None:
             usable = s.memory_budget
-        tokenizer = await asyncio.to_thread(Tokenizer.load, model_dir)
         executor = mlx_executor()
 
         self.transport = Transport(s, node_id=self.node_id, key=key, on_message=self._on_message)
         self.port = (await self.transport.start())[1]
         host = s.advertise_host or default_advertise(s.bind_host)
         self.addr: Addr = (host, self.port)
-        pipeline = Pipeline(self.node_id, pipeline_config(s))
-        self.runner = Runner(pipeline, executor=executor, send=self._send,
+        self.runner = Runner(Pipeline(self.node_id, pipeline_config(s)), executor=executor,
+                             send=self._send,
                              not_ready_reason=lambda: self.control.not_ready_reason(),
-                             active_model=lambda: info.name)
-        self.loader = ShardLoader(s, model_dir, info, executor, self.faults.fault)
+                             active_model=lambda: self.control.view.model
+                             if self.control.view else None)
+        self.loader = ShardLoader(s, executor, self.faults.fault)
+        slow = 0.2 if self.faults.fault is Fault.SLOW_SERVE else 0.0
+        self.weights = WeightServer(self._send_bulk, library.source_for,
+                                    backlog=self._backlog, read_delay=slow)
+        self.fetcher = Fetcher(self._send_bulk)
+        provisioner = Provisioner(library, self.fetcher,
+                                  holders=lambda i: self.control.holders(i), spawn=self._spawn,
+                                  on_change=lambda: self.control.pump(time.monotonic()),
+                                  names=lambda: self.control.names())
         self.api = ApiServer(NodeBackend(self), host=s.http_host, port=s.http_port,
                              api_key=s.api_key, on_shutdown=self.request_stop)
         self.http_port = await self.api.start()
-        self.control = RingControl(s, self.node_id, self.addr, info=info, usable=usable,
-                                   total=total, http_port=self.http_port, state=self.state,
-                                   transport=self.transport, loader=self.loader,
+        self.control = RingControl(s, self.node_id, self.addr, usable=usable, total=total,
+                                   http_port=self.http_port, state=self.state,
+                                   transport=self.transport, library=library,
+                                   provisioner=provisioner, loader=self.loader,
                                    runner=self.runner, spawn=self._spawn,
-                                   served=(served_model(s, info), tokenizer),
                                    fault=self.faults.fault)
         self.discovery = None
         if s.mdns:
@@ -105,9 +113,11 @@ class Daemon:
                                        list(s.mdns_interfaces) or None, on_peer=self._on_peer,
                                        advertise=[s.advertise_host] if s.advertise_host else None)
         self._accepting = True
-        log.info("node %s (%s) on %s:%d, HTTP API on %s:%d, offering %s of %s for %s",
+        log.info("node %s (%s) on %s:%d, HTTP API on %s:%d, offering %s of %s; store %s holds %s",
                  self.node_id, s.node_name, host, self.port, s.http_host, self.http_port,
-                 format_size(usable), format_size(total), info.name)
+                 format_size(usable), format_size(total), s.model_store,
+                 ", ".join(f"{m.name} ({'whole' if m.whole else 'part'})" for m in held)
+                 or "no model (it will be fetched from a peer)")
 
     # ------------------------------------------------------------------ main loop
     async def run(self) -> None:
@@ -182,6 +192,10 @@ class Daemon:
             return  # a fast peer's first gossip can arrive while this node is still starting
         if isinstance(msg, wire.Gossip):
             self.control.receive_gossip(msg.payload, addr, time.monotonic())
+        elif isinstance(msg, wire.FetchRequest):
+            self.weights.receive(msg, sender)
+        elif isinstance(msg, wire.FetchReply):
+            self.fetcher.receive(msg, sender)
         else:
             self.runner.receive(msg, sender)
 
@@ -190,13 +204,21 @@ class Daemon:
             for a in peer.addresses:
                 self.control.add_peer_address((a, peer.port), time.monotonic())
 
-    def _send(self, node_id: str, msg: wire.Message) -> None:
-        """Data plane out: to a member by its address."""
+    def _send(self, node_id: str, msg: wire.Message, *, bulk: bool = False) -> None:
+        """Data plane out: to a member by its address (``bulk``: weights, always TCP)."""
         addr = self.control.address_of(node_id)
         if addr is None:
             log.warning("no address for node %s; dropping %s", node_id[:8], type(msg).__name__)
             return
-        self.transport.send(addr, msg)
+        self.transport.send(addr, msg, bulk=bulk)
+
+    def _send_bulk(self, node_id: str, msg: wire.Message) -> None:
+        self._send(node_id, msg, bulk=True)
+
+    def _backlog(self, node_id: str) -> int:
+        """Bytes queued on the TCP connection to ``node_id`` (a peer that does not read)."""
+        addr = self.control.address_of(node_id)
+        return self.transport.queued_bytes(addr) if addr is not None else 0
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -226,6 +248,8 @@ class Daemon:
             await asyncio.sleep(max(0.0, min(t_end, at or t_end) - time.monotonic()))
             control.handle_timer(time.monotonic())
         await self.runner.close()
+        self.weights.close()
+        self.library.close()
         await self.api.close()
         if self.discovery is not None:
             await self.discovery.close()
@@ -253,6 +277,11 @@ class NodeBackend:
         from ringd.report import node_status
 
         return node_status(self.daemon)
+
+    def use_model(self, name: str) -> dict[str, Any]:
+        """``POST /ringd/model/use``: make ``name`` the ring's model."""
+        version = self.daemon.control.use_model(name, time.monotonic())
+        return {"model": name, "version": version}
 
 
 # ---------------------------------------------------------------------- entry point

@@ -26,6 +26,7 @@ class Fault(Enum):
     IDENTITY_LAYERS = "identity-layers"  # runs none, but claims it ran them
     STALE_EPOCH = "stale-epoch"  # routes with the previous plan epoch
     GAP = "gap"  # loads one layer fewer than assigned
+    SLOW_SERVE = "slow-serve"  # serves weights to peers slowly (0.2 s a read), as a slow disk
 
 
 @dataclass(frozen=True)

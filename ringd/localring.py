@@ -102,9 +102,14 @@ class LocalRing:
     #: Per node, a CPU list to pin it to with ``taskset -c`` (Linux), e.g. ``("0", "1", "0")``;
     #: empty: every node inherits this process's affinity.
     cpus: Sequence[str] = ()
+    #: Per node, its own model store (e.g. empty ones that fetch from the first node);
+    #: empty: every node uses ``model_store``.
+    stores: Sequence[Path] = ()
     nodes: list[LocalNode] = field(default_factory=list)
 
-    def start(self) -> None:
+    def start(self, count: int | None = None) -> None:
+        """Start the ring's daemons (only the first ``count``: start the others later with
+        :meth:`start_node`)."""
         from ringd.keys import load_or_create_key
 
         self.base.mkdir(parents=True, exist_ok=True)
@@ -116,26 +121,45 @@ class LocalRing:
             d.mkdir(exist_ok=True)
             self.nodes.append(LocalNode(f"node{i}", d, free_port(), free_port(), budget,
                                         d / "ringd.log"))
-        for i, node in enumerate(self.nodes):
-            peers = ([f"--peer=127.0.0.1:{n.port}" for n in self.nodes if n is not node]
-                     if self.static_peers else [])
-            args = [sys.executable, "-m", "ringd", "run", f"--state-dir={node.state_dir}",
-                    f"--cluster-key-file={key}", f"--model-store={self.model_store}",
-                    f"--model={self.model}", f"--node-name={node.name}", "--bind-host=127.0.0.1",
-                    "--advertise-host=127.0.0.1", f"--port={node.port}", "--http-host=127.0.0.1",
-                    f"--http-port={node.http_port}", f"--memory-budget={node.budget}", *peers,
-                    *self.extra_args]
-            args += ["--mdns", "--mdns-interface=127.0.0.1"] if self.mdns else ["--no-mdns"]
-            if self.cpus:
-                args = ["taskset", "-c", self.cpus[i % len(self.cpus)], *args]
-            env = {**os.environ, "RINGD_LOG_LEVEL": os.environ.get("RINGD_LOG_LEVEL", "info"),
-                   **self.env}
-            env.pop("NOTIFY_SOCKET", None)
-            env.pop("RINGD_CONFIG", None)
-            log = open(node.log_path, "ab")
-            node.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-            log.close()
+        for node in self.nodes[:count]:
+            self.start_node(node)
+
+    def store_of(self, node: LocalNode) -> Path:
+        i = self.nodes.index(node)
+        return Path(self.stores[i]) if i < len(self.stores) else self.model_store
+
+    def start_node(self, node: LocalNode, *, extra_args: Sequence[str] = ()) -> None:
+        """Start (or start again) the daemon of ``node``, with the others as its peers."""
+        i = self.nodes.index(node)
+        peers = ([f"--peer=127.0.0.1:{n.port}" for n in self.nodes if n is not node]
+                 if self.static_peers else [])
+        args = [sys.executable, "-m", "ringd", "run", f"--state-dir={node.state_dir}",
+                f"--cluster-key-file={self.base / 'cluster.key'}",
+                f"--model-store={self.store_of(node)}", f"--model={self.model}",
+                f"--node-name={node.name}", "--bind-host=127.0.0.1",
+                "--advertise-host=127.0.0.1", f"--port={node.port}", "--http-host=127.0.0.1",
+                f"--http-port={node.http_port}", f"--memory-budget={node.budget}", *peers,
+                *self.extra_args, *extra_args]
+        args += ["--mdns", "--mdns-interface=127.0.0.1"] if self.mdns else ["--no-mdns"]
+        if self.cpus:
+            args = ["taskset", "-c", self.cpus[i % len(self.cpus)], *args]
+        env = {**os.environ, "RINGD_LOG_LEVEL": os.environ.get("RINGD_LOG_LEVEL", "info"),
+               **self.env}
+        env.pop("NOTIFY_SOCKET", None)
+        env.pop("RINGD_CONFIG", None)
+        log = open(node.log_path, "ab")
+        node.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        log.close()
+
+    def kill(self, node: LocalNode, sig: int = signal.SIGKILL) -> int:
+        """Send ``sig`` to ``node``'s daemon; for SIGKILL and SIGTERM, wait for it to end and
+        return its exit code."""
+        assert node.proc is not None
+        node.proc.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            return node.proc.wait(30)
+        return 0
 
     def statuses(self) -> list[dict[str, Any] | None]:
         out: list[dict[str, Any] | None] = []
@@ -152,11 +176,12 @@ class LocalRing:
         deadline = time.monotonic() + timeout
         last = ""
         while True:
-            dead = [n for n in self.nodes if not n.alive()]
+            started = [n for n in self.nodes if n.proc is not None]
+            dead = [n for n in started if not n.alive()]
             if dead:
                 raise RingdError(f"{dead[0].name} exited with code {dead[0].proc.returncode}"  # type: ignore[union-attr]
                                  f":\n{self.tail(dead[0])}")
-            sts = self.statuses()
+            sts = [s for n, s in zip(self.nodes, self.statuses()) if n.proc is not None]
             if all(s is not None and s.get("ready") for s in sts):
                 hashes = {s["plan"]["hash"] for s in sts if s and s.get("plan")}
                 if len(hashes) == 1:

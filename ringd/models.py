@@ -34,6 +34,8 @@ class LocalModel:
     manifest: Manifest
     #: Layer ranges whose shard tensors are all on this disk (what it can serve and load).
     ranges: tuple[tuple[int, int], ...]
+    #: Bytes of its canonical manifest (what a node without the model fetches first).
+    manifest_size: int
 
     @property
     def model_id(self) -> str:
@@ -44,7 +46,7 @@ class LocalModel:
         return not self.info.partial
 
     def holding(self) -> Holding:
-        return Holding(self.name, self.model_id, self.ranges)
+        return Holding(self.name, self.model_id, self.ranges, self.manifest_size)
 
 
 class ModelLibrary:
@@ -127,7 +129,8 @@ class ModelLibrary:
         except ModelError as e:
             log.warning("model directory %s cannot be served: %s", path, e)
             return None
-        return LocalModel(path.name, path, info, manifest, tuple(info.complete_ranges()))
+        return LocalModel(path.name, path, info, manifest, tuple(info.complete_ranges()),
+                          len(manifest.model.canonical_bytes()))
 
     def _drop_sources(self, old: dict[str, LocalModel], new: dict[str, LocalModel]) -> None:
         """Close readers of models that changed or went (a new one opens on demand)."""

@@ -13,16 +13,27 @@ from ringd.status import ModelStatus, Status, ring_status
 
 def node_status(d: Any) -> Status:
     """The status of the node of :class:`ringd.daemon.Daemon` ``d``."""
-    control, runner, info = d.control, d.runner, d.info
-    membership = control.membership
+    control, runner = d.control, d.runner
+    membership, view = control.membership, control.view
     serving = runner.pipeline.route is not None
     rate = runner.last_rate
     compute = d.loader.compute
+    # the model the ring serves or sets up: as this node holds it, or only its name
+    local = control.served_model() if serving else None
+    if local is None and view is not None and view.model_id:
+        local = d.library.by_id(view.model_id)
+    if local is not None:
+        info = local.info
+        model = ModelStatus(info.name, info.num_layers, info.total_bytes, local.model_id)
+        shard_bytes = info.shard_bytes
+    else:
+        name = view.model if view is not None and view.model else d.settings.model
+        model = ModelStatus(name, 0, None, view.model_id or None if view else None)
+        shard_bytes = _unknown
     return ring_status(
         node_id=d.node_id, node_name=d.settings.node_name, addr=d.addr, http_port=d.http_port,
         members=membership.members(), metas=control.metas(), plan=control.agreement.plan,
-        rtt=membership.rtt, model=ModelStatus(info.name, info.num_layers, info.total_bytes),
-        shard_bytes=info.shard_bytes, serving=serving,
+        rtt=membership.rtt, model=model, shard_bytes=shard_bytes, serving=serving,
         reason=None if serving else control.not_ready_reason(),
         fingerprint=control.ring_fingerprint,
         measured_tps=rate["tokens_per_second"] if rate else None,
@@ -30,4 +41,9 @@ def node_status(d: Any) -> Status:
         stats={"runner": runner.status(), "membership": membership.stats(),
                "transport": d.transport.stats(),
                "discovery": d.discovery.stats().__dict__ if d.discovery else None,
-               "compute": compute.stats() if compute else None})
+               "compute": compute.stats() if compute else None,
+               "fetch": control.provisioner.stats(), "weights_served": d.weights.stats()})
+
+
+def _unknown(start: int, end: int) -> int:
+    return 0

@@ -49,8 +49,10 @@ class NodeStatus:
 @dataclass(frozen=True)
 class ModelStatus:
     name: str
-    num_layers: int
+    num_layers: int  # 0 while this node does not know the model yet (fetching its manifest)
     total_bytes: int | None = None
+    #: The hash of its manifest: which bytes the ring serves.
+    model_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ class MemberStatus:
     fingerprint: str | None = None
     refusal: str | None = None
     memory_bandwidth: int | None = None
+    #: While it fetches weights from peers: (bytes fetched and checked, bytes to fetch).
+    fetch: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ class Status:
             "reason": self.reason,
             "model": None if self.model is None else {
                 "name": self.model.name, "num_layers": self.model.num_layers,
-                "total_bytes": self.model.total_bytes},
+                "total_bytes": self.model.total_bytes, "model_id": self.model.model_id},
             "plan": None if self.plan is None else {
                 "epoch": self.plan.epoch, "hash": self.plan.hash,
                 "assignments": [{"node_id": a.node_id, "start": a.start, "end": a.end,
@@ -186,7 +190,8 @@ def _member_json(m: MemberStatus) -> Json:
             "layers": None if m.layers is None else list(m.layers), "rtt_ms": m.rtt_ms,
             "software_version": m.software_version, "http_port": m.http_port, "self": m.is_self,
             "fingerprint": m.fingerprint, "refusal": m.refusal,
-            "memory_bandwidth": m.memory_bandwidth}
+            "memory_bandwidth": m.memory_bandwidth,
+            "fetch": None if m.fetch is None else list(m.fetch)}
 
 
 def _ceiling_json(c: Ceiling) -> Json:
@@ -272,7 +277,8 @@ def _status(o: _Obj) -> Status:
         reason=o.get("reason", "str", None),
         model=None if model is None else ModelStatus(
             name=model.get("name", "str"), num_layers=model.get("num_layers", "int"),
-            total_bytes=model.get("total_bytes", "int", None)),
+            total_bytes=model.get("total_bytes", "int", None),
+            model_id=model.get("model_id", "str", None)),
         plan=None if plan is None else _plan(plan),
         members=tuple(_member(m) for m in o.items("members")),
         fingerprint=o.get("fingerprint", "str", None),
@@ -305,7 +311,17 @@ def _member(m: _Obj) -> MemberStatus:
         software_version=m.get("software_version", "str", None),
         http_port=m.get("http_port", "int", None), is_self=m.get("self", "bool", False),
         fingerprint=m.get("fingerprint", "str", None), refusal=m.get("refusal", "str", None),
-        memory_bandwidth=m.get("memory_bandwidth", "int", None))
+        memory_bandwidth=m.get("memory_bandwidth", "int", None), fetch=_fetch(m))
+
+
+def _fetch(m: _Obj) -> tuple[int, int] | None:
+    v = m.get("fetch", "list", None)
+    if v is None:
+        return None
+    if not (len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                for x in v)):
+        raise _Bad(f"{m.path}.fetch must be [done, total] byte counts, got {v!r}")
+    return v[0], v[1]
 
 
 def _layers(m: _Obj) -> tuple[int, int] | None:
@@ -357,7 +373,7 @@ def member_status(m: Member, meta: NodeMeta | None, *, layers: tuple[int, int] |
         base, phase=meta.phase if known else None, usable_memory=meta.usable_memory,
         total_memory=meta.total_memory, software_version=meta.software_version,
         http_port=meta.http_port, fingerprint=meta.fingerprint, refusal=meta.refusal,
-        memory_bandwidth=meta.memory_bandwidth or None)
+        memory_bandwidth=meta.memory_bandwidth or None, fetch=meta.fetch if known else None)
 
 
 def plan_status(plan: Plan) -> PlanStatus:

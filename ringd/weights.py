@@ -106,7 +106,8 @@ class WeightServer:
 
     def __init__(self, send: SendFn, source_for: Callable[[str], TensorSource | None], *,
                  max_reads: int = 4, max_queued: int = 256, max_peer_bytes: int = 32 << 20,
-                 backlog: Callable[[str], int] | None = None) -> None:
+                 backlog: Callable[[str], int] | None = None,
+                 read_delay: float = 0.0) -> None:
         if max_reads < 1 or max_queued < 1 or max_peer_bytes < wire.MAX_FETCH:
             raise LocalProtocolError("need max_reads, max_queued >= 1 and max_peer_bytes >= "
                                      f"{wire.MAX_FETCH}")
@@ -115,6 +116,7 @@ class WeightServer:
         self.max_queued = max_queued
         self.max_peer_bytes = max_peer_bytes
         self._backlog = backlog
+        self._read_delay = read_delay  # test hook (the slow-serve fault): a slow disk
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_reads, thread_name_prefix="ringd-serve")
         self._queued = 0  # requests accepted and not yet answered
@@ -166,8 +168,13 @@ class WeightServer:
         self._queued += 1
         self._per_peer[sender] += msg.length
         loop = asyncio.get_running_loop()
-        fut = self._pool.submit(source.read, msg.key, msg.offset, msg.length)
+        fut = self._pool.submit(self._read, source, msg.key, msg.offset, msg.length)
         fut.add_done_callback(lambda f: _call_soon(loop, self._done, sender, msg, f))
+
+    def _read(self, source: TensorSource, key: str, offset: int, length: int) -> bytes:
+        if self._read_delay:
+            time.sleep(self._read_delay)  # on a read thread, never the loop
+        return source.read(key, offset, length)
 
     # ---------------------------------------------------------------- output
     def _done(self, sender: str, msg: wire.FetchRequest,

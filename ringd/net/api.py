@@ -370,6 +370,7 @@ class ApiServer:
                 web.post("/ringd/generate", self._generate),
                 web.post("/ringd/shutdown", self._shutdown),
                 web.post("/ringd/verify", self._verify),
+                web.post("/ringd/model/use", self._use_model),
                 web.get("/healthz", self._health),
             ]
         )
@@ -554,6 +555,19 @@ class ApiServer:
         except RequestError as e:
             raise ApiError.from_request_error(e) from None
         return web.json_response(result)
+
+    async def _use_model(self, request: web.Request) -> web.Response:
+        use = getattr(self.backend, "use_model", None)
+        if use is None:
+            raise ApiError("not_found", "this node is not part of a ring", status=404)
+        body = await self._json_body(request)
+        name = _get(body, "model", "str")
+        if not name:
+            raise ApiError("bad_request", "model must be a non-empty string", param="model")
+        try:
+            return web.json_response(use(name))
+        except UsageError as e:
+            raise ApiError("bad_request", e.message, hint=e.hint, param="model") from None
 
     async def _models(self, request: web.Request) -> web.Response:
         created = int(time.time())

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from ringd.cli import main as ringctl
+from ringd.compute.manifest import load_manifest
 from ringd.compute import store
 from ringd.compute.engine import ShardEngine
 from ringd.compute.gguf import read_gguf_header
@@ -189,7 +190,39 @@ def test_cli_import_and_list(tiny_gguf: Path, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert str(s / "tiny-cli") in r.output
     r = CliRunner().invoke(ringctl, ["model", "list", "--store", str(s)])
-    assert r.exit_code == 0 and "tiny-cli" in r.output and "6 layers" in r.output
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.output.splitlines() if line.startswith("tiny-cli "))
+    model_id = load_manifest(s / "tiny-cli").model_id
+    assert row.split()[1:3] == ["all", "6"] and model_id[:16] in row
+    # a shard directory holding some layers shows which
+    part = shard_of(s / "tiny-cli", s / "tiny-part", 2, 4)
+    r = CliRunner().invoke(ringctl, ["model", "list", "--store", str(s)])
+    row = next(line for line in r.output.splitlines() if line.startswith("tiny-part "))
+    assert "2-3 of 6" in row and model_id[:16] in row, r.output
+    assert load_manifest(part).model_id == model_id
+    r = CliRunner().invoke(ringctl, ["model", "rm", "tiny-part", "--store", str(s)])
+    assert r.exit_code == 0 and not part.exists()
+    r = CliRunner().invoke(ringctl, ["model", "rm", "tiny-part", "--store", str(s)])
+    assert r.exit_code == 1 and "not in the store" in r.output and "Traceback" not in r.output
+
+
+def shard_of(src: Path, dest: Path, start: int, end: int) -> Path:
+    """A shard directory of ``src`` holding layers ``[start, end)``, filled from its files."""
+    from ringd.compute.shard_dir import ShardDir
+    from ringd.compute.tensor_source import TensorSource
+    from ringd.core.model_manifest import file_key
+
+    manifest = load_manifest(src)
+    model = manifest.model
+    with TensorSource(src, manifest) as source:
+        files = {n: source.read(file_key(n), 0, f.size) for n, f in model.files.items()}
+        with ShardDir.create(dest, model, files) as shard:
+            names = model.tensors_for(start, end)
+            shard.plan(names)
+            for n in names:
+                shard.write(n, 0, source.read(n, 0, model.tensors[n].size))
+                assert shard.finish(n)
+    return dest
 
 
 def test_cli_pull_when_present(default_model_dir: Path) -> None:

@@ -96,7 +96,9 @@ def test_notify_ready_after_load_watchdog_stopping(tmp_path: Path, tiny_store: t
         layers = st["model"]["num_layers"]
         assert loading == [f"loading layers 0-{layers - 1} of {layers}"], statuses
         assert statuses.index("waiting for peers") < statuses.index(loading[0]), statuses
-        assert ready.get("STATUS") == f"serving: ring of 1 nodes, layers 0-{layers - 1}", ready
+        model = st["model"]["name"]
+        assert ready.get("STATUS") == f"serving {model}: ring of 1 nodes, layers 0-{layers - 1}", \
+            ready
 
         # Watchdog: pings every WATCHDOG_USEC / 2, from the loop, all along.
         window = 2.0
