@@ -33,8 +33,9 @@ Printed: MB/s per case (best and median of the passes), ``ours / raw-copy`` (the
 ``/proc/self/clear_refs``) against the shard's size and the transfer's in-flight bounds
 (the goal: bounded by those buffers, not by the shard).
 
-The three-node ring from spawn to ready with two nodes fetching is not measured here yet:
-see :func:`ring_spawn_to_ready`.
+Then :func:`ring_spawn_to_ready`: a three-node ring from spawn to ready where only node 1
+holds the model (the others fetch their layers), against the same ring with the model on
+every node (``--ring-rounds``; 0 skips it).
 """
 
 from __future__ import annotations
@@ -345,11 +346,51 @@ def first_line(p: subprocess.Popen) -> str:
     return line
 
 
-def ring_spawn_to_ready() -> None:
-    """TODO(lead): spawn -> ready for a three-node ring where only node 1 holds the model and
-    nodes 2 and 3 fetch their layers (needs the daemon's fetch phase; added after the
-    daemon integration of issue 14). Prints nothing until then."""
-    return None
+def ring_spawn_to_ready(rounds: int = 2) -> None:
+    """Spawn -> ready of a three-node ring on the default model where only node 1 holds it
+    (nodes 2 and 3 start with empty stores and fetch their layers), against the same ring
+    with the model already on every node, side by side (alternating, ``rounds`` each)."""
+    from ringd.compute.manifest import load_manifest
+    from ringd.config import Settings
+    from ringd.core.plan import model_shape
+    from ringd.localring import DEMO_CONCURRENCY, DEMO_CONTEXT, LocalRing, demo_budgets
+    from ringd.compute.model_info import inspect_model
+
+    src = model_dir()
+    info = inspect_model(src)
+    shape = model_shape(info, Settings(max_context=DEMO_CONTEXT, max_concurrent=DEMO_CONCURRENCY))
+    budgets = demo_budgets(shape.total_bytes, 3)
+    args = (f"--max-context={DEMO_CONTEXT}", f"--max-concurrent={DEMO_CONCURRENCY}")
+    total = load_manifest(src).model.total_bytes
+    results: dict[str, list[float]] = {"copied": [], "fetched": []}
+    fetched_bytes: list[int] = []
+    for rep in range(rounds):
+        for case in ("fetched", "copied") if rep % 2 else ("copied", "fetched"):
+            with tempfile.TemporaryDirectory(prefix="ringd-bench-") as tmp:
+                base = Path(tmp)
+                stores = ([src.parent] * 3 if case == "copied"
+                          else [src.parent, base / "store2", base / "store3"])
+                ring = LocalRing(base / "ring", budgets, src.name, src.parent, stores=stores,
+                                 extra_args=args)
+                t0 = time.monotonic()
+                ring.start()
+                try:
+                    sts = ring.wait_ready(300)
+                    results[case].append(time.monotonic() - t0)
+                    if case == "fetched":
+                        fetched_bytes = [((s["stats"].get("fetch") or {}).get("done_bytes") or 0)
+                                         for s in sts]
+                finally:
+                    ring.stop()
+    print("\n## three-node ring, spawn -> ready (default model; node 1 holds it)")
+    print("| case | best s | median s |\n|---|---|---|")
+    for case, times in results.items():
+        what = ("model on every node" if case == "copied"
+                else "nodes 2 and 3 fetch their layers from node 1")
+        print(f"| {what} | {min(times):.2f} | {statistics.median(times):.2f} |")
+    print(f"bytes fetched per node: {', '.join(f'{b / MiB:.1f} MiB' for b in fetched_bytes)} "
+          f"(the model: {total / MiB:.1f} MiB); fetching adds "
+          f"{min(results['fetched']) - min(results['copied']):+.2f} s (best rounds)")
 
 
 def main() -> None:
@@ -357,6 +398,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="passes over all cases (default 5)")
     ap.add_argument("--shards", default="0-10,10-20,all",
                     help="layer ranges A-B, or all (default 0-10,10-20,all)")
+    ap.add_argument("--ring-rounds", type=int, default=2,
+                    help="rounds of the three-node spawn -> ready comparison (default 2)")
     ap.add_argument("--role", choices=("holder", "raw", "fetcher"), help=argparse.SUPPRESS)
     ap.add_argument("--name", default="h1", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -416,7 +459,8 @@ def main() -> None:
                 p.kill()
                 p.wait()
     report(rows, shards, cases, bounds, ends, model)
-    ring_spawn_to_ready()
+    if a.ring_rounds > 0:
+        ring_spawn_to_ready(a.ring_rounds)
     print(f"\n# load average at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -194,7 +194,11 @@ class _Conn(asyncio.BufferedProtocol):
                          "bytes with %d already queued for it", self.peer or self.addr, size,
                          self._queued)
             return
-        chunks = stream.seal_tcp_records(self.ch.sealer, self.ch.next_seq, parts, record=RECORD,
+        # The records of one message need consecutive sequence numbers, and the counter is
+        # the channel's: reserve them now, or a message to another peer sealed between two
+        # of its records takes one (the receiver then closes the connection as malformed).
+        seqs = iter(self.ch.reserve_seqs(2 + -(-size // RECORD)))
+        chunks = stream.seal_tcp_records(self.ch.sealer, seqs.__next__, parts, record=RECORD,
                                          buffer=self._record_buffer)
         self._queue.append((chunks, size))
         self._queued += size
@@ -323,6 +327,12 @@ class TcpChannel:
     def next_seq(self) -> int:
         self._seq += 1
         return self._seq
+
+    def reserve_seqs(self, n: int) -> range:
+        """``n`` consecutive sequence numbers, taken now (some may go unused)."""
+        first = self._seq + 1
+        self._seq += n
+        return range(first, first + n)
 
     # ---------------------------------------------------------------- sending
     def send_frame(self, addr: Addr, *parts: Buffer) -> None:

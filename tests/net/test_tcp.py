@@ -117,6 +117,31 @@ async def test_large_frames_go_in_records_between_small_frames_in_order() -> Non
 
 
 @on_both_loops
+async def test_large_messages_to_two_peers_at_once_arrive_whole() -> None:
+    """One sender, two receivers, large messages to both interleaved on the loop (a holder
+    serving weights to two fetching nodes): each message's records keep consecutive sequence
+    numbers, so neither receiver sees a record from the middle of another message."""
+    a, _, _ = await node("a")
+    b, inb, ba = await node("b")
+    c, inc, ca = await node("c")
+    try:
+        bigs = [os.urandom((1 << 20) + 16 * i) for i in range(6)]
+        for big in bigs:
+            a.send_frame(ba, activation(big))
+            a.send_frame(ca, activation(big[::-1]))
+        await inb.wait(lambda xs: len(xs) == len(bigs), timeout=20)
+        await inc.wait(lambda xs: len(xs) == len(bigs), timeout=20)
+        assert [bytes(decode(d).tensor.data) for _, _, d in inb.items] == bigs
+        assert [bytes(decode(d).tensor.data) for _, _, d in inc.items] == [x[::-1] for x in bigs]
+        for ch in (b, c):
+            assert sum(ch.counters.values()) == 0
+            assert all(conn.decoder.failed is None for conn in ch.conns_all)
+    finally:
+        for ch in (a, b, c):
+            await ch.close()
+
+
+@on_both_loops
 async def test_simultaneous_connects_keep_one_connection() -> None:
     a, ina, aa = await node("a")
     b, inb, ba = await node("b")
