@@ -44,7 +44,10 @@ def model_import(ctx: click.Context, gguf: str, name: str | None, store: str | N
 @click.argument("repo", required=False)
 @click.option("--revision", default=None, help="Branch, tag or commit (default: main).")
 @click.option("--layers", default=None, metavar="A-B",
-              help="Only the files holding layers A..B (inclusive), config and tokenizer.")
+              help="Only the files holding layers A..B (inclusive), config and tokenizer, for a "
+                   "node short of disk. A ring uses a model only from a node that holds it "
+                   "whole (its manifest names every tensor's bytes): pull it whole on one "
+                   "node, the others fetch their layers from it.")
 @click.option("--name", default=None, help="Name in the store (default: the repo's name).")
 @click.option("--endpoint", default=None, envvar="HF_ENDPOINT",
               help="Hub address (default: huggingface.co; also HF_ENDPOINT).")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +33,65 @@ GONE = (MemberState.DEAD, MemberState.LEFT)
 # ----------------------------------------------------------------------------- status
 @click.command(cls=Command)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--watch", is_flag=True,
+              help="Keep showing it (every --interval seconds), with a progress bar per node "
+                   "that fetches weights; ends when the ring is ready (or on Ctrl-C).")
+@click.option("--interval", type=click.FloatRange(0.1, 60), default=1.0, show_default=True)
 @daemon_options
 @click.pass_context
-def status(ctx: click.Context, as_json: bool, host: str | None, port: int | None) -> None:
+def status(ctx: click.Context, as_json: bool, watch: bool, interval: float, host: str | None,
+           port: int | None) -> None:
     """Show the ring: nodes, memory, layers, plan; ready (exit 0) or exactly why not (exit 1)."""
-    st = read_status(client_from(ctx, host, port))
-    if as_json:
+    client = client_from(ctx, host, port)
+    st = read_status(client)
+    if watch and not as_json:
+        st = watch_status(client, st, interval)
+    elif as_json:
         click.echo(json.dumps(st.to_json(), indent=2, sort_keys=True))
     else:
         click.echo(render_status(st))
     raise SystemExit(int(ExitCode.OK if st.ready else ExitCode.FAILURE))
+
+
+def watch_status(client: Any, st: Status, interval: float) -> Status:
+    """Redraw the status until the ring is ready. On a terminal: the table and a progress bar
+    per fetching node, in place; otherwise (a log, a pipe) one line each time the state
+    changes, quietly."""
+    tty = sys.stdout.isatty()
+    last = ""
+    while True:
+        if tty:
+            click.echo("\033[H\033[2J" + render_status(st) + progress_bars(st), nl=False)
+            click.echo("")
+        else:
+            line = render_status(st).splitlines()[0] + _fetch_summary(st)
+            if line != last:
+                click.echo(line)
+                last = line
+        if st.ready:
+            return st
+        time.sleep(interval)
+        st = read_status(client)
+
+
+def progress_bars(st: Status) -> str:
+    """One bar per node fetching weights (bytes fetched and checked, of how many)."""
+    from tqdm import tqdm
+
+    lines = []
+    for m in st.members:
+        if m.fetch is None or not m.fetch[1]:
+            continue
+        done, total = m.fetch
+        lines.append(tqdm.format_meter(done, total, 0, ncols=78, prefix=(m.name or m.id)[:16],
+                                       unit="B", unit_scale=True, unit_divisor=1024))
+    return ("\n\nfetching weights:\n" + "\n".join(lines)) if lines else ""
+
+
+def _fetch_summary(st: Status) -> str:
+    parts = [f"{m.name or m.id} {100 * m.fetch[0] // m.fetch[1]}%" for m in st.members
+             if m.fetch is not None and m.fetch[1]]
+    return f" (fetching: {', '.join(parts)})" if parts else ""
 
 
 def _s(v: Any) -> str:

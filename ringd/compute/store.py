@@ -528,5 +528,7 @@ def pull_hub_model(store: Path, repo: str, *, name: str | None = None,
                        f"{manifest.model_id[:16]}) into {dest}")
     else:
         _say(progress, f"pulled the files of layers {rng[0]}-{rng[1] - 1} of "
-                       f"{repo}@{got.commit[:12]} into {dest}")
+                       f"{repo}@{got.commit[:12]} into {dest}; a ring serves a model only "
+                       "from a node that holds it whole (its manifest names every tensor's "
+                       "bytes), so pull it whole on one node: the others fetch their layers")
     return dest

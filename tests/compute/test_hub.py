@@ -228,3 +228,32 @@ def test_hub_errors_are_clear(hub: StandIn, tmp_path: Path) -> None:
         download("org/tiny", tmp_path / "x", revision="v9", endpoint=hub.url)
     with pytest.raises(UsageError):
         download("../etc", tmp_path / "x", endpoint=hub.url)
+
+
+def test_ringctl_model_pull_from_the_hub(hub: StandIn, tiny_model_dir: Path,
+                                         tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from ringd.cli import main as ringctl
+
+    store = tmp_path / "store"
+    r = CliRunner().invoke(ringctl, ["model", "pull", "org/tiny", "--endpoint", hub.url,
+                                     "--store", str(store)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str(store / "tiny")
+    assert load_manifest(store / "tiny").model_id == load_manifest(tiny_model_dir).model_id
+    r = CliRunner().invoke(ringctl, ["model", "list", "--store", str(store)])
+    assert r.output.splitlines()[1].split()[:3] == ["tiny", "all", "6"], r.output
+    # only the files of some layers, under another name
+    r = CliRunner().invoke(ringctl, ["model", "pull", "org/tiny", "--endpoint", hub.url,
+                                     "--layers", "2-3", "--name", "tiny-part",
+                                     "--store", str(store)])
+    assert r.exit_code == 0, r.output
+    config, index = _repo(tiny_model_dir)
+    want = set(select_files(config, index, (2, 4)).weight_files)
+    assert {p.name for p in (store / "tiny-part").glob("*.safetensors")} == want
+    # a name that holds another model is refused, with what to do
+    r = CliRunner().invoke(ringctl, ["model", "pull", "org/other", "--endpoint", hub.url,
+                                     "--name", "tiny", "--store", str(store)])
+    assert r.exit_code == 1 and "already holds another model" in r.output
+    assert "Traceback" not in r.output
