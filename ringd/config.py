@@ -120,6 +120,16 @@ class Settings:
                                               "with a timeout.")
     allow_model_switch: bool = _opt(False, help="Let a request for another model switch the "
                                                 "ring when it is idle.")
+    max_queued: int = _opt(32, help="Requests that wait (first come, first served) for a slot "
+                                    "beyond max_concurrent, or for the ring to re-plan; beyond "
+                                    "it: 'busy'.")
+    queue_timeout: float = _opt(60.0, help="Seconds a request may wait in that queue.")
+    step_timeout: float = _opt(120.0, help="Seconds without a token, while the ring serves, "
+                                           "before a request fails naming the nodes that hold "
+                                           "it.")
+    replan_drain: float = _opt(120.0, help="Seconds a node that joins waits, while requests "
+                                           "run, before the ring re-plans with it (running "
+                                           "requests then go on by replay).")
 
     # --- service -------------------------------------------------------------------------
     log_level: str = _opt("info", help="debug, info, warning or error.")
@@ -138,12 +148,16 @@ class Settings:
         if self.datagram_size != 0 and not 256 <= self.datagram_size <= 65000:
             problems.append(f"datagram_size must be 0 (follow the path MTU) or 256..65000 bytes, "
                             f"got {self.datagram_size}")
-        for name in ("probe_interval", "probe_timeout", "suspicion_timeout", "request_timeout"):
+        for name in ("probe_interval", "probe_timeout", "suspicion_timeout", "request_timeout",
+                     "queue_timeout", "step_timeout"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_concurrent", "max_context", "prefill_chunk", "indirect_probes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_queued", "replan_drain"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} cannot be negative, got {getattr(self, name)}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             problems.append(f"log_level must be debug, info, warning or error, "
                             f"got {self.log_level!r}")

@@ -194,7 +194,8 @@ class RingControl:
     def _on_agreement(self, ev: Any, now: float) -> None:
         if isinstance(ev, StopServing):
             log.warning("ring stops serving plan epoch %d: %s", ev.plan.epoch, ev.reason)
-            self.runner.stop_serving(ev.reason)
+            # running requests pause, to go on by replay once the ring serves again
+            self.runner.stop_serving(ev.reason, pause=not self.membership.leaving)
             self.ring_fingerprint = None
             self.ready.clear()
             notify(status=f"re-forming: {ev.reason}")
@@ -211,6 +212,8 @@ class RingControl:
             self._ring_ready(ev.plan, now)
         elif isinstance(ev, PlanUnfit):
             log.error("the ring cannot hold its model: %s", ev.error)
+            self.runner.fail_paused(f"the ring cannot hold its model any more: "
+                                    f"{ev.error.message}")
             notify(status=f"cannot fit the model: {ev.error.message}")
 
     async def _load(self, ev: LoadShard, model_id: str) -> None:
@@ -231,6 +234,8 @@ class RingControl:
             self.agreement.load_failed(plan.hash,
                                        e.message + (f" (hint: {e.hint})" if e.hint else ""))
             self._publish(refusal=refusal_text(e.message))
+            self.runner.fail_paused(f"node {self.settings.node_name} cannot load its layers: "
+                                    f"{e.message}")
         else:
             self._loaded = (plan.hash, model, tokenizer)
             self._publish(fingerprint=fingerprint)

@@ -86,7 +86,8 @@ class Daemon:
                              send=self._send,
                              not_ready_reason=lambda: self.control.not_ready_reason(),
                              active_model=lambda: self.control.view.model
-                             if self.control.view else None)
+                             if self.control.view else None,
+                             max_queued=s.max_queued, queue_timeout=s.queue_timeout)
         self.loader = ShardLoader(s, executor, self.faults.fault)
         slow = 0.2 if self.faults.fault is Fault.SLOW_SERVE else 0.0
         self.weights = WeightServer(self._send_bulk, library.source_for,

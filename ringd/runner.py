@@ -16,8 +16,10 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import secrets
 import time
 import uuid
+from collections import deque
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from ringd.compute.stage import StageCompute
@@ -41,7 +43,8 @@ RATE_MIN_TOKENS = 16  # shorter requests give too noisy a decode rate to judge a
 def pipeline_config(settings: Settings) -> PipelineConfig:
     return PipelineConfig(max_concurrent=settings.max_concurrent,
                           max_context=settings.max_context,
-                          request_timeout=settings.request_timeout)
+                          request_timeout=settings.request_timeout,
+                          step_timeout=settings.step_timeout)
 
 
 def served_model(settings: Settings, info: Any) -> ServedModel:
@@ -74,8 +77,13 @@ class Runner:
     def __init__(self, pipeline: Pipeline, *, executor: concurrent.futures.Executor,
                  send: SendFn,
                  not_ready_reason: Callable[[], str] = lambda: "the ring is not ready",
-                 active_model: Callable[[], str | None] = lambda: None) -> None:
+                 active_model: Callable[[], str | None] = lambda: None,
+                 max_queued: int = 32, queue_timeout: float = 60.0) -> None:
         self.pipeline = pipeline
+        self.max_queued = max_queued  # requests waiting for a slot or for a re-plan
+        self.queue_timeout = queue_timeout
+        self.replanning = False  # the ring stopped serving to re-plan: new requests wait
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self.tokenizer: Tokenizer | None = None  # the served model's, while serving
         self.active_model = active_model  # the ring's model setting, while not serving
         self.executor = executor
@@ -97,15 +105,33 @@ class Runner:
         """Run requests of ``model`` on ``route`` with this node's shard (None: an entry-only
         node)."""
         self.compute, self.tokenizer = compute, tokenizer
-        self.pipeline.serve(route, compute.layers if compute is not None else None, names, model)
+        paused = self.pipeline.paused
+        self.pipeline.serve(route, compute.layers if compute is not None else None, names,
+                            model, time.monotonic())
         stage = route.stage_of(self.pipeline.node_id)
-        log.info("serving plan epoch %d %s", route.epoch,
-                 f"as layers [{stage.start}, {stage.end})" if stage else "as an entry only")
+        log.info("serving plan epoch %d %s%s", route.epoch,
+                 f"as layers [{stage.start}, {stage.end})" if stage else "as an entry only",
+                 f"; {paused} paused requests replayed" if paused else "")
+        self.replanning = False
         self.flush()
+        self._wake()
 
-    def stop_serving(self, reason: str, *, code: str = "not_ready") -> None:
-        self.pipeline.stop_serving(reason, code=code)
+    def stop_serving(self, reason: str, *, code: str = "not_ready", pause: bool = False) -> None:
+        """Stop running requests here. ``pause``: the ring re-plans; the requests this node is
+        the entry of wait to be replayed, and new ones wait for the new plan (bounded)."""
+        self.pipeline.stop_serving(reason, code=code, pause=pause, now=time.monotonic())
+        self.replanning = pause
         self.flush()
+        if not pause:
+            self._wake(everyone=True)
+
+    def fail_paused(self, reason: str) -> None:
+        """The ring cannot serve again (too small for the model, ...): paused requests and
+        those waiting for the new plan end with ``reason``."""
+        self.replanning = False
+        self.pipeline.fail_paused(reason)
+        self.flush()
+        self._wake(everyone=True)
 
     async def close(self) -> None:
         self.pipeline.leaving = True
@@ -195,9 +221,13 @@ class Runner:
     async def _generate(self, request: GenerationRequest
                         ) -> AsyncIterator[TokenEvent | FinishEvent]:
         started = time.monotonic()
-        model, tokenizer = self._check_admission()
+        model, tokenizer = await self._admit()
         ids = await asyncio.to_thread(self._encode, request, tokenizer)
-        with self._opened(ids, request.params, model) as opened:
+        params = request.params
+        if not params.greedy and params.seed is None:
+            # the entry draws the seed, so that a replay on another plan draws the same tokens
+            params = dataclasses.replace(params, seed=secrets.randbits(63))
+        with self._opened(ids, params, model) as opened:
             stream = TextStream(tokenizer.new_decoder(), request.params.stop, model.eos,
                                 started)
             while True:
@@ -221,7 +251,7 @@ class Runner:
         Returns the prompt's token ids, the tokens, their float32 logits (base64 of the raw
         little-endian bytes), and the route the request took (node ids, names, layers).
         """
-        model, tokenizer = self._check_admission()
+        model, tokenizer = await self._admit()
         ids = await asyncio.to_thread(self._encode, GenerationRequest(prompt=prompt), tokenizer)
         limit = self.pipeline.config.max_context
         if len(ids) + steps > limit:
@@ -247,6 +277,52 @@ class Runner:
                         "start": st.start, "end": st.end} for st in route.stages],
         }
 
+    async def _admit(self) -> tuple[ServedModel, Tokenizer]:
+        """Admission: a slot at once, or a place in the queue (FIFO, at most ``max_queued``,
+        for at most ``queue_timeout`` seconds) while every slot is taken or the ring
+        re-plans; beyond that the refusal (``busy``, ``not_ready``, ...)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.queue_timeout
+        woken = False  # it waited already: it keeps its place at the head of the queue
+        while True:
+            if woken or not self._waiters:
+                try:
+                    return self._check_admission()
+                except RequestError as e:
+                    if not (e.code == "busy" or (e.code == "not_ready" and self.replanning)):
+                        raise
+                    if not woken and len(self._waiters) >= self.max_queued:
+                        raise self._full(e) from None
+            elif len(self._waiters) >= self.max_queued:
+                raise self._full(RequestError("busy", "every slot is taken")) from None
+            fut: asyncio.Future[None] = loop.create_future()
+            if woken:
+                self._waiters.appendleft(fut)
+            else:
+                self._waiters.append(fut)
+            woken = True
+            try:
+                await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise RequestError("busy", f"waited {self.queue_timeout:g} s (queue_timeout) "
+                                   "for a place on the ring", hint="retry later") from None
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+
+    def _full(self, e: RequestError) -> RequestError:
+        return RequestError("busy", f"{e.message}; {len(self._waiters)} more requests wait "
+                            f"(max_queued = {self.max_queued})",
+                            hint="retry later, or raise max_concurrent / max_queued")
+
+    def _wake(self, *, everyone: bool = False) -> None:
+        """Let the first waiters try again: as many as there are free slots (or all)."""
+        free = (len(self._waiters) if everyone
+                else self.pipeline.config.max_concurrent - self.pipeline.active_entries)
+        for fut in list(self._waiters)[:max(0, free)]:
+            if not fut.done():
+                fut.set_result(None)
+
     def _check_admission(self) -> tuple[ServedModel, Tokenizer]:
         """Refuse early (before tokenizing) what :meth:`Pipeline.open` would refuse; the
         served model and its tokenizer."""
@@ -271,7 +347,7 @@ class Runner:
         self.idle.clear()
         opened: _Opened | None = None
         try:
-            if self.pipeline.model is not model:
+            if self.pipeline.model != model:
                 raise RequestError("not_ready", "the ring switched to another model while "
                                    "this request started", hint="send it again")
             entry = self.pipeline.open(rid, ids, sampling, time.monotonic())
@@ -284,6 +360,7 @@ class Runner:
             self.flush()
             if not self._queues:
                 self.idle.set()
+            self._wake()
 
     @staticmethod
     async def _next(opened: _Opened) -> wire.Token:
@@ -299,5 +376,5 @@ class Runner:
 
     # ---------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
-        return {**self.pipeline.stats(), "compute_seconds": round(self._compute_seconds, 3),
-                "last_rate": self.last_rate}
+        return {**self.pipeline.stats(), "queued": len(self._waiters),
+                "compute_seconds": round(self._compute_seconds, 3), "last_rate": self.last_rate}

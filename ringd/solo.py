@@ -49,8 +49,10 @@ class SoloBackend:
                                              info.num_layers)
         tokenizer = await asyncio.to_thread(Tokenizer.load, self.model_dir)
         pipeline = Pipeline(NODE_ID, pipeline_config(self.settings))
+        s = self.settings
         self.runner = Runner(pipeline, executor=executor, send=_nowhere,
-                             not_ready_reason=lambda: "the model is loading")
+                             not_ready_reason=lambda: "the model is loading",
+                             max_queued=s.max_queued, queue_timeout=s.queue_timeout)
         route = Route(0, (Stage(NODE_ID, 0, info.num_layers),), info.num_layers)
         self.runner.serve(route, compute, {NODE_ID: self.settings.node_name},
                           served_model(self.settings, info), tokenizer)

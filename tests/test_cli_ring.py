@@ -226,7 +226,8 @@ async def daemon(tiny_model_dir: Path, tmp_path: Path):
     backend = SoloBackend(
         tiny_model_dir,
         Settings(
-            state_dir=tmp_path / "s", model_store=tmp_path / "m", max_concurrent=1, node_name="test"
+            state_dir=tmp_path / "s", model_store=tmp_path / "m", max_concurrent=1, max_queued=0,
+            node_name="test"
         ),
     )
     await backend.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -159,9 +160,60 @@ def test_prompts_go_in_chunks_whose_activations_fit_one_frame(caplog) -> None:
     fit = prefill_chunk_tokens(4096, 16384, 2, TCP_MAX_FRAME)
     assert model.prefill_chunk == fit and fit * 16384 * 2 < TCP_MAX_FRAME < 4096 * 16384 * 2
     p = Pipeline("e", pipeline_config(settings))
-    p.serve(Route(3, (Stage("n1", 0, 10), Stage("n2", 10, 20)), 20), None, {}, model)
+    p.serve(Route(3, (Stage("n1", 0, 10), Stage("n2", 10, 20)), 20), None, {}, model, 0.0)
     p.open("r", list(range(5000)), SamplingParams(), 0.0)
     sent = [e.msg for e in p.effects()]
     sizes = [m.tensor.shape[0] for m in sent]
     assert sizes == [fit] * (5000 // fit) + [5000 % fit] and sum(sizes) == 5000
     assert [m.final for m in sent] == [False] * (len(sent) - 1) + [True]
+
+
+async def test_beyond_max_concurrent_requests_wait_in_order_then_busy(executor) -> None:
+    sent: list[tuple[str, wire.Message]] = []
+    runner = solo(executor, Shard((0, 3), last=False), sent=sent,
+                  cfg=PipelineConfig(max_concurrent=1))
+    runner.max_queued = 1
+    route = Route(1, (Stage("n1", 0, 3), Stage("n2", 3, 6)), 6)  # n2 never answers
+    serve(runner, route, Shard((0, 3), last=False))
+    first = runner.generate(GenerationRequest(prompt="w1"))
+    held = asyncio.ensure_future(anext(first))
+    await asyncio.sleep(0)
+    while runner.pipeline.active_entries == 0:
+        await asyncio.sleep(0.01)  # tokenizing on a worker thread
+    second = runner.generate(GenerationRequest(prompt="w2"))
+    waiting = asyncio.ensure_future(anext(second))
+    while runner.status()["queued"] == 0:
+        await asyncio.sleep(0.01)
+    with pytest.raises(RequestError) as e:  # the queue is full
+        await anext(runner.generate(GenerationRequest(prompt="w3")))
+    assert e.value.code == "busy" and "1 more requests wait (max_queued = 1)" in e.value.message
+    assert not waiting.done()
+    held.cancel()  # the first ends (its client went away): the second takes its place
+    with contextlib.suppress(asyncio.CancelledError):
+        await held
+    while runner.pipeline.active_entries == 0:
+        await asyncio.sleep(0.01)
+    assert runner.status()["queued"] == 0 and not waiting.done()
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+
+
+async def test_during_a_replan_new_requests_wait_for_the_new_plan(executor) -> None:
+    shard = Shard((0, 6), last=True)
+    runner = solo(executor, shard)
+    route = Route(1, (Stage("n1", 0, 6),), 6)
+    serve(runner, route, shard)
+    runner.stop_serving("node n2 left the ring", pause=True)
+    gen = runner.generate(GenerationRequest(prompt="w1", params=SamplingParams(max_tokens=2)))
+    first = asyncio.ensure_future(anext(gen))
+    while runner.status()["queued"] == 0:
+        await asyncio.sleep(0.01)
+    serve(runner, Route(2, (Stage("n1", 0, 6),), 6), shard)
+    assert (await first).text == " w100"
+    await gen.aclose()
+    # not re-planning: the refusal comes at once
+    runner.stop_serving("this node is shutting down")
+    with pytest.raises(RequestError) as e:
+        await anext(runner.generate(GenerationRequest(prompt="w1")))
+    assert e.value.code == "not_ready"

@@ -23,6 +23,7 @@ way); other float dtypes are cast.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
@@ -405,23 +406,32 @@ class Sampler:
     """Picks the next token from float32 logits ``[vocab]``.
 
     Greedy when ``temperature == 0``; otherwise temperature, then top-k, then top-p
-    (nucleus), drawn with this request's own key (from ``seed``, or a random one): the
-    same seed and logits give the same tokens, independent of other requests.
+    (nucleus), drawn with a key derived from this request's seed (or a random one) and the
+    token's step: the same seed, step and logits give the same token, independent of other
+    requests -- so a request replayed on another ring (:mod:`ringd.core.pipeline`) draws its
+    next tokens exactly as an undisturbed run would.
     """
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self._key = mx.random.key(seed)
-        mx.eval(self._key)
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self._next = 0  # the step of the next draw when none is given
 
-    def sample_lazy(self, logits: mx.array) -> mx.array:
-        """The token as an unevaluated int32 scalar array (no host synchronisation)."""
+    def key(self, step: int) -> mx.array:
+        """The random key of the draw at ``step``."""
+        digest = hashlib.blake2b(f"{self.seed}:{step}".encode(), digest_size=8).digest()
+        return mx.random.key(int.from_bytes(digest, "little") >> 1)
+
+    def sample_lazy(self, logits: mx.array, step: int | None = None) -> mx.array:
+        """The token as an unevaluated int32 scalar array (no host synchronisation);
+        ``step``: which token of the request it is (default: the one after the last)."""
         p = self.params
+        if step is None:
+            step = self._next
+        self._next = step + 1
         if p.greedy:
             return mx.argmax(logits, axis=-1).astype(mx.int32)
-        keys = mx.random.split(self._key)
-        self._key, sub = keys[0], keys[1]
+        sub = self.key(step)
         logits = logits.astype(mx.float32) / p.temperature
         vocab = logits.shape[-1]
         if 0 < p.top_k < vocab:
@@ -436,8 +446,8 @@ class Sampler:
             return order[mx.random.categorical(ordered, key=sub)].astype(mx.int32)
         return mx.random.categorical(logits, key=sub).astype(mx.int32)
 
-    def sample(self, logits: mx.array) -> int:
-        return int(self.sample_lazy(logits).item())
+    def sample(self, logits: mx.array, step: int | None = None) -> int:
+        return int(self.sample_lazy(logits, step).item())
 
 
 def generate_local(model_dir: Path, token_ids: list[int], params: SamplingParams, *,

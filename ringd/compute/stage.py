@@ -98,7 +98,7 @@ class StageCompute:
             return Hidden(to_wire(out))
         if not job.final:
             return Filled()
-        token = self._samplers[rid].sample(out)
+        token = self._samplers[rid].sample(out, job.step)
         return Sampled(token, to_wire(out) if job.sampling.want_logits else None)
 
     def free(self, rid: str) -> None:

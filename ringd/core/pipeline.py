@@ -19,16 +19,29 @@ inside, without an effect.
 
 Rules, all in this file:
 
-- The plan epoch is checked once, when a message arrives: an Activation or Token of
-  another epoch (or while not serving) never reaches a request.
+- The plan epoch is checked once, when a message arrives: a Token of another epoch never
+  reaches a request; an Activation of an older epoch is answered (once per request) with an
+  Error, one of a newer epoch (the ring moved on and this node has not served it yet) waits
+  up to ``hold_timeout`` for this node to serve that epoch.
+- **A plan change does not end a request.** When the ring stops serving (a node lost,
+  joined or left), the requests this node is the entry of are *paused* (:meth:`stop_serving`
+  with ``pause``); when it serves again, each is *replayed* on the new plan: its prompt and
+  every token already delivered go through the new stages as a prefill, and decoding goes
+  on from the next token -- the caller sees a pause, never a gap or a duplicate. Sampling
+  draws each token from a key of the request's seed and the token's step, so a replay
+  draws what an undisturbed run would. A paused request fails only when the ring cannot
+  serve again (:meth:`fail_paused`), switched models, or its time runs out.
 - A stage request is created by its first prefill chunk (position 0) and must receive
   positions in order; an activation ahead of its position (a big chunk on TCP overtaken
   by a small one on UDP) waits, bounded. Anything else fails the request with an
   :class:`Error` to its entry -- never a wrong KV cache.
 - The coverage proof (:mod:`ringd.core.route`) is checked at every stage and at the
   sampling node; the entry checks that every token passed through ``[0, num_layers)``.
-- Stage requests idle for ``request_timeout`` are freed; an entry request gets no token
-  for ``request_timeout`` after it opened -> ``timeout``.
+- Stage requests idle for ``request_timeout`` are freed; an entry request that runs longer
+  than ``request_timeout``, or gets no token for ``step_timeout`` while the ring serves,
+  fails with ``timeout`` (naming the nodes holding it). Duplicates (a frame that came by two
+  channels) are dropped, never an error; tokens that overtake one another are put back in
+  order.
 """
 
 from __future__ import annotations
@@ -37,9 +50,9 @@ import dataclasses
 import logging
 import struct
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Union
+from typing import Any, Union
 
 from ringd.core import wire
 from ringd.core.proof import name_nodes
@@ -59,7 +72,12 @@ class PipelineConfig:
     max_context: int = 4096
     #: Seconds an entry request may wait for its tokens; seconds a stage request may idle.
     request_timeout: float = 300.0
-    #: Activations held ahead of their position, per request and in all.
+    #: Seconds without a token (while the ring serves) before a request fails.
+    step_timeout: float = 120.0
+    #: Seconds an activation of a newer plan epoch waits for this node to serve that epoch.
+    hold_timeout: float = 10.0
+    #: Activations held ahead of their position, per request and in all; and of a newer
+    #: epoch, in all.
     max_early: int = 64
     #: Request ids remembered as ended, and as told of a stale epoch.
     remembered: int = 1024
@@ -82,8 +100,9 @@ class ServedModel:
 
 # ------------------------------------------------------------------------------ states
 class EntryState(Enum):
-    PREFILL = "prefill"  # prompt sent, no token yet
+    PREFILL = "prefill"  # prompt sent (or replayed), no token of this plan yet
     DECODE = "decode"  # tokens arriving
+    PAUSED = "paused"  # the ring stopped serving: to be replayed on the next plan
     FINISHED = "finished"  # the last token was delivered
     FAILED = "failed"  # an error was delivered
 
@@ -97,11 +116,28 @@ class StageState(Enum):
 class EntryRequest:
     request_id: str
     route: Route
-    prompt_tokens: int
-    limit: int
-    deadline: float
+    model: str
+    prompt_ids: list[int]
+    sampling: SamplingParams  # as sent: stop strings left out, max_tokens the limit
+    deadline: float  # request_timeout after it opened
+    progress: float  # step_timeout after the last token (or the last (re)send)
     state: EntryState = EntryState.PREFILL
-    tokens: int = 0
+    generated: list[int] = field(default_factory=list)  # token ids delivered so far
+    early: dict[int, wire.Token] = field(default_factory=dict)  # tokens ahead of their step
+    replays: int = 0
+    paused_for: str | None = None  # why it is paused
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def limit(self) -> int:
+        return self.sampling.max_tokens
+
+    @property
+    def tokens(self) -> int:
+        return len(self.generated)
 
 
 @dataclass
@@ -195,6 +231,9 @@ def tokens_tensor(ids: list[int]) -> wire.Tensor:
     return wire.Tensor("int32", (len(ids),), struct.pack(f"<{len(ids)}i", *ids))
 
 
+LIVE = (EntryState.PREFILL, EntryState.DECODE)
+
+
 class Pipeline:
     """One node's side of every request it takes part in."""
 
@@ -205,45 +244,75 @@ class Pipeline:
         self.model: ServedModel | None = None  # the model served on that route
         self.names: dict[str, str] = {}  # node id -> name, for messages
         self.leaving = False
+        self._served_epoch = -1  # the last plan epoch this node served
         self._layers: tuple[int, int] | None = None  # what this node's compute really runs
         self._entries: dict[str, EntryRequest] = {}
         self._stages: dict[str, StageRequest] = {}
         # Activations that arrived ahead of their position: request id -> position -> message.
         self._early: dict[str, dict[int, tuple[wire.Activation, str]]] = {}
-        self._ended: OrderedDict[str, None] = OrderedDict()
+        # Activations of a plan epoch this node does not serve yet: (until, message, sender).
+        self._held: deque[tuple[float, wire.Activation, str]] = deque()
+        self._ended: OrderedDict[str, int] = OrderedDict()  # request id -> epoch it ended in
         self._stale_told: OrderedDict[str, None] = OrderedDict()
         self._effects: deque[Effect] = deque()
         self._local: deque[wire.Message] = deque()
         self.counters = {"requests_served": 0, "requests_failed": 0, "requests_cancelled": 0,
-                         "tokens_delivered": 0,
-                         "steps_computed": 0, "coverage_errors": 0, "stale_epoch": 0,
-                         "early_held": 0}
+                         "requests_replayed": 0, "tokens_delivered": 0, "steps_computed": 0,
+                         "coverage_errors": 0, "stale_epoch": 0, "early_held": 0,
+                         "duplicates": 0}
 
     # ---------------------------------------------------------------- serving control
     def serve(self, route: Route, layers: tuple[int, int] | None, names: dict[str, str],
-              model: ServedModel) -> None:
+              model: ServedModel, now: float) -> None:
         """Run requests of ``model`` on ``route``; ``layers``: the span this node's compute
         really runs (None: this node holds no layers of the plan and serves as an entry
-        only); ``names``: node id -> name, for messages."""
-        if self._stages or self._entries:
-            self.stop_serving("the ring moved to another plan")
+        only); ``names``: node id -> name, for messages. Paused requests are replayed on it;
+        activations that waited for this epoch go on."""
+        if self.route is not None:
+            self.stop_serving("the ring moved to another plan", pause=True, now=now)
         if (route.stage_of(self.node_id) is None) != (layers is None):
             raise LocalProtocolError(f"node {self.node_id} has layers {layers} but the route "
                                      f"gives it {route.stage_of(self.node_id)}")
         self.route, self._layers, self.model = route, layers, model
+        self._served_epoch = max(self._served_epoch, route.epoch)
         self.names = dict(names)
+        for entry in list(self._entries.values()):
+            if entry.state is EntryState.PAUSED:
+                self._replay(entry, route, model, now)
+        held, self._held = self._held, deque()
+        for until, msg, sender in held:
+            self._dispatch(msg, sender, now)
+        self._run_local(now)
 
-    def stop_serving(self, reason: str, *, code: str = "not_ready") -> None:
-        """Fail every request this node is the entry of with ``reason``; free every cache."""
+    def stop_serving(self, reason: str, *, code: str = "not_ready", pause: bool = False,
+                     now: float = 0.0) -> None:
+        """Stop running requests; free every cache here. ``pause``: the ring re-plans, so the
+        requests this node is the entry of wait to be replayed on the next plan; else they
+        fail with ``reason``."""
         self.route, self._layers, self.model = None, None, None
-        err = RequestError(code, f"the ring stopped serving: {reason}",
-                           hint="retry once `ringctl status` shows the ring ready again")
-        for entry in self._entries.values():
-            self._fail_entry(entry, err)
+        if pause:
+            for entry in self._entries.values():
+                if entry.state in LIVE:
+                    entry.state, entry.paused_for = EntryState.PAUSED, reason
+                    entry.early.clear()
+        else:
+            self.fail_paused(reason, code=code, live_too=True)
         for rid in list(self._stages):
             self._end_stage(rid)
         self._early.clear()
         self._local.clear()
+
+    def fail_paused(self, reason: str, *, code: str = "not_ready", live_too: bool = False) -> None:
+        """Fail the paused requests (the ring cannot serve again: ``reason``)."""
+        err = RequestError(code, f"the ring stopped serving: {reason}",
+                           hint="retry once `ringctl status` shows the ring ready again")
+        for entry in self._entries.values():
+            if entry.state is EntryState.PAUSED or (live_too and entry.state in LIVE):
+                self._fail_entry(entry, err)
+
+    @property
+    def paused(self) -> int:
+        return sum(e.state is EntryState.PAUSED for e in self._entries.values())
 
     # ---------------------------------------------------------------- entry role
     def open(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
@@ -266,18 +335,41 @@ class Pipeline:
             raise RequestError("context_length", f"the prompt has {len(prompt_ids)} tokens; the "
                                f"ring's context holds {cfg.max_context} (max_context)",
                                hint="shorten the prompt, or raise max_context")
-        limit = min(sampling.max_tokens, room)
-        entry = EntryRequest(request_id, route, len(prompt_ids), limit,
-                             deadline=now + cfg.request_timeout)
+        sent = dataclasses.replace(sampling, max_tokens=min(sampling.max_tokens, room), stop=())
+        entry = EntryRequest(request_id, route, model.name, list(prompt_ids), sent,
+                             deadline=now + cfg.request_timeout,
+                             progress=now + cfg.step_timeout)
         self._entries[request_id] = entry
-        wire_sampling = dataclasses.replace(sampling, max_tokens=limit, stop=())
-        n = len(prompt_ids)
-        for a, b in chunks(n, model.prefill_chunk):
-            self._send(route.first.node_id, wire.Activation(
-                request_id, 0, a, route.epoch, 0, 0, self.node_id, wire_sampling, b == n,
-                tokens_tensor(prompt_ids[a:b])), now)
+        self._send_prompt(entry, route, model, prompt_ids, 0, sent)
         self._run_local(now)
         return entry
+
+    def _send_prompt(self, entry: EntryRequest, route: Route, model: ServedModel,
+                     ids: list[int], step: int, sampling: SamplingParams) -> None:
+        n = len(ids)
+        for a, b in chunks(n, model.prefill_chunk):
+            self._send(route.first.node_id, wire.Activation(
+                entry.request_id, step, a, route.epoch, 0, 0, self.node_id, sampling, b == n,
+                tokens_tensor(ids[a:b])))
+
+    def _replay(self, entry: EntryRequest, route: Route, model: ServedModel,
+                now: float) -> None:
+        """Run a paused request on ``route``: its prompt and every token delivered so far as
+        one prefill; the token it samples is the next one (step ``len(generated)``)."""
+        if model.name != entry.model:
+            self._fail_entry(entry, RequestError(
+                "not_ready", f"the ring switched from model {entry.model} to {model.name} "
+                "while this request ran", hint="send it again"))
+            return
+        k = entry.tokens
+        entry.route, entry.state, entry.paused_for = route, EntryState.PREFILL, None
+        entry.replays += 1
+        entry.progress = now + self.config.step_timeout
+        self.counters["requests_replayed"] += 1
+        log.info("request %s: replaying its prompt and %d tokens on plan epoch %d",
+                 entry.request_id[:8], k, route.epoch)
+        rest = dataclasses.replace(entry.sampling, max_tokens=entry.limit - k)
+        self._send_prompt(entry, route, model, entry.prompt_ids + entry.generated, k, rest)
 
     def check_admission(self) -> None:
         """Raise the :class:`RequestError` that :meth:`open` would raise for any prompt
@@ -306,7 +398,7 @@ class Pipeline:
         self.counters[f"requests_{outcome}"] += 1
         reason = "done" if done else "cancelled"
         for node in entry.route.node_ids:
-            self._send(node, wire.Cancel(request_id, reason), now)
+            self._send(node, wire.Cancel(request_id, reason))
         self._run_local(now)
 
     def entry(self, request_id: str) -> EntryRequest | None:
@@ -331,7 +423,7 @@ class Pipeline:
                 raise LocalProtocolError(f"a middle stage produced {type(result).__name__}")
             self._send(nxt.node_id, wire.Activation(
                 rid, job.step, job.position, job.epoch, 0, job.end, job.entry,
-                rec.sampling, job.final, result.tensor), now)
+                rec.sampling, job.final, result.tensor))
         elif isinstance(result, Sampled):
             rec.produced += 1
             limit = rec.sampling.max_tokens
@@ -339,36 +431,57 @@ class Pipeline:
                       else "length" if rec.produced >= limit else None)
             token = wire.Token(rid, job.step, job.epoch, result.token_id, 0, job.end, reason,
                                result.logits)
-            self._send(job.entry, token, now)
+            self._send(job.entry, token)
             if reason is None and route.first.node_id != job.entry:
                 # the entry, when it owns layer 0, starts the next step itself
-                self._send(route.first.node_id, dataclasses.replace(token, logits=None), now)
+                self._send(route.first.node_id, dataclasses.replace(token, logits=None))
         elif not isinstance(result, Filled):
             raise LocalProtocolError(f"the last stage produced {type(result).__name__}")
         self._run_local(now)
 
     def compute_failed(self, job: Compute, message: str, now: float) -> None:
         if job.request_id in self._stages:
-            self._fail_stage(job.request_id, job.entry, RequestError(
-                "internal", f"node {self.node_id} failed to compute layers: {message}"), now)
+            self._fail_stage(job.request_id, job.entry, job.epoch, RequestError(
+                "internal", f"node {self.node_id} failed to compute layers: {message}"))
             self._run_local(now)
 
     def handle_timer(self, now: float) -> None:
-        timeout = self.config.request_timeout
+        cfg = self.config
         for entry in list(self._entries.values()):
-            if entry.state in (EntryState.PREFILL, EntryState.DECODE) and now >= entry.deadline:
+            if entry.state not in (*LIVE, EntryState.PAUSED):
+                continue
+            if now >= entry.deadline:
                 self._fail_entry(entry, RequestError(
-                    "timeout", f"the request ran longer than request_timeout ({timeout:g} s)",
+                    "timeout", f"the request ran longer than request_timeout "
+                    f"({cfg.request_timeout:g} s)" + (f"; it was paused: {entry.paused_for}"
+                                                      if entry.paused_for else ""),
                     hint="raise request_timeout, or ask for fewer tokens"))
+            elif entry.state in LIVE and now >= entry.progress:
+                held = ", ".join(self.names.get(i) or i for i in entry.route.node_ids)
+                self._fail_entry(entry, RequestError(
+                    "timeout", f"no token for {cfg.step_timeout:g} s (step_timeout): the "
+                    f"request is held by nodes {held} (plan epoch {entry.route.epoch})",
+                    hint="see those nodes' logs; raise step_timeout for very slow stages"))
         for rid, rec in list(self._stages.items()):
-            if now >= rec.last_seen + timeout:
-                log.info("request %s idle for %.0f s: freeing its cache", rid[:8], timeout)
+            if now >= rec.last_seen + cfg.request_timeout:
+                log.info("request %s idle for %.0f s: freeing its cache", rid[:8],
+                         cfg.request_timeout)
                 self._end_stage(rid)
+        while self._held and self._held[0][0] <= now:
+            _, msg, sender = self._held.popleft()
+            self._stale(msg, sender, now)
+        self._run_local(now)
 
     def get_timer(self) -> float | None:
-        live = (EntryState.PREFILL, EntryState.DECODE)
-        times = [e.deadline for e in self._entries.values() if e.state in live]
+        times = []
+        for e in self._entries.values():
+            if e.state in LIVE:
+                times += [e.deadline, e.progress]
+            elif e.state is EntryState.PAUSED:
+                times.append(e.deadline)
         times += [r.last_seen + self.config.request_timeout for r in self._stages.values()]
+        if self._held:
+            times.append(self._held[0][0])
         return min(times) if times else None
 
     # ---------------------------------------------------------------- outputs
@@ -387,63 +500,75 @@ class Pipeline:
 
     def stats(self) -> dict[str, int]:
         return {"active_entries": len(self._entries), "active_stage_requests": len(self._stages),
+                "paused_entries": self.paused, "held_activations": len(self._held),
                 **self.counters}
 
     # ---------------------------------------------------------------- dispatch
     def _dispatch(self, msg: wire.Message, sender: str, now: float) -> None:
-        if isinstance(msg, (wire.Activation, wire.Token)):
+        if isinstance(msg, wire.Activation):
             route = self.route
-            if route is None or msg.epoch != route.epoch:
-                self._stale(msg, sender, now)
-            elif isinstance(msg, wire.Activation):
+            if route is not None and msg.epoch == route.epoch:
                 self._on_activation(msg, sender, now)
+            elif msg.epoch > self._served_epoch:
+                self._hold(msg, sender, now)
             else:
+                self._stale(msg, sender, now)
+        elif isinstance(msg, wire.Token):
+            route = self.route
+            if route is not None and msg.epoch == route.epoch:
                 self._on_token(msg, sender, now)
+            else:  # an old plan's token (a request replayed since), or a confused node
+                self.counters["stale_epoch"] += 1
         elif isinstance(msg, wire.Cancel):
             self._end_stage(msg.request_id)
         elif isinstance(msg, wire.Error):
             entry = self._entries.get(msg.request_id)
-            if entry is not None:
+            # an error about the request as it runs now, not about an old plan's run of it
+            if entry is not None and entry.state in LIVE and msg.epoch == entry.route.epoch:
                 self._fail_entry(entry, RequestError(
                     ErrorCode.parse(msg.code), self._named(f"node {sender}: {msg.message}")))
 
-    def _stale(self, msg: wire.Activation | wire.Token, sender: str, now: float) -> None:
-        """A message of another plan epoch, or one that arrived while not serving."""
+    def _hold(self, msg: wire.Activation, sender: str, now: float) -> None:
+        """An activation of a plan epoch this node has not served yet (the ring moved on and
+        its commit has not reached this node): it waits, bounded, for this node to serve it."""
+        if len(self._held) >= self.config.max_early * 4:
+            self._stale(msg, sender, now)
+            return
+        self.counters["early_held"] += 1
+        self._held.append((now + self.config.hold_timeout, msg, sender))
+
+    def _stale(self, msg: wire.Activation, sender: str, now: float) -> None:
+        """An activation of another plan epoch than this node serves: tell its entry once."""
         self.counters["stale_epoch"] += 1
         rid = msg.request_id
-        if isinstance(msg, wire.Token):
-            entry = self._entries.get(rid)
-            if entry is not None and entry.state in (EntryState.PREFILL, EntryState.DECODE):
-                self.counters["coverage_errors"] += 1
-                self._fail_entry(entry, RequestError(
-                    "coverage", self._named(f"node {sender}") + f" sent a token of plan epoch "
-                    f"{msg.epoch} for a request on epoch {entry.route.epoch}; no token is shown",
-                    hint="a node is routing with another plan"))
-            return
         if rid in self._stale_told:
             return
-        self._remember(self._stale_told, rid)
+        self._remember(self._stale_told, rid, 0)
         if self.route is None:
-            err = RequestError("not_ready", f"node {self.node_id} is not serving")
+            err = RequestError("not_ready", f"node {self.node_id} is not serving plan epoch "
+                                            f"{msg.epoch}")
         else:
             err = epoch_error(sender, self.node_id, msg.epoch, self.route.epoch)
-        self._fail_stage(rid, msg.entry, err, now)
+        self._fail_stage(rid, msg.entry, msg.epoch, err)
 
     # ---------------------------------------------------------------- stage role
     def _on_activation(self, msg: wire.Activation, sender: str, now: float) -> None:
         rid = msg.request_id
         rec = self._stages.get(rid)
         expected = rec.next_position if rec is not None else 0
-        if msg.position > expected and rid not in self._ended:
+        if msg.position > expected and not self._ended_at(rid, msg.epoch):
             held = self._early.setdefault(rid, {})
             cap = self.config.max_early
             if len(held) < cap and sum(map(len, self._early.values())) < 8 * cap:
                 held[msg.position] = (msg, sender)
                 self.counters["early_held"] += 1
                 return
-            self._fail_stage(rid, msg.entry, RequestError(
+            self._fail_stage(rid, msg.entry, msg.epoch, RequestError(
                 "internal", f"node {self.node_id}: too many out-of-order activations "
-                "for one request"), now)
+                "for one request"))
+            return
+        if rec is not None and msg.position < expected:
+            self.counters["duplicates"] += 1  # it came twice: computed once, never an error
             return
         self._step(msg, sender, now)
         held = self._early.get(rid)
@@ -481,7 +606,7 @@ class Pipeline:
                 check_complete(route, layer_lo=0, layer_hi=ran_hi, sender=sender,
                                self_id=self.node_id)
         except RequestError as e:
-            self._fail_stage(rid, msg.entry, e, now)
+            self._fail_stage(rid, msg.entry, msg.epoch, e)
             return
         self._effects.append(Compute(rid, msg.step, msg.position, msg.epoch, msg.entry, ran_hi,
                                      msg.tensor, new, msg.final, rec.sampling))
@@ -494,7 +619,7 @@ class Pipeline:
                 raise RequestError("internal", f"request {rid}: expected position "
                                    f"{rec.next_position}, got {msg.position}")
             return rec, False
-        if rid in self._ended:
+        if self._ended_at(rid, msg.epoch):
             raise RequestError("cancelled", f"request {rid} already ended on this node")
         if msg.position != 0:
             raise RequestError("internal", f"request {rid} is unknown here at position "
@@ -503,14 +628,20 @@ class Pipeline:
         if len(self._stages) >= capacity:
             raise RequestError("busy", f"this node already holds {capacity} requests",
                                hint="retry later, or raise max_concurrent")
+        self._ended.pop(rid, None)  # a replay on a newer plan of a request that ended here
         rec = StageRequest(rid, msg.entry, msg.sampling, last_seen=now)
         self._stages[rid] = rec
         return rec, True
 
+    def _ended_at(self, rid: str, epoch: int) -> bool:
+        """The request ended here at ``epoch`` or later (a replay on a newer plan has not)."""
+        ended = self._ended.get(rid)
+        return ended is not None and ended >= epoch
+
     def _on_token(self, msg: wire.Token, sender: str, now: float) -> None:
         rid = msg.request_id
         entry = self._entries.get(rid)
-        if entry is not None and entry.state in (EntryState.PREFILL, EntryState.DECODE):
+        if entry is not None and entry.state in LIVE:
             if (msg.layer_lo, msg.layer_hi) != (0, entry.route.num_layers):
                 self.counters["coverage_errors"] += 1
                 self._fail_entry(entry, RequestError(
@@ -518,10 +649,13 @@ class Pipeline:
                     f"[{msg.layer_lo}, {msg.layer_hi}) of {entry.route.num_layers}; "
                     "no token is shown"))
             elif msg.step == entry.tokens:
-                entry.tokens += 1
-                entry.state = EntryState.FINISHED if msg.finished else EntryState.DECODE
-                self.counters["tokens_delivered"] += 1
-                self._effects.append(Deliver(rid, msg))
+                self._deliver(entry, msg, now)
+                while entry.state in LIVE and (nxt := entry.early.pop(entry.tokens, None)):
+                    self._deliver(entry, nxt, now)
+            elif msg.step > entry.tokens and len(entry.early) < self.config.max_early:
+                entry.early[msg.step] = msg  # overtook an earlier one (two channels)
+            else:
+                self.counters["duplicates"] += 1
         route = self.route
         if msg.finished or route is None or route.first.node_id != self.node_id:
             return
@@ -534,6 +668,13 @@ class Pipeline:
             rid, msg.step + 1, rec.next_position, msg.epoch, 0, 0, rec.entry,
             rec.sampling, True, tokens_tensor([msg.token_id])), self.node_id, now)
 
+    def _deliver(self, entry: EntryRequest, msg: wire.Token, now: float) -> None:
+        entry.generated.append(msg.token_id)
+        entry.progress = now + self.config.step_timeout
+        entry.state = EntryState.FINISHED if msg.finished else EntryState.DECODE
+        self.counters["tokens_delivered"] += 1
+        self._effects.append(Deliver(entry.request_id, msg))
+
     # ---------------------------------------------------------------- endings
     def _fail_entry(self, entry: EntryRequest, err: RequestError) -> None:
         if entry.state in (EntryState.FINISHED, EntryState.FAILED):
@@ -541,8 +682,9 @@ class Pipeline:
         entry.state = EntryState.FAILED
         self._effects.append(Deliver(entry.request_id, err))
 
-    def _fail_stage(self, rid: str, entry: str, err: RequestError, now: float) -> None:
-        """This stage cannot go on with ``rid``: free it here, tell its entry why."""
+    def _fail_stage(self, rid: str, entry: str, epoch: int, err: RequestError) -> None:
+        """This stage cannot go on with ``rid`` (of plan ``epoch``): free it here, tell its
+        entry why."""
         if err.code == "coverage":
             self.counters["coverage_errors"] += 1
         message = self._named(err.message)
@@ -550,18 +692,19 @@ class Pipeline:
             message += f" (hint: {err.hint})"
         log.warning("request %s failed here: %s", rid[:8], message)
         self._end_stage(rid)
-        self._send(entry, wire.Error(rid, err.code.value, message[: wire.MAX_TEXT]), now)
+        self._send(entry, wire.Error(rid, err.code.value, message[: wire.MAX_TEXT], epoch))
 
     def _end_stage(self, rid: str) -> None:
         self._early.pop(rid, None)
         rec = self._stages.pop(rid, None)
-        self._remember(self._ended, rid)
+        epoch = self.route.epoch if self.route is not None else self._served_epoch
+        self._remember(self._ended, rid, epoch)
         if rec is not None:
             rec.state = StageState.ENDED
             self._effects.append(Free(rid))
 
     # ---------------------------------------------------------------- plumbing
-    def _send(self, node_id: str, msg: wire.Message, now: float) -> None:
+    def _send(self, node_id: str, msg: wire.Message) -> None:
         if node_id == self.node_id:
             self._local.append(msg)
         else:
@@ -573,8 +716,8 @@ class Pipeline:
         while self._local:
             self._dispatch(self._local.popleft(), self.node_id, now)
 
-    def _remember(self, seen: OrderedDict[str, None], rid: str) -> None:
-        seen[rid] = None
+    def _remember(self, seen: OrderedDict[str, Any], rid: str, value: Any) -> None:
+        seen[rid] = value
         seen.move_to_end(rid)
         if len(seen) > self.config.remembered:
             seen.popitem(last=False)

@@ -58,7 +58,7 @@ I31 = (1 << 31) - 1
 #: that the gap timeout skipped.
 DROP_REASONS = (
     "bad_mac", "replay", "wrong_cluster", "bad_version", "truncated",
-    "oversize", "unknown_type", "malformed", "overflow", "expired", "abandoned",
+    "oversize", "unknown_type", "malformed", "overflow", "expired", "abandoned", "duplicate",
 )
 
 DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "uint32": 4}
@@ -200,6 +200,7 @@ class MsgType(IntEnum):
     ERROR = 6
     FETCH_REQUEST = 7
     FETCH_REPLY = 8
+    SEQUENCED = 9  # not a message: the head of a sequenced frame (see sequence_head)
 
 
 _u63, _i31, _rid = integer(0, U63), integer(0, I31), text(MAX_ID, min_len=1)
@@ -372,15 +373,21 @@ _CANCEL_CHECKS = (("request_id", _rid), ("reason", text(MAX_TEXT)))
 
 @dataclass(slots=True)
 class Error:
+    """A stage cannot go on with a request: tells its entry why. ``epoch``: the plan epoch
+    the stage served (0: none), so an entry that moved its request to another plan can tell
+    an old plan's error from one about the request as it runs now."""
+
     request_id: str
     code: str
     message: str
+    epoch: int = 0
 
     def __post_init__(self) -> None:
         check(self, _ERROR_CHECKS)
 
 
-_ERROR_CHECKS = (("request_id", _rid), ("code", text(64, min_len=1)), ("message", text(MAX_TEXT)))
+_ERROR_CHECKS = (("request_id", _rid), ("code", text(64, min_len=1)), ("message", text(MAX_TEXT)),
+                 ("epoch", _u63))
 
 
 # --- weight transfer (ringd.weights): a holder serves an item's bytes by key, in chunks --
@@ -564,3 +571,29 @@ _TYPES: dict[type, MsgType] = {Handshake: MsgType.HANDSHAKE, Gossip: MsgType.GOS
 _CLASSES = {int(v): k for k, v in _TYPES.items()}
 _FIELDS = {cls: tuple(f.name for f in fields(cls))
            for cls in (Handshake, Token, Cancel, Error, FetchRequest)}
+
+
+# ======================================================================== sequenced frames
+#: A data-plane frame the transport numbers per (sender, stream), so that it is delivered
+#: at most once whichever channel carried it (a frame resent over TCP after UDP timeouts
+#: may have arrived by UDP too): ``type 9 | stream (u8) | sender session (u64) | seq (u64)``
+#: before the message.
+SEQ_HEAD = struct.Struct("<BBQQ")
+
+
+def sequence_head(stream: int, session: int, seq: int) -> bytes:
+    return SEQ_HEAD.pack(MsgType.SEQUENCED, stream, session, seq)
+
+
+def split_sequenced(data: Buffer) -> tuple[int, int, int, memoryview] | None:
+    """``(stream, session, seq, message)`` of a sequenced frame; None for a plain message.
+    Raises :class:`Dropped` (``truncated``) for a sequenced head cut short."""
+    mv = memoryview(data)
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    if not len(mv) or mv[0] != MsgType.SEQUENCED:
+        return None
+    if len(mv) < SEQ_HEAD.size:
+        raise Dropped("truncated", "sequenced frame shorter than its head")
+    _, stream, session, seq = SEQ_HEAD.unpack_from(mv, 0)
+    return stream, session, seq, mv[SEQ_HEAD.size:]

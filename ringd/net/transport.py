@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from ringd.config import Settings
 from ringd.core import wire
+from ringd.core.dedup import Deduplicator
 from ringd.core.reliable import Endpoint, Event, FrameReceived, PeerUnreachable, ReliableConfig
 from ringd.core.seal import ReplayGuard, Sealer, new_session
 from ringd.core.stream import TCP_MAX_FRAME
@@ -70,6 +71,10 @@ class Transport:
         self._udp_retry = udp_retry
         self._udp_offload = udp_offload
         self._tcp_until: dict[Addr, float] = {}  # peers moved to TCP, until when
+        self._fallbacks: dict[Addr, int] = {}  # times a peer was moved to TCP in a row
+        self._tcp_since: dict[Addr, float] = {}  # when it was moved
+        self._seqs: dict[tuple[Addr, int], int] = {}  # last sequence number per (peer, stream)
+        self._dedup = Deduplicator()
         self.udp: UdpChannel | None = None
         self.tcp: TcpChannel | None = None
         self.local_addr: Addr | None = None
@@ -124,9 +129,14 @@ class Transport:
         size = len(head) + memoryview(body).nbytes
         if not reliable and size <= self.udp.max_oneshot(addr):
             self.udp.send_frame(addr, b"".join((head, body)), reliable=False)
-        elif size <= self._udp_limit and self._udp_ok(addr):
-            self.udp.send_frame(addr, b"".join((head, body)) if body else head,
-                                stream=stream_of(msg))
+            return
+        # A reliable frame is numbered per (peer, stream): delivered at most once, by
+        # whichever channel gets it there first (see _on_udp_event's resend over TCP).
+        stream = stream_of(msg)
+        seq = self._seqs[(addr, stream)] = self._seqs.get((addr, stream), 0) + 1
+        head = wire.sequence_head(stream, self.sealer.session, seq) + head
+        if size <= self._udp_limit and self._udp_ok(addr):
+            self.udp.send_frame(addr, b"".join((head, body)) if body else head, stream=stream)
         else:
             self.tcp.send_frame(addr, head, body)
 
@@ -164,6 +174,12 @@ class Transport:
             "on_tcp": sorted(f"{a[0]}:{a[1]}" for a, t in self._tcp_until.items() if t > now),
         }
 
+    def channel(self, addr: Addr) -> str:
+        """``udp`` or ``tcp``: the channel small frames to ``addr`` take now."""
+        until = self._tcp_until.get(addr)
+        now = self._loop.time() if self._loop else 0.0
+        return "tcp" if until is not None and until > now else "udp"
+
     # ---------------------------------------------------------------- internals
     def _udp_ok(self, addr: Addr) -> bool:
         until = self._tcp_until.get(addr)
@@ -179,10 +195,15 @@ class Transport:
 
     def _on_udp_event(self, ev: Event) -> None:
         if isinstance(ev, FrameReceived):
+            if ev.addr in self._tcp_until:
+                self._maybe_back_to_udp(ev.addr)
             self._on_frame(ev.sender, ev.addr, ev.data)
         elif isinstance(ev, PeerUnreachable):
             assert self._loop is not None and self.tcp is not None
-            self._tcp_until[ev.addr] = self._loop.time() + self._udp_retry
+            # a peer that keeps failing over UDP stays on TCP longer each time (at most 8x)
+            n = self._fallbacks[ev.addr] = min(self._fallbacks.get(ev.addr, 0) + 1, 4)
+            self._tcp_since[ev.addr] = self._loop.time()
+            self._tcp_until[ev.addr] = self._loop.time() + self._udp_retry * 2 ** (n - 1)
             log.warning("peer %s:%d does not answer over UDP; using TCP for it (%d frames resent)",
                         ev.addr[0], ev.addr[1], len(ev.frames))
             for frame in ev.frames:
@@ -190,8 +211,27 @@ class Transport:
             if self._on_channel_change:
                 self._on_channel_change(ev.addr, "tcp")
 
+    def _maybe_back_to_udp(self, addr: Addr) -> None:
+        """A frame came over UDP from a peer moved to TCP: it answers again. Back to UDP,
+        once it has been on TCP a while (1 s, doubling each time it fails again in a row)
+        so a one-way outage does not flap."""
+        assert self._loop is not None
+        n = self._fallbacks.get(addr, 1)
+        if self._loop.time() - self._tcp_since.get(addr, 0.0) < 2.0 ** (n - 1):
+            return
+        del self._tcp_until[addr]
+        log.info("peer %s:%d answers over UDP again; using UDP for it", *addr)
+        if self._on_channel_change:
+            self._on_channel_change(addr, "udp")
+
     def _on_frame(self, sender: str, addr: Addr, data: wire.Buffer) -> None:
         try:
+            seq = wire.split_sequenced(data)
+            if seq is not None:
+                stream, session, n, data = seq
+                if not self._dedup.fresh(sender, stream, session, n):
+                    self.counters["duplicate"] += 1
+                    return
             msg = wire.decode(data)
         except wire.Dropped as e:
             self.counters[e.reason] += 1

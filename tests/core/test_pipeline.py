@@ -35,7 +35,7 @@ def pipeline(node: str, route: Route | None = ROUTE, cfg: PipelineConfig = CFG) 
     p = Pipeline(node, cfg)
     if route is not None:
         st = route.stage_of(node)
-        p.serve(route, (st.start, st.end) if st else None, {}, MODEL)
+        p.serve(route, (st.start, st.end) if st else None, {}, MODEL, 0.0)
     return p
 
 
@@ -235,15 +235,16 @@ def test_too_many_early_activations_fail_the_request():
     assert "too many out-of-order" in err.msg.message
 
 
-def test_a_position_that_does_not_follow_on_fails_the_request():
+def test_a_position_that_came_twice_is_computed_once_never_an_error():
     p = pipeline("b")
     p.receive(act(position=0, n=4), "a", 0.0)
     p.effects()
-    p.receive(act(position=3, n=1), "a", 0.0)  # behind: a duplicate of a computed position
-    effects = p.effects()
-    (err,) = of(effects, Send)
-    assert err.msg.code == "internal" and "expected position 4, got 3" in err.msg.message
-    assert of(effects, Free) == [Free("r")] and p.active_stages == 0
+    p.receive(act(position=0, n=4), "a", 0.0)  # the same frame again (UDP, then TCP)
+    p.receive(act(position=3, n=1), "a", 0.0)  # behind the next position
+    assert p.effects() == [] and p.counters["duplicates"] == 2 and p.active_stages == 1
+    p.receive(act(position=4, n=1), "a", 0.0)
+    (job,) = of(p.effects(), Compute)
+    assert job.position == 4 and not job.new
 
 
 def test_an_unknown_request_past_position_zero_and_an_ended_one_are_refused():
@@ -277,7 +278,7 @@ def test_a_gap_in_coverage_fails_the_request_naming_the_node():
 
 def test_a_node_that_loaded_other_layers_than_its_stage_refuses_to_compute():
     p = Pipeline("b", CFG)
-    p.serve(ROUTE, (3, 4), {}, MODEL)
+    p.serve(ROUTE, (3, 4), {}, MODEL, 0.0)
     p.receive(act(), "a", 0.0)
     (err,) = of(p.effects(), Send)
     assert err.msg.code == "coverage" and "holds layers [3, 4)" in err.msg.message
@@ -285,7 +286,7 @@ def test_a_node_that_loaded_other_layers_than_its_stage_refuses_to_compute():
 
 def test_the_sampling_node_refuses_a_step_that_skipped_layers():
     p = Pipeline("c", CFG)
-    p.serve(ROUTE, (4, 5), {}, MODEL)  # ran one layer fewer than its stage
+    p.serve(ROUTE, (4, 5), {}, MODEL, 0.0)  # ran one layer fewer than its stage
     p.receive(act(hi=4), "b", 0.0)
     (err,) = of(p.effects(), Send)
     assert err.msg.code == "coverage" and "sample after layers [0, 5)" in err.msg.message
@@ -327,14 +328,14 @@ def test_a_compute_failure_tells_the_entry():
 
 
 # ------------------------------------------------------------------------ epochs and serving
-def test_an_activation_of_another_epoch_is_answered_once_per_request():
+def test_an_activation_of_an_older_epoch_is_answered_once_per_request():
     p = pipeline("b")
     for step in range(3):  # one request's steps keep coming: one answer
         p.receive(act("r1", epoch=4, step=step, position=step), "a", 0.0)
-    p.receive(act("r2", epoch=6), "a", 0.0)
+    p.receive(act("r2", epoch=3), "a", 0.0)
     errs = of(p.effects(), Send)
-    assert [(e.node_id, e.msg.request_id, e.msg.code) for e in errs] == [
-        ("a", "r1", "coverage"), ("a", "r2", "coverage")]
+    assert [(e.node_id, e.msg.request_id, e.msg.code, e.msg.epoch) for e in errs] == [
+        ("a", "r1", "coverage", 4), ("a", "r2", "coverage", 3)]
     assert "node a sent an activation of plan epoch 4 to node b, which serves epoch 5" \
         in errs[0].msg.message
     assert p.counters["stale_epoch"] == 4 and p.active_stages == 0
@@ -345,13 +346,30 @@ def test_an_activation_of_another_epoch_is_answered_once_per_request():
     assert of(p.effects(), Send)[0].msg.request_id == "r1"
 
 
-def test_a_token_of_another_epoch_fails_the_entry_request():
+def test_an_activation_of_a_newer_epoch_waits_for_this_node_to_serve_it():
+    """The ring moved to epoch 6 and the entry's first chunk outran the commit to node b."""
+    p = pipeline("b")
+    p.receive(act("r", epoch=6), "a", 1.0)
+    assert p.effects() == [] and p.get_timer() == 1.0 + CFG.hold_timeout
+    p.stop_serving("the ring re-plans", pause=True, now=1.5)
+    p.serve(Route(6, ROUTE.stages, 6), (2, 4), {}, MODEL, 2.0)
+    (job,) = of(p.effects(), Compute)
+    assert (job.request_id, job.epoch) == ("r", 6)
+    # one this node never comes to serve is answered when its time is up
+    p.receive(act("q", epoch=9), "a", 3.0)
+    p.handle_timer(3.0 + CFG.hold_timeout)
+    (err,) = of(p.effects(), Send)
+    assert (err.msg.request_id, err.msg.epoch) == ("q", 9)
+    assert "which serves epoch 6" in err.msg.message
+
+
+def test_a_token_of_another_epoch_never_reaches_the_request():
     p = pipeline("c")
     p.open("r", [1, 2], SamplingParams(), 0.0)
     p.effects()
-    p.receive(wire.Token("r", 0, 4, 7, 0, 6), "c", 1.0)
-    (d,) = of(p.effects(), Deliver)
-    assert d.item.code == "coverage" and "plan epoch 4" in d.item.message
+    p.receive(wire.Token("r", 0, 4, 7, 0, 6), "c", 1.0)  # an old plan's run of it
+    assert p.effects() == [] and p.counters["stale_epoch"] == 1
+    assert p.entry("r").state is EntryState.PREFILL
 
 
 def test_a_token_that_did_not_cross_every_layer_is_never_shown():
@@ -363,11 +381,13 @@ def test_a_token_that_did_not_cross_every_layer_is_never_shown():
     assert isinstance(d.item, RequestError) and d.item.code == "coverage"
 
 
-def test_while_not_serving_an_activation_is_answered_not_ready():
+def test_an_activation_for_a_node_that_never_serves_is_answered_not_ready():
     p = pipeline("b", route=None)
     p.receive(act(), "a", 0.0)
+    assert p.effects() == []  # it may be about to serve that plan: the message waits
+    p.handle_timer(CFG.hold_timeout)
     (err,) = of(p.effects(), Send)
-    assert err.msg.code == "not_ready" and "is not serving" in err.msg.message
+    assert err.msg.code == "not_ready" and "is not serving plan epoch 5" in err.msg.message
 
 
 def test_stop_serving_fails_running_entries_and_frees_every_cache():
@@ -400,8 +420,8 @@ def test_an_error_from_a_stage_reaches_the_entry_with_its_code():
     p.open("r", [1], SamplingParams(), 0.0)
     p.open("q", [1], SamplingParams(), 0.0)
     p.effects()
-    p.receive(wire.Error("r", "busy", "node b holds too many"), "b", 1.0)
-    p.receive(wire.Error("q", "made-up", "?"), "b", 1.0)
+    p.receive(wire.Error("r", "busy", "node b holds too many", 5), "b", 1.0)
+    p.receive(wire.Error("q", "made-up", "?", 5), "b", 1.0)
     d1, d2 = of(p.effects(), Deliver)
     assert (d1.item.code, d2.item.code) == ("busy", "internal")
     assert d1.item.message == "node b: node b holds too many"
@@ -442,17 +462,128 @@ def test_idle_stage_requests_are_freed_after_request_timeout():
 def test_serve_checks_that_layers_match_the_route():
     p = Pipeline("b", CFG)
     with pytest.raises(LocalProtocolError):
-        p.serve(ROUTE, None, {}, MODEL)
+        p.serve(ROUTE, None, {}, MODEL, 0.0)
     with pytest.raises(LocalProtocolError):
-        Pipeline("x", CFG).serve(ROUTE, (0, 2), {}, MODEL)
+        Pipeline("x", CFG).serve(ROUTE, (0, 2), {}, MODEL, 0.0)
 
 
 def test_messages_name_nodes_by_their_names():
     a, b = "a1b2c3d4e5f60718", "0f1e2d3c4b5a6978"
     route = Route(5, (Stage(a, 0, 3), Stage(b, 3, 6)), 6)
     p = Pipeline(b, CFG)
-    p.serve(route, (3, 6), {a: "mac-studio-1", b: "mac-mini"}, MODEL)
+    p.serve(route, (3, 6), {a: "mac-studio-1", b: "mac-mini"}, MODEL, 0.0)
     p.receive(wire.Activation("r", 0, 0, 5, 0, 2, a, SamplingParams(), True, hidden(1)), a, 0.0)
     (err,) = of(p.effects(), Send)
     assert "node mac-mini (0f1e2d3c) owns layers [3, 6) but received an activation from " \
         "node mac-studio-1 (a1b2c3d4)" in err.msg.message
+
+
+# ------------------------------------------------------------------------ replay
+def step_net(sim: Sim, until) -> None:
+    """Run the simulated ring until ``until()`` holds (messages first, then jobs)."""
+    for node in sim.nodes:
+        sim.collect(node)
+    while not until():
+        if sim.net:
+            src, dst, msg = sim.net.popleft()
+            if dst in sim.nodes:
+                sim.nodes[dst].receive(msg, src, sim.now)
+                sim.collect(dst)
+        elif sim.jobs:
+            node, job = sim.jobs.popleft()
+            if node in sim.nodes:
+                sim.nodes[node].computed(job, sim.result(node, job), sim.now)
+                sim.collect(node)
+        else:
+            raise AssertionError("the ring went quiet")
+
+
+def test_a_paused_request_is_replayed_on_the_next_plan_and_goes_on_where_it_was():
+    sim = Sim()
+    entry = sim.nodes["c"]
+    entry.open("r", [1, 2, 3, 4, 5], SamplingParams(max_tokens=6), now=0.0)
+    step_net(sim, lambda: len(sim.delivered.get("r", [])) == 3)
+    # node b is lost: every node stops serving epoch 5; frames still in flight are stale
+    for node, p in sim.nodes.items():
+        p.stop_serving("node b left the ring", pause=True, now=1.0)
+        sim.collect(node)
+    assert entry.entry("r").state is EntryState.PAUSED and not of(sim.delivered["r"],
+                                                                   RequestError)
+    del sim.nodes["b"]
+    new = Route(6, (Stage("a", 0, 3), Stage("c", 3, 6)), 6)
+    sim.route = new
+    sim.nodes["a"].serve(new, (0, 3), {}, MODEL, 2.0)
+    sim.nodes["c"].serve(new, (3, 6), {}, MODEL, 2.0)
+    replay = [e for e in sim.nodes["c"].effects() if isinstance(e, Send)]
+    # the prompt and the three tokens delivered, as one prefill whose sample is token 3
+    assert [ids_of(e.msg.tensor) for e in replay] == [[1, 2, 3, 4], [5, 10, 11, 12]]
+    assert {(e.node_id, e.msg.epoch, e.msg.step) for e in replay} == {("a", 6, 3)}
+    assert replay[-1].msg.final and replay[-1].msg.sampling.max_tokens == 3
+    for e in replay:
+        sim.net.append(("c", e.node_id, e.msg))
+    sim.run()
+    tokens = sim.delivered["r"]
+    assert [t.token_id for t in tokens] == [10, 11, 12, 13, 14, 15]  # no gap, no duplicate
+    assert [t.step for t in tokens] == list(range(6)) and tokens[-1].finish_reason == "length"
+    assert entry.counters["requests_replayed"] == 1
+
+
+def test_old_plans_errors_do_not_end_a_paused_or_replayed_request():
+    p = pipeline("a")
+    p.open("r", [1, 2], SamplingParams(), 0.0)
+    p.effects()
+    p.stop_serving("node b left", pause=True, now=1.0)
+    assert p.effects() == [Free("r")]  # its cache here goes; the entry request waits
+    p.receive(wire.Error("r", "not_ready", "node b is not serving", 5), "b", 1.1)
+    assert p.effects() == []  # paused: an error about the run on epoch 5 changes nothing
+    p.serve(Route(6, (Stage("a", 0, 6),), 6), (0, 6), {}, MODEL, 2.0)
+    p.effects()
+    p.receive(wire.Error("r", "coverage", "late news about epoch 5", 5), "b", 2.1)
+    assert of(p.effects(), Deliver) == []
+    p.receive(wire.Error("r", "internal", "about the run on epoch 6", 6), "a", 2.2)
+    (d,) = of(p.effects(), Deliver)
+    assert d.item.code == "internal"
+
+
+def test_paused_requests_fail_when_the_ring_cannot_serve_again():
+    p = pipeline("a")
+    p.open("r", [1, 2], SamplingParams(), 0.0)
+    p.effects()
+    p.stop_serving("node b left", pause=True, now=1.0)
+    assert p.get_timer() == CFG.request_timeout  # a paused request still has its deadline
+    p.fail_paused("the ring cannot hold the model: add 3.4 GiB")
+    (d,) = of(p.effects(), Deliver)
+    assert d.item.code == "not_ready" and "add 3.4 GiB" in d.item.message
+
+
+def test_a_paused_request_fails_when_the_ring_switches_models():
+    p = pipeline("a")
+    p.open("r", [1, 2], SamplingParams(), 0.0)
+    p.effects()
+    p.stop_serving("the ring's model changed", pause=True, now=1.0)
+    p.serve(ROUTE, (0, 2), {}, ServedModel("other", frozenset({EOS})), 2.0)
+    (d,) = of(p.effects(), Deliver)
+    assert "switched from model m to other" in d.item.message
+
+
+def test_tokens_that_overtake_each_other_are_delivered_in_order():
+    p = pipeline("b")  # an entry that holds no first or last stage
+    p.open("r", [1, 2], SamplingParams(max_tokens=9), 0.0)
+    p.effects()
+    for step in (0, 2, 1, 1, 3):  # token 2 came before 1 (two channels), 1 came twice
+        p.receive(wire.Token("r", step, 5, 20 + step, 0, 6), "c", 1.0)
+    delivered = [e.item.step for e in of(p.effects(), Deliver)]
+    assert delivered == [0, 1, 2, 3] and p.counters["duplicates"] == 1
+
+
+def test_no_token_for_step_timeout_fails_the_request_naming_its_nodes():
+    p = pipeline("a", cfg=PipelineConfig(step_timeout=5.0, request_timeout=100.0))
+    p.open("r", [1, 2], SamplingParams(), now=10.0)
+    p.effects()
+    assert p.get_timer() == 15.0
+    p.receive(wire.Token("r", 0, 5, 7, 0, 6), "c", 12.0)
+    p.effects()
+    assert p.get_timer() == 17.0  # a token moves the deadline on
+    p.handle_timer(17.0)
+    (d,) = of(p.effects(), Deliver)
+    assert d.item.code == "timeout" and "held by nodes a, b, c (plan epoch 5)" in d.item.message

@@ -68,7 +68,8 @@ async def serve(model_dir: Path, tmp_path: Path, *, api_key: str | None = None, 
 
 @pytest.fixture
 async def api(tiny_model_dir: Path, tmp_path: Path):
-    backend, server, port = await serve(tiny_model_dir, tmp_path, max_concurrent=2)
+    backend, server, port = await serve(tiny_model_dir, tmp_path, max_concurrent=2,
+                                        max_queued=0)
     client = openai.AsyncOpenAI(
         base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0
     )

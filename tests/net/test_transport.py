@@ -18,6 +18,7 @@ from ringd.core.wire import Activation, FetchReply, FetchRequest, Gossip, Tensor
 from ringd.errors import ConfigError
 from ringd.net.transport import Transport, stream_of
 from tests.net.lossy_proxy import LossyProxy
+from tests.net.test_discovery import until
 from tests.net.test_udp import Inbox, on_both_loops
 
 KEY = bytes(range(32))
@@ -170,6 +171,62 @@ async def test_peer_silent_on_udp_is_moved_to_tcp() -> None:
         a.send(b.local_addr, act(1024, step=4))
         await inbox.wait(lambda xs: len(xs) == 5)
         assert changes[-1] == (b.local_addr, "udp") and a.udp.endpoint.totals["frames_sent"] == 4
+    finally:
+        await a.close()
+        await b.close()
+
+
+@on_both_loops
+async def test_frames_resent_over_tcp_are_delivered_once_when_udp_catches_up() -> None:
+    """A stopped node (SIGSTOP) leaves frames in its UDP socket buffer; the sender gives up on
+    UDP and resends them over TCP; when the node runs again it reads the buffered datagrams
+    too. Each message is delivered once, whichever channel brought it first."""
+    changes: list[tuple] = []
+    fast = ReliableConfig(initial_rtt=0.005, pto_limit=3)
+    a, _ = await transport("a", reliable=fast,
+                           on_channel_change=lambda addr, ch: changes.append((addr, ch)))
+    b, inbox = await transport("b")
+    try:
+        b.udp.pause_reading()  # the datagrams wait in b's socket buffer
+        msgs = [act(1024, step=i) for i in range(3)]
+        for m in msgs:
+            a.send(b.local_addr, m)
+        await inbox.wait(lambda xs: len(xs) == 3, timeout=10)  # resent over TCP
+        assert changes == [(b.local_addr, "tcp")]
+        b.udp.resume_reading()  # the same three now come out of the UDP buffer
+        b.send(a.local_addr, act(1024, step=9))  # b answers over UDP...
+        await until(lambda: b.stats()["drops"]["duplicate"] == 3)
+        assert [m for _, _, m in inbox.items] == msgs  # each once, in order
+        a.send(b.local_addr, act(1024, step=3))
+        await inbox.wait(lambda xs: len(xs) == 4)
+        assert inbox.items[3][2].step == 3
+    finally:
+        await a.close()
+        await b.close()
+
+
+@on_both_loops
+async def test_a_peer_moved_to_tcp_returns_to_udp_once_it_answers() -> None:
+    changes: list[tuple] = []
+    fast = ReliableConfig(initial_rtt=0.005, pto_limit=3)
+    a, inbox_a = await transport("a", reliable=fast,
+                                 on_channel_change=lambda addr, ch: changes.append((addr, ch)))
+    b, inbox = await transport("b")
+    try:
+        b.udp.pause_reading()
+        a.send(b.local_addr, act(1024))
+        await inbox.wait(lambda xs: len(xs) == 1, timeout=10)
+        assert a.channel(b.local_addr) == "tcp"
+        b.udp.resume_reading()
+        a._tcp_since[b.local_addr] -= 1.0  # it has been on TCP a while (1 s the first time)
+        b.send(a.local_addr, act(1024, step=1))  # a hears b over UDP: b answers again
+        await inbox_a.wait(lambda xs: len(xs) == 1)
+        assert changes == [(b.local_addr, "tcp"), (b.local_addr, "udp")]
+        assert a.channel(b.local_addr) == "udp"
+        sent = a.udp.endpoint.totals["frames_sent"]
+        a.send(b.local_addr, act(1024, step=2))
+        await inbox.wait(lambda xs: len(xs) == 2)
+        assert a.udp.endpoint.totals["frames_sent"] == sent + 1
     finally:
         await a.close()
         await b.close()
