@@ -64,6 +64,9 @@ class Settings:
     bind_host: str = _opt("0.0.0.0", help="Address the peer ports (UDP and TCP) bind to.")
     advertise_host: str | None = _opt(None, help="Address peers should use to reach this node. "
                                                  "Default: detected.")
+    advertise_port: int = _opt(0, help="Port peers should use to reach this node (a port "
+                                       "mapped or forwarded to the peer port). 0: the peer "
+                                       "port.")
     port: int = _opt(7411, help="Peer port, UDP and TCP (membership and activations). "
                                 "0 picks a free port.")
     peers: tuple[str, ...] = _opt((), kind="list",
@@ -141,7 +144,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("port", "http_port"):
+        for name in ("port", "http_port", "advertise_port"):
             v = getattr(self, name)
             if not 0 <= v <= 65535:
                 problems.append(f"{name} must be 0..65535, got {v}")

@@ -55,6 +55,8 @@ from ringd.shard import ShardLoader
 log = logging.getLogger(__name__)
 
 Addr = tuple[str, int]
+#: Seconds a starting node waits to hear from a ring (is it busy?) before it plans alone.
+LONE_NODE_WAIT = 1.0
 
 
 def route_of(plan: Plan) -> Route:
@@ -82,16 +84,20 @@ class RingControl:
         self._spawn = spawn
         self._load_task: asyncio.Task[Any] | None = None
         self._loaded: tuple[str, LocalModel, Tokenizer] | None = None  # plan hash -> model
+        self._standby_since: float | None = None  # joined a busy ring at
+        self._committed_epoch = state.plan_epoch  # of the last plan this node committed to
         self.view: View | None = None
         self.ring_fingerprint: str | None = None  # while serving
         self.started = time.monotonic()
         self.timeline: dict[str, float] = {}
         self.ready = asyncio.Event()  # set while the ring serves (sd_notify READY, test hooks)
         self.wake = asyncio.Event()  # set when a timer may have moved earlier
+        # it starts on standby, out of views, until it knows whether the ring it joins is
+        # busy (a busy ring should not re-plan for it at once): see _standby
         self.meta = NodeMeta(usable_memory=usable, total_memory=total,
                              holdings=library.holdings(), phase=NodePhase.JOINING,
                              software_version=__version__, http_port=http_port,
-                             model=settings.model, model_version=0)
+                             model=settings.model, model_version=0, standby=True)
         self._decoder = MetaDecoder()  # the members' metadata as the ring reads it
         self.membership = Membership(node_id, settings.node_name, addr, self.meta.encode(),
                                      rng=random.Random(),
@@ -124,6 +130,8 @@ class RingControl:
     def get_timer(self) -> float | None:
         timers = [t for t in (self.membership.get_timer(), self.agreement.get_timer())
                   if t is not None]
+        if self._standby_since is not None:
+            timers.append(self._standby_since + self.settings.replan_drain)
         return min(timers) if timers else None
 
     def leave(self, now: float) -> None:
@@ -161,6 +169,10 @@ class RingControl:
         if holdings != self.meta.holdings:
             self.meta = dataclasses.replace(self.meta, holdings=holdings)
             self.provisioner.fetcher.holders_changed()
+        standby = self._standby(metas, now)
+        busy = self.runner.pipeline.active_entries > 0
+        if (standby, busy) != (self.meta.standby, self.meta.busy):
+            self.meta = dataclasses.replace(self.meta, standby=standby, busy=busy)
         metas[self.node_id] = self.meta
         view = make_view(self.membership.live_members(), metas)
         if self.view is None or view.hash != self.view.hash:
@@ -171,7 +183,8 @@ class RingControl:
         missing = (self.provisioner.need_model(view.model, view.model_id)
                    if view.model_id and model is None else None)
         shape = model_shape(model.info, self.settings) if model is not None else None
-        self.agreement.update(now, view, metas, shape, missing)
+        if not standby:  # on standby it takes no part in the agreement (it is not in views)
+            self.agreement.update(now, view, metas, shape, missing)
         for ev in self.agreement.events():
             self._on_agreement(ev, now)
         pub = self.agreement.published()
@@ -185,6 +198,27 @@ class RingControl:
             # SWIM does its own retries: probes must not be masked by retransmission
             self.transport.send(addr, wire.Gossip(payload), reliable=False)
         self.wake.set()
+
+    def _standby(self, metas: dict[str, NodeMeta], now: float) -> bool:
+        """Whether this node, joining a ring that serves a plan without it while requests
+        run, waits (``replan_drain`` at most) before the ring re-plans with it: running
+        requests then need no replay, or they get one only after the drain."""
+        if (not any(i != self.node_id for i in metas)
+                and now - self.started < LONE_NODE_WAIT):
+            return True  # not heard from the ring yet: it may be busy
+        # a ring serving a plan newer than any this node took part in: it joins (or comes
+        # back after the ring went on without it)
+        moved_on = [m for i, m in metas.items() if i != self.node_id
+                    and m.phase is NodePhase.SERVING and m.epoch > self._committed_epoch]
+        joining = self.agreement.plan is None and not self.membership.leaving
+        if not (joining and any(m.busy for m in moved_on)):
+            self._standby_since = None
+            return False
+        if self._standby_since is None:
+            self._standby_since = now
+            log.info("the ring serves requests: waiting (at most %g s, replan_drain) before "
+                     "it re-plans with this node", self.settings.replan_drain)
+        return now - self._standby_since < self.settings.replan_drain
 
     def _publish(self, **changes: Any) -> None:
         """Change this node's metadata; membership gossips it if the bytes changed."""
@@ -206,6 +240,7 @@ class RingControl:
             self.timeline.setdefault("committed", now - self.started)
             self._publish(refusal=None, fingerprint=None)
             self.state.save_plan_epoch(ev.plan.epoch)
+            self._committed_epoch = ev.plan.epoch
             assert self.view is not None
             self._load_task = self._spawn(self._load(ev, self.view.model_id))
         elif isinstance(ev, RingReady):

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import time
+import zlib
 from typing import Any, AsyncIterator, Callable
 
 from ringd.config import Settings
@@ -60,6 +61,7 @@ class Daemon:
         from ringd.models import ModelLibrary
         from ringd.net.api import ApiServer
         from ringd.net.transport import Transport
+        from ringd.net.udp import Impairment
         from ringd.provision import Provisioner
         from ringd.runner import Runner, pipeline_config
         from ringd.shard import ShardLoader
@@ -78,16 +80,23 @@ class Daemon:
             usable = s.memory_budget
         executor = mlx_executor()
 
-        self.transport = Transport(s, node_id=self.node_id, key=key, on_message=self._on_message)
+        impair = None
+        if self.faults.fault is Fault.LOSSY:  # test hook: a bad network, seeded per node
+            impair = Impairment(loss=0.02, dup=0.02, reorder=0.02,
+                                seed=zlib.crc32(s.node_name.encode()))
+        self.transport = Transport(s, node_id=self.node_id, key=key, on_message=self._on_message,
+                                   impair=impair)
         self.port = (await self.transport.start())[1]
         host = s.advertise_host or default_advertise(s.bind_host)
-        self.addr: Addr = (host, self.port)
+        self.addr: Addr = (host, s.advertise_port or self.port)
         self.runner = Runner(Pipeline(self.node_id, pipeline_config(s)), executor=executor,
                              send=self._send,
                              not_ready_reason=lambda: self.control.not_ready_reason(),
                              active_model=lambda: self.control.view.model
                              if self.control.view else None,
-                             max_queued=s.max_queued, queue_timeout=s.queue_timeout)
+                             max_queued=s.max_queued, queue_timeout=s.queue_timeout,
+                             on_busy=lambda: asyncio.get_running_loop().call_soon(
+                                 lambda: self.control.pump(time.monotonic())))
         self.loader = ShardLoader(s, executor, self.faults.fault)
         slow = 0.2 if self.faults.fault is Fault.SLOW_SERVE else 0.0
         self.weights = WeightServer(self._send_bulk, library.source_for,
@@ -110,7 +119,7 @@ class Daemon:
         if s.mdns:
             from ringd.net.discovery import Discovery
 
-            self.discovery = Discovery(self.node_id, self.cluster_id, self.port, self.http_port,
+            self.discovery = Discovery(self.node_id, self.cluster_id, self.addr[1], self.http_port,
                                        list(s.mdns_interfaces) or None, on_peer=self._on_peer,
                                        advertise=[s.advertise_host] if s.advertise_host else None)
         self._accepting = True

@@ -27,6 +27,7 @@ class Fault(Enum):
     STALE_EPOCH = "stale-epoch"  # routes with the previous plan epoch
     GAP = "gap"  # loads one layer fewer than assigned
     SLOW_SERVE = "slow-serve"  # serves weights to peers slowly (0.2 s a read), as a slow disk
+    LOSSY = "lossy"  # its UDP datagrams: 2% dropped, 2% sent twice, 2% reordered
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,10 @@ class Runner:
                  send: SendFn,
                  not_ready_reason: Callable[[], str] = lambda: "the ring is not ready",
                  active_model: Callable[[], str | None] = lambda: None,
-                 max_queued: int = 32, queue_timeout: float = 60.0) -> None:
+                 max_queued: int = 32, queue_timeout: float = 60.0,
+                 on_busy: Callable[[], None] = lambda: None) -> None:
         self.pipeline = pipeline
+        self.on_busy = on_busy  # called when the first request starts or the last one ends
         self.max_queued = max_queued  # requests waiting for a slot or for a re-plan
         self.queue_timeout = queue_timeout
         self.replanning = False  # the ring stopped serving to re-plan: new requests wait
@@ -344,7 +346,9 @@ class Runner:
         rid = uuid.uuid4().hex
         queue: asyncio.Queue[wire.Token | RequestError] = asyncio.Queue()
         self._queues[rid] = queue
-        self.idle.clear()
+        if self.idle.is_set():
+            self.idle.clear()
+            self.on_busy()
         opened: _Opened | None = None
         try:
             if self.pipeline.model != model:
@@ -360,6 +364,7 @@ class Runner:
             self.flush()
             if not self._queues:
                 self.idle.set()
+                self.on_busy()
             self._wake()
 
     @staticmethod

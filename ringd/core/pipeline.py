@@ -304,11 +304,12 @@ class Pipeline:
 
     def fail_paused(self, reason: str, *, code: str = "not_ready", live_too: bool = False) -> None:
         """Fail the paused requests (the ring cannot serve again: ``reason``)."""
-        err = RequestError(code, f"the ring stopped serving: {reason}",
-                           hint="retry once `ringctl status` shows the ring ready again")
+        hint = "retry once `ringctl status` shows the ring ready again"
         for entry in self._entries.values():
             if entry.state is EntryState.PAUSED or (live_too and entry.state in LIVE):
-                self._fail_entry(entry, err)
+                why = f"{entry.paused_for}; {reason}" if entry.paused_for else reason
+                self._fail_entry(entry, RequestError(code, f"the ring stopped serving: {why}",
+                                                     hint=hint))
 
     @property
     def paused(self) -> int:

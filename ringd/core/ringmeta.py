@@ -38,7 +38,7 @@ import msgpack
 
 from ringd.core.plan import canonical_hash
 from ringd.core.swim_wire import Addr, Member
-from ringd.core.wire import U63, Rule, integer, list_of, optional, text
+from ringd.core.wire import U63, Rule, exactly, integer, list_of, optional, text
 from ringd.errors import LocalProtocolError, RemoteProtocolError
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,11 @@ class NodeMeta:
     memory_bandwidth: int = 0
     #: Why this node refuses to serve its committed plan (e.g. weights that differ), if it does.
     refusal: str | None = None
+    #: Requests run with this node as their entry (a joining node waits while any does).
+    busy: bool = False
+    #: A node that joined a busy ring and waits (``replan_drain`` at most) before the ring
+    #: re-plans with it: it takes no part in the view meanwhile.
+    standby: bool = False
 
     def encode(self) -> bytes:
         """The bytes to hand to ``Membership.update_meta``. A bad value raises
@@ -233,6 +238,8 @@ _SCHEMA = (
     _Field("model_version", "model_v", _u63),
     _Field("memory_bandwidth", "bw", _u63),
     _Field("refusal", "refusal", optional(text(MAX_REFUSAL, min_len=1, printable=True))),
+    _Field("busy", "busy", exactly(bool)),
+    _Field("standby", "sb", exactly(bool)),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(NodeMeta)}
 assert {f.name for f in _SCHEMA} == set(_DEFAULTS), "every NodeMeta field needs a schema row"
@@ -344,9 +351,10 @@ class View:
 
 def make_view(members: Iterable[Member], metas: Mapping[str, NodeMeta]) -> View:
     """The view of ``members`` (``Membership.live_members()``) given their metadata by node
-    id (e.g. from :class:`MetaDecoder`). A member without metadata is left out: the ring
-    cannot plan with a node whose memory it does not know."""
-    known = [m for m in members if m.node_id in metas]
+    id (e.g. from :class:`MetaDecoder`). A member without metadata is left out (the ring
+    cannot plan with a node whose memory it does not know), and so is one on standby (it
+    joined while requests ran, and waits for them)."""
+    known = [m for m in members if m.node_id in metas and not metas[m.node_id].standby]
     model, _ = active_model({m.node_id: metas[m.node_id] for m in known})
     vm = tuple(
         sorted(

@@ -34,7 +34,7 @@ from ringd.core.wire import Message
 from ringd.errors import ConfigError, LocalProtocolError
 from ringd.net.loop import loop_name
 from ringd.net.tcp import TcpChannel
-from ringd.net.udp import UNKNOWN_PATH_DATAGRAM, UdpChannel
+from ringd.net.udp import UNKNOWN_PATH_DATAGRAM, Impairment, UdpChannel
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ class Transport:
     def __init__(self, settings: Settings, *, node_id: str, key: bytes, on_message: OnMessage,
                  on_channel_change: Callable[[Addr, str], None] | None = None,
                  reliable: ReliableConfig | None = None, max_tcp_frame: int = TCP_MAX_FRAME,
-                 udp_retry: float = 30.0, udp_offload: bool = True) -> None:
+                 udp_retry: float = 30.0, udp_offload: bool = True,
+                 impair: Impairment | None = None) -> None:
         self.settings = settings
         self.node_id = node_id
         self._on_message = on_message
@@ -70,6 +71,7 @@ class Transport:
         self._max_tcp_frame = max_tcp_frame
         self._udp_retry = udp_retry
         self._udp_offload = udp_offload
+        self._impair = impair  # a bad network for tests (the lossy fault)
         self._tcp_until: dict[Addr, float] = {}  # peers moved to TCP, until when
         self._fallbacks: dict[Addr, int] = {}  # times a peer was moved to TCP in a row
         self._tcp_since: dict[Addr, float] = {}  # when it was moved
@@ -90,6 +92,7 @@ class Transport:
         endpoint = Endpoint(self.sealer, self.guard, config=self._reliable_cfg,
                             counters=self.counters)
         self.udp = UdpChannel(udp_sock, endpoint, self._on_udp_event, offload=self._udp_offload,
+                              impair=self._impair,
                               datagram_size=self.settings.datagram_size)
         self.tcp = TcpChannel(self.sealer, self.guard, self.counters, port=self.local_addr[1],
                               on_frame=self._on_frame, max_frame=self._max_tcp_frame)

@@ -26,12 +26,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import random
 import select
 import socket
 import struct
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 from ringd.core.packet import MAX_BURST, MAX_SEGMENTS, Transmit, closes_packet
@@ -55,14 +57,53 @@ UNKNOWN_PATH_DATAGRAM = 1200  # when the path MTU can't be found (QUIC's conserv
 MAX_KNOWN_PATHS = 4096
 
 
+@dataclass
+class Impairment:
+    """A bad network in userspace (this kernel has no netem): each datagram is dropped with
+    ``loss``, sent twice with ``dup``, held back up to ``max_delay`` seconds with ``reorder``
+    (so later ones overtake it). Seeded: a test run is repeatable."""
+
+    loss: float = 0.0
+    dup: float = 0.0
+    reorder: float = 0.0
+    max_delay: float = 0.005
+    seed: int = 0
+    dropped: int = 0
+    duplicated: int = 0
+    delayed: int = 0
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def fate(self, datagram: bytes) -> list[float]:
+        """The delays to send ``datagram`` after (0: now): [] drops it, two copies dup it."""
+        rng = self._rng
+        if rng.random() < self.loss:
+            self.dropped += 1
+            return []
+        copies = 2 if rng.random() < self.dup else 1
+        self.duplicated += copies - 1
+        out = []
+        for _ in range(copies):
+            if rng.random() < self.reorder:
+                self.delayed += 1
+                out.append(rng.random() * self.max_delay)
+            else:
+                out.append(0.0)
+        return out
+
+
 class UdpChannel:
     """Owns a bound non-blocking UDP socket, the reliability core and its one timer."""
 
     def __init__(self, sock: socket.socket, endpoint: Endpoint, on_event: Callable[[Event], None],
-                 *, offload: bool = True, datagram_size: int = 0) -> None:
+                 *, offload: bool = True, datagram_size: int = 0,
+                 impair: Impairment | None = None) -> None:
         """``datagram_size``: 0 follows each peer's path MTU; otherwise the largest datagram
-        (still lowered to a smaller path MTU)."""
+        (still lowered to a smaller path MTU). ``impair``: a bad network (tests: there is
+        no netem here), applied to every datagram this channel sends."""
         self.sock = sock
+        self.impair = impair
         self.endpoint = endpoint
         self._cap = datagram_size or MAX_BURST
         self._configured = datagram_size
@@ -88,7 +129,7 @@ class UdpChannel:
                 sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
             except OSError:
                 pass
-            if offload:
+            if offload and impair is None:  # an impaired channel sends datagram by datagram
                 try:
                     sock.setsockopt(SOL_UDP, UDP_GRO, 1)
                     self.gro = self.gso = True
@@ -186,6 +227,9 @@ class UdpChannel:
 
     def _send(self, t: Transmit) -> bool:
         """Send one transmit; False (and queued) if the socket buffer is full."""
+        if self.impair is not None:
+            self._send_impaired(t, self.impair)
+            return True
         try:
             if self.gso and t.segments > 1:
                 segment = struct.pack("=H", t.segment_size)
@@ -215,6 +259,25 @@ class UdpChannel:
                 self._warn(t.addr, "UDP send to %s:%d failed: %s", *t.addr, e)
             self.totals["send_errors"] += 1
         return True
+
+    def _send_impaired(self, t: Transmit, impair: Impairment) -> None:
+        """Each datagram of ``t`` dropped, sent twice, or held back (later ones overtake it),
+        as ``impair`` draws; what a full socket buffer refuses is one more loss."""
+        for i in range(0, len(t.iov), 2):
+            datagram = b"".join(t.iov[i:i + 2])
+            for delay in impair.fate(datagram):
+                if delay:
+                    self._loop.call_later(delay, self._raw_send, datagram, t.addr)
+                else:
+                    self._raw_send(datagram, t.addr)
+
+    def _raw_send(self, datagram: bytes, addr: tuple[str, int]) -> None:
+        if self._closed:
+            return
+        try:
+            self.sock.sendto(datagram, addr)
+        except OSError:
+            self.totals["send_errors"] += 1
 
     def _warn(self, addr: tuple[str, int], msg: str, *args: object) -> None:
         now = time.monotonic()

@@ -61,6 +61,8 @@ metas = st.builds(
     model_version=st.integers(0, 2**63 - 1),
     memory_bandwidth=st.integers(0, 2**63 - 1),
     refusal=st.none() | st.text(printable, min_size=1, max_size=MAX_REFUSAL),
+    busy=st.booleans(),
+    standby=st.booleans(),
 )
 SERVING = NodeMeta(
     usable_memory=12 * 2**30,
@@ -128,12 +130,16 @@ def test_serving_metadata_is_small_and_the_worst_case_fits_the_membership_bound(
         model_version=2**63 - 1,
         memory_bandwidth=2**63 - 1,
         refusal="\U0001f600" * MAX_REFUSAL,  # 4 bytes a character
+        busy=True,
+        standby=True,
     )
     assert len(worst.encode()) <= MembershipConfig().max_meta_bytes
 
 
 # Each key: a value at the bound (accepted) and values past it or of the wrong type.
 BOUNDS = {
+    "busy": (True, [1, "yes", None]),
+    "sb": (True, [0, "no", None]),
     "mem": (2**63 - 1, [-1, 2**63, True, 1.0, "1", None]),
     "total": (0, [-1, 2**64 - 1, False]),
     "hold": (
@@ -164,6 +170,7 @@ FIELD_OF = {
     "sw": "software_version", "http": "http_port", "view": "view_hash", "epoch": "epoch",
     "plan": "plan_hash", "ready": "ready_plan_hash", "fp": "fingerprint", "model": "model",
     "model_v": "model_version", "bw": "memory_bandwidth", "refusal": "refusal",
+    "busy": "busy", "sb": "standby",
 }
 
 
@@ -335,3 +342,14 @@ def test_the_ring_serves_the_model_id_its_holders_agree_on() -> None:
     gone = make_view([c], {"c": NodeMeta(usable_memory=5, model="x")})
     assert gone.model_id == "" and gone.model_problem.startswith("no node holds model x:")
     assert resolve_model("", {}) == ("", "no model is set for the ring")
+
+
+def test_a_node_on_standby_is_not_in_the_view() -> None:
+    a, b = member("a", b""), member("b", b"")
+    held = (Holding("m", "1" * 32, ((0, 30),), 900),)
+    metas = {"a": NodeMeta(usable_memory=5, model="m", holdings=held, busy=True),
+             "b": NodeMeta(usable_memory=9, model="m", standby=True)}
+    view = make_view([a, b], metas)
+    assert view.node_ids == ("a",) and view == make_view([a], metas)
+    metas["b"] = NodeMeta(usable_memory=9, model="m")
+    assert make_view([a, b], metas).node_ids == ("a", "b")
