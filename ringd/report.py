@@ -34,6 +34,7 @@ def node_status(d: Any) -> Status:
         node_id=d.node_id, node_name=d.settings.node_name, addr=d.addr, http_port=d.http_port,
         members=membership.members(), metas=control.metas(), plan=control.agreement.plan,
         rtt=membership.rtt, model=model, shard_bytes=shard_bytes, serving=serving,
+        channel=lambda m: d.transport.channel(m.addr),
         reason=None if serving else control.not_ready_reason(),
         fingerprint=control.ring_fingerprint,
         measured_tps=rate["tokens_per_second"] if rate else None,

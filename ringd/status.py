@@ -101,6 +101,8 @@ class MemberStatus:
     memory_bandwidth: int | None = None
     #: While it fetches weights from peers: (bytes fetched and checked, bytes to fetch).
     fetch: tuple[int, int] | None = None
+    #: The channel this node's small frames to it take: "udp", or "tcp" after UDP timeouts.
+    channel: str | None = None
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,7 @@ def _member_json(m: MemberStatus) -> Json:
             "software_version": m.software_version, "http_port": m.http_port, "self": m.is_self,
             "fingerprint": m.fingerprint, "refusal": m.refusal,
             "memory_bandwidth": m.memory_bandwidth,
-            "fetch": None if m.fetch is None else list(m.fetch)}
+            "fetch": None if m.fetch is None else list(m.fetch), "channel": m.channel}
 
 
 def _ceiling_json(c: Ceiling) -> Json:
@@ -311,7 +313,8 @@ def _member(m: _Obj) -> MemberStatus:
         software_version=m.get("software_version", "str", None),
         http_port=m.get("http_port", "int", None), is_self=m.get("self", "bool", False),
         fingerprint=m.get("fingerprint", "str", None), refusal=m.get("refusal", "str", None),
-        memory_bandwidth=m.get("memory_bandwidth", "int", None), fetch=_fetch(m))
+        memory_bandwidth=m.get("memory_bandwidth", "int", None), fetch=_fetch(m),
+        channel=m.get("channel", "str", None))
 
 
 def _fetch(m: _Obj) -> tuple[int, int] | None:
@@ -410,6 +413,7 @@ def ceiling_status(plan: Plan, members: Mapping[str, Member], metas: Mapping[str
 def ring_status(*, node_id: str, node_name: str, addr: tuple[str, int], http_port: int,
                 members: Iterable[Member], metas: Mapping[str, NodeMeta], plan: Plan | None,
                 rtt: Callable[[str], float | None], model: ModelStatus,
+                channel: Callable[[Member], str | None] = lambda m: None,
                 shard_bytes: Callable[[int, int], int], serving: bool, reason: str | None,
                 fingerprint: str | None, measured_tps: float | None,
                 agreement: Json | None = None, timeline: Mapping[str, float] | None = None,
@@ -425,10 +429,13 @@ def ring_status(*, node_id: str, node_name: str, addr: tuple[str, int], http_por
     rows = []
     for m in sorted(by_id.values(), key=lambda m: m.node_id):
         a = plan.assignment(m.node_id) if plan else None
-        rows.append(member_status(m, metas.get(m.node_id),
-                                  layers=(a.start, a.end) if a else None,
-                                  rtt_s=rtt(m.node_id) if m.node_id != node_id else None,
-                                  is_self=m.node_id == node_id))
+        row = member_status(m, metas.get(m.node_id),
+                            layers=(a.start, a.end) if a else None,
+                            rtt_s=rtt(m.node_id) if m.node_id != node_id else None,
+                            is_self=m.node_id == node_id)
+        if m.node_id != node_id:
+            row = dataclasses.replace(row, channel=channel(m))
+        rows.append(row)
     rtts = [r for i in by_id if i != node_id and (r := rtt(i)) is not None]
     return Status(
         node=NodeStatus(id=node_id, name=node_name, addr=f"{addr[0]}:{addr[1]}",

@@ -164,7 +164,8 @@ def render_status(st: Status) -> str:
                 _size(m.total_memory),
                 layer_bar(m.layers, num_layers) or "-",
                 layers_text(m.layers),
-                f"{m.rtt_ms:.2f} ms" if m.rtt_ms is not None else "-",
+                (f"{m.rtt_ms:.2f} ms" if m.rtt_ms is not None else "-")
+                + (" (tcp)" if m.channel == "tcp" else ""),
             ])
         lines.append("")
         lines.extend(_table(rows))
