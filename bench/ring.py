@@ -25,6 +25,13 @@ side (wall clock at each token as it arrives).
    owns (``compute.loaded_bytes``) and the plan's share (layers + ends + KV for the
    configured context and concurrency), and a no-layers baseline process. Printed, not asserted.
 
+``--stall`` runs another measurement instead (issue 17): a running 200-token stream's
+inter-token gaps (p50, p99, max) while another client's 1,000-token prompt prefills, and that
+prompt's time to first token, on one node and on the three-node ring, with ``--schedule=fifo``
+(each stage runs its MLX jobs whole, in arrival order: the behaviour before decode-first
+scheduling) and ``--schedule=decode-first`` side by side, each on a fresh ring. Goals: max
+gap <= 3x the stream's p50 gap; the long prompt's time to first token <= 1.25x fifo's.
+
 Other jobs on the machine move wall-clock numbers a lot: every run prints the share of our
 CPUs that other processes took ("others", from ``/proc/stat``) and ratios use each side's
 best round. ``--cpus LIST`` pins this process before anything starts, so every daemon it
@@ -459,6 +466,93 @@ class Bench:
               f"process's RSS (model files {fs(self.info.total_bytes)})")
 
 
+# ----------------------------------------------------------------------------- --stall
+STALL_GAP_GOAL = 3.0
+STALL_TTFT_GOAL = 1.25
+
+
+def gaps_stats(times: list[float]) -> tuple[float, float, float]:
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    if not gaps:
+        return (float("nan"),) * 3
+    return gaps[len(gaps) // 2], gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], gaps[-1]
+
+
+def stall_case(model_dir: Path, tok: Any, nodes: int, mode: str, args: argparse.Namespace,
+               budgets: list[int], extra: tuple[str, ...]) -> dict[str, Any]:
+    """One fresh ring: the long prompt alone, then again while a stream runs."""
+    long_text, long_ids = prompt_of_length(tok, args.stall_prompt)
+    with tempfile.TemporaryDirectory(prefix="ringbench-stall-") as tmp:
+        ring = LocalRing(Path(tmp), [sum(budgets)] if nodes == 1 else budgets[:nodes],
+                         model_dir.name, model_dir.parent,
+                         extra_args=(*extra, f"--schedule={mode}"))
+        ring.start(count=nodes)
+        try:
+            ring.wait_ready(180)
+            client = Client("127.0.0.1", ring.nodes[0].http_port, timeout=10.0,
+                            stream_timeout=1800.0)
+            timed(ring_tokens(client, SHORT, 4))  # warm-up
+            alone = timed(ring_tokens(client, long_text, 1)).ttft
+            stream: list[float] = []
+            started = threading.Event()
+
+            def run_stream() -> None:
+                for _ in ring_tokens(client, SHORT, args.stall_tokens):
+                    stream.append(time.perf_counter())
+                    if len(stream) == 20:
+                        started.set()
+                started.set()
+
+            t = threading.Thread(target=run_stream)
+            t.start()
+            started.wait(600)
+            sent = time.perf_counter()
+            first = timed(ring_tokens(client, long_text, 1))
+            t.join(1800)
+            during = [x for x in stream if sent <= x <= first.times[0] + 1e-9]
+            p50, p99, worst = gaps_stats(stream)
+            schedule = [n.client.status()["stats"]["runner"]["schedule"] for n in ring.nodes]
+            return {"nodes": nodes, "mode": mode, "prompt": len(long_ids), "tokens": len(stream),
+                    "p50": p50, "p99": p99, "max": worst, "during": len(during),
+                    "ttft": first.times[0] - sent, "alone": alone,
+                    "slice": [x["slice_tokens"] for x in schedule]}
+        finally:
+            ring.stop()
+
+
+def stall(args: argparse.Namespace, model_dir: Path, tok: Any, budgets: list[int],
+          extra: tuple[str, ...]) -> None:
+    print(f"[stall] a {args.stall_tokens}-token stream; after its 20th token another client "
+          f"sends a {args.stall_prompt}-token prompt (1 token asked); fresh ring per row. "
+          "'during' = stream tokens that arrived while that prompt waited for its first token")
+    rows = []
+    for nodes in (1, 3):
+        for mode in ("fifo", "decode-first"):
+            r = stall_case(model_dir, tok, nodes, mode, args, budgets, extra)
+            rows.append(r)
+            print(f"    {nodes} node(s) {mode:12s}: stream gaps p50 {1000 * r['p50']:6.0f} ms, "
+                  f"p99 {1000 * r['p99']:6.0f} ms, max {1000 * r['max']:6.0f} ms "
+                  f"(max/p50 {r['max'] / r['p50']:5.1f}); {r['during']} tokens during the "
+                  f"prefill; long prompt ({r['prompt']} tokens) first token {r['ttft']:6.2f} s, "
+                  f"alone {r['alone']:6.2f} s; slice tokens {r['slice']}", flush=True)
+    print()
+    print("| nodes | schedule | stream p50 | p99 | max | max / p50 | tokens during prefill "
+          "| long TTFT | TTFT / fifo | TTFT alone |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        base = next(x for x in rows if x["nodes"] == r["nodes"] and x["mode"] == "fifo")
+        print(f"| {r['nodes']} | {r['mode']} | {1000 * r['p50']:.0f} ms | {1000 * r['p99']:.0f} ms "
+              f"| {1000 * r['max']:.0f} ms | {r['max'] / r['p50']:.1f} | {r['during']} "
+              f"| {r['ttft']:.2f} s | {r['ttft'] / base['ttft']:.2f} | {r['alone']:.2f} s |")
+    for r in rows:
+        if r["mode"] == "decode-first":
+            base = next(x for x in rows if x["nodes"] == r["nodes"] and x["mode"] == "fifo")
+            gap, ttft = r["max"] / r["p50"], r["ttft"] / base["ttft"]
+            print(f"goals, {r['nodes']} node(s): max gap / p50 {gap:.1f} (<= {STALL_GAP_GOAL}: "
+                  f"{'met' if gap <= STALL_GAP_GOAL else 'MISSED'}); TTFT / fifo {ttft:.2f} "
+                  f"(<= {STALL_TTFT_GOAL}: {'met' if ttft <= STALL_TTFT_GOAL else 'MISSED'})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64, help="tokens per decode run")
@@ -477,6 +571,11 @@ def main() -> None:
                     help="pin each daemon to one of this process's CPUs, round robin (taskset): "
                          "every node runs unsplit on one core, and concurrent requests can "
                          "keep several nodes busy at once")
+    ap.add_argument("--stall", action="store_true",
+                    help="instead: stream gaps while another prompt prefills, fifo against "
+                         "decode-first scheduling, on one node and on three")
+    ap.add_argument("--stall-tokens", type=int, default=200)
+    ap.add_argument("--stall-prompt", type=int, default=1000)
     args = ap.parse_args()
     if args.cpus:  # before any thread or child exists: all of them inherit it
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
@@ -495,7 +594,7 @@ def main() -> None:
     settings = Settings()
     model_dir = ensure_default_model(settings.model_store, progress=print)
     info = inspect_model(model_dir)
-    context = max(2048, args.long_prompt + args.tokens + 64)
+    context = max(2048, args.long_prompt + args.tokens + 64, args.stall_prompt + 64)
     concurrency = max(4, *levels)
     budgets = demo_budgets(model_shape(info, Settings(max_context=context,
                                                       max_concurrent=concurrency)).total_bytes, 3)
@@ -503,6 +602,10 @@ def main() -> None:
           f"{mx.default_device()} on {platform.machine()}, {os.cpu_count()} CPUs; this process "
           f"and the daemons on CPUs {sorted(os.sched_getaffinity(0))}; daemons: max_context "
           f"{context}, max_concurrent {concurrency}; load average {os.getloadavg()[0]:.1f}")
+    if args.stall:
+        stall(args, model_dir, Tokenizer.load(model_dir), budgets,
+              (f"--max-context={context}", f"--max-concurrent={concurrency}"))
+        return
     bench = Bench(args, model_dir, info, Tokenizer.load(model_dir))
 
     spread = [str(c) for c in sorted(os.sched_getaffinity(0))] if args.spread else []

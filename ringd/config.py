@@ -130,6 +130,11 @@ class Settings:
     step_timeout: float = _opt(120.0, help="Seconds without a token, while the ring serves, "
                                            "before a request fails naming the nodes that hold "
                                            "it.")
+    schedule: str = _opt("decode-first", help="Order of this node's MLX jobs: decode-first (a "
+                                              "running stream's next step goes before a long "
+                                              "prompt, which runs in slices) or fifo.")
+    prefill_slice: int = _opt(0, help="Tokens per prefill slice under decode-first (0: as many "
+                                      "as take about 1.5 decode steps here, measured).")
     replan_drain: float = _opt(120.0, help="Seconds a node that joins waits, while requests "
                                            "run, before the ring re-plans with it (running "
                                            "requests then go on by replay).")
@@ -158,7 +163,9 @@ class Settings:
         for name in ("max_concurrent", "max_context", "prefill_chunk", "indirect_probes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_queued", "replan_drain"):
+        if self.schedule not in ("decode-first", "fifo"):
+            problems.append(f"schedule must be decode-first or fifo, got {self.schedule!r}")
+        for name in ("max_queued", "replan_drain", "prefill_slice"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} cannot be negative, got {getattr(self, name)}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -63,7 +63,7 @@ class Daemon:
         from ringd.net.transport import Transport
         from ringd.net.udp import Impairment
         from ringd.provision import Provisioner
-        from ringd.runner import Runner, pipeline_config
+        from ringd.runner import Runner, pipeline_config, schedule_config
         from ringd.shard import ShardLoader
         from ringd.weights import Fetcher, WeightServer
 
@@ -95,6 +95,7 @@ class Daemon:
                              active_model=lambda: self.control.view.model
                              if self.control.view else None,
                              max_queued=s.max_queued, queue_timeout=s.queue_timeout,
+                             schedule=schedule_config(s),
                              on_busy=lambda: asyncio.get_running_loop().call_soon(
                                  lambda: self.control.pump(time.monotonic())))
         self.loader = ShardLoader(s, executor, self.faults.fault)

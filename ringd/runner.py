@@ -19,9 +19,9 @@ import logging
 import secrets
 import time
 import uuid
-from collections import deque
 from typing import Any, AsyncIterator, Callable, Iterator
 
+from ringd.admission import AdmissionQueue
 from ringd.compute.stage import StageCompute
 from ringd.compute.tokenizer import Tokenizer
 from ringd.core import wire
@@ -30,6 +30,7 @@ from ringd.core.pipeline import (Compute, Deliver, EntryRequest, Free, Pipeline,
                                  Send, ServedModel, StepResult)
 from ringd.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from ringd.core.route import Route, prefill_chunk_tokens
+from ringd.core.schedule import ScheduleConfig, Scheduler
 from ringd.core.stream import TCP_MAX_FRAME
 from ringd.core.textstream import TextStream
 from ringd.errors import RequestError
@@ -45,6 +46,10 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
                           max_context=settings.max_context,
                           request_timeout=settings.request_timeout,
                           step_timeout=settings.step_timeout)
+
+
+def schedule_config(settings: Settings) -> ScheduleConfig:
+    return ScheduleConfig(mode=settings.schedule, slice_tokens=settings.prefill_slice)
 
 
 def served_model(settings: Settings, info: Any) -> ServedModel:
@@ -79,13 +84,15 @@ class Runner:
                  not_ready_reason: Callable[[], str] = lambda: "the ring is not ready",
                  active_model: Callable[[], str | None] = lambda: None,
                  max_queued: int = 32, queue_timeout: float = 60.0,
+                 schedule: ScheduleConfig = ScheduleConfig(),
                  on_busy: Callable[[], None] = lambda: None) -> None:
         self.pipeline = pipeline
+        #: This node's MLX jobs wait here; one at a time runs on the MLX thread.
+        self.scheduler = Scheduler(schedule)
+        self._running: Compute | None = None
         self.on_busy = on_busy  # called when the first request starts or the last one ends
-        self.max_queued = max_queued  # requests waiting for a slot or for a re-plan
-        self.queue_timeout = queue_timeout
-        self.replanning = False  # the ring stopped serving to re-plan: new requests wait
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        #: requests waiting for a slot or for a re-plan
+        self.admission = AdmissionQueue(max_queued, queue_timeout)
         self.tokenizer: Tokenizer | None = None  # the served model's, while serving
         self.active_model = active_model  # the ring's model setting, while not serving
         self.executor = executor
@@ -114,7 +121,7 @@ class Runner:
         log.info("serving plan epoch %d %s%s", route.epoch,
                  f"as layers [{stage.start}, {stage.end})" if stage else "as an entry only",
                  f"; {paused} paused requests replayed" if paused else "")
-        self.replanning = False
+        self.admission.replanning = False
         self.flush()
         self._wake()
 
@@ -122,7 +129,7 @@ class Runner:
         """Stop running requests here. ``pause``: the ring re-plans; the requests this node is
         the entry of wait to be replayed, and new ones wait for the new plan (bounded)."""
         self.pipeline.stop_serving(reason, code=code, pause=pause, now=time.monotonic())
-        self.replanning = pause
+        self.admission.replanning = pause
         self.flush()
         if not pause:
             self._wake(everyone=True)
@@ -130,7 +137,7 @@ class Runner:
     def fail_paused(self, reason: str) -> None:
         """The ring cannot serve again (too small for the model, ...): paused requests and
         those waiting for the new plan end with ``reason``."""
-        self.replanning = False
+        self.admission.replanning = False
         self.pipeline.fail_paused(reason)
         self.flush()
         self._wake(everyone=True)
@@ -154,8 +161,9 @@ class Runner:
         self.flush()
 
     def _computed(self, job: Compute, fut: concurrent.futures.Future[StepResult],
-                  started: float) -> None:
-        self._compute_seconds += time.perf_counter() - started
+                  started: float, done: float) -> None:
+        self._running = None
+        self._compute_seconds += done - started
         exc = fut.exception()
         if exc is not None:
             if job.request_id in self._queues or self.pipeline.active_stages:
@@ -164,6 +172,9 @@ class Runner:
             self.pipeline.compute_failed(job, str(exc), time.monotonic())
         else:
             self.pipeline.computed(job, fut.result(), time.monotonic())
+        # handoff: the result waiting for the loop, and the loop turning it into messages
+        self.scheduler.finished(job, done - started, time.perf_counter() - done,
+                                now=time.monotonic())
         self.flush()
 
     # ---------------------------------------------------------------- effects
@@ -175,12 +186,14 @@ class Runner:
                 if kind is Send:
                     self.send(eff.node_id, eff.msg)  # type: ignore[union-attr]
                 elif kind is Compute:
-                    self._submit(eff)  # type: ignore[arg-type]
+                    self._queue(eff)  # type: ignore[arg-type]
                 elif kind is Free:
+                    self.scheduler.drop(eff.request_id)  # type: ignore[union-attr]
                     if self.compute is not None:
                         self.executor.submit(self.compute.free, eff.request_id)
                 elif kind is Deliver:
                     self._deliver(eff)  # type: ignore[arg-type]
+        self._run_next()
         at = self.pipeline.get_timer()
         if at != self._timer_at:
             if self._timer is not None:
@@ -189,16 +202,35 @@ class Runner:
             self._timer = (None if at is None else asyncio.get_running_loop().call_later(
                 max(0.0, at - time.monotonic()), self._on_timer))
 
-    def _submit(self, job: Compute) -> None:
-        compute = self.compute
-        if compute is None:
+    def _queue(self, job: Compute) -> None:
+        if self.compute is None:
             self.pipeline.compute_failed(job, "no layers are loaded here", time.monotonic())
-            return
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        fut = self.executor.submit(compute.step, job)
-        fut.add_done_callback(
-            lambda f: loop.call_soon_threadsafe(self._computed, job, f, started))
+        else:
+            self.scheduler.push(job, time.monotonic())
+
+    def _run_next(self) -> None:
+        """Start the job the scheduler picks when the MLX thread is free: one at a time, so
+        that the order is the scheduler's (a running stream's decode step before the next
+        slice of a long prompt), not the arrival order."""
+        compute = self.compute
+        while self._running is None and compute is not None:
+            job = self.scheduler.pop(time.monotonic(),
+                                     alone=self.pipeline.active_stages <= 1)
+            if job is None:
+                return
+            if not self.pipeline.wants(job):
+                continue  # it ended, or the plan changed, while the job waited
+            self._running = job
+            loop = asyncio.get_running_loop()
+            started = time.perf_counter()
+            fut = self.executor.submit(compute.step, job)
+            fut.add_done_callback(lambda f, job=job, started=started: loop.call_soon_threadsafe(
+                self._computed, job, f, started, time.perf_counter()))
+
+    def timings(self) -> dict[str, Any]:
+        """This node's recent MLX jobs: queueing, compute and handoff times (ms p50/p99),
+        decode step and prefill time per token, over the last ``window_s`` seconds."""
+        return self.scheduler.timings()
 
     def _deliver(self, eff: Deliver) -> None:
         queue = self._queues.get(eff.request_id)
@@ -223,7 +255,7 @@ class Runner:
     async def _generate(self, request: GenerationRequest
                         ) -> AsyncIterator[TokenEvent | FinishEvent]:
         started = time.monotonic()
-        model, tokenizer = await self._admit()
+        model, tokenizer = await self.admission.admit(self._check_admission)
         ids = await asyncio.to_thread(self._encode, request, tokenizer)
         params = request.params
         if not params.greedy and params.seed is None:
@@ -253,7 +285,7 @@ class Runner:
         Returns the prompt's token ids, the tokens, their float32 logits (base64 of the raw
         little-endian bytes), and the route the request took (node ids, names, layers).
         """
-        model, tokenizer = await self._admit()
+        model, tokenizer = await self.admission.admit(self._check_admission)
         ids = await asyncio.to_thread(self._encode, GenerationRequest(prompt=prompt), tokenizer)
         limit = self.pipeline.config.max_context
         if len(ids) + steps > limit:
@@ -279,51 +311,10 @@ class Runner:
                         "start": st.start, "end": st.end} for st in route.stages],
         }
 
-    async def _admit(self) -> tuple[ServedModel, Tokenizer]:
-        """Admission: a slot at once, or a place in the queue (FIFO, at most ``max_queued``,
-        for at most ``queue_timeout`` seconds) while every slot is taken or the ring
-        re-plans; beyond that the refusal (``busy``, ``not_ready``, ...)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.queue_timeout
-        woken = False  # it waited already: it keeps its place at the head of the queue
-        while True:
-            if woken or not self._waiters:
-                try:
-                    return self._check_admission()
-                except RequestError as e:
-                    if not (e.code == "busy" or (e.code == "not_ready" and self.replanning)):
-                        raise
-                    if not woken and len(self._waiters) >= self.max_queued:
-                        raise self._full(e) from None
-            elif len(self._waiters) >= self.max_queued:
-                raise self._full(RequestError("busy", "every slot is taken")) from None
-            fut: asyncio.Future[None] = loop.create_future()
-            if woken:
-                self._waiters.appendleft(fut)
-            else:
-                self._waiters.append(fut)
-            woken = True
-            try:
-                await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                raise RequestError("busy", f"waited {self.queue_timeout:g} s (queue_timeout) "
-                                   "for a place on the ring", hint="retry later") from None
-            finally:
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
-
-    def _full(self, e: RequestError) -> RequestError:
-        return RequestError("busy", f"{e.message}; {len(self._waiters)} more requests wait "
-                            f"(max_queued = {self.max_queued})",
-                            hint="retry later, or raise max_concurrent / max_queued")
-
     def _wake(self, *, everyone: bool = False) -> None:
         """Let the first waiters try again: as many as there are free slots (or all)."""
-        free = (len(self._waiters) if everyone
-                else self.pipeline.config.max_concurrent - self.pipeline.active_entries)
-        for fut in list(self._waiters)[:max(0, free)]:
-            if not fut.done():
-                fut.set_result(None)
+        self.admission.wake(None if everyone else
+                            self.pipeline.config.max_concurrent - self.pipeline.active_entries)
 
     def _check_admission(self) -> tuple[ServedModel, Tokenizer]:
         """Refuse early (before tokenizing) what :meth:`Pipeline.open` would refuse; the
@@ -381,5 +372,8 @@ class Runner:
 
     # ---------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
-        return {**self.pipeline.stats(), "queued": len(self._waiters),
+        t = self.scheduler.timings()
+        return {**self.pipeline.stats(), "queued": len(self.admission),
+                "schedule": {k: t[k] for k in ("mode", "slice_tokens", "queued_jobs", "jobs",
+                                               "slices", "dropped")},
                 "compute_seconds": round(self._compute_seconds, 3), "last_rate": self.last_rate}

@@ -24,7 +24,7 @@ from ringd.core.membership import MemberState
 from ringd.core.ringmeta import NodePhase
 from ringd.core.route import Route, Stage
 from ringd.errors import LocalProtocolError, RequestError
-from ringd.runner import Runner, pipeline_config, served_model
+from ringd.runner import Runner, pipeline_config, schedule_config, served_model
 from ringd.status import (AssignmentStatus, MemberStatus, ModelStatus, NodeStatus, PlanStatus,
                           Status)
 
@@ -52,7 +52,8 @@ class SoloBackend:
         s = self.settings
         self.runner = Runner(pipeline, executor=executor, send=_nowhere,
                              not_ready_reason=lambda: "the model is loading",
-                             max_queued=s.max_queued, queue_timeout=s.queue_timeout)
+                             max_queued=s.max_queued, queue_timeout=s.queue_timeout,
+                             schedule=schedule_config(s))
         route = Route(0, (Stage(NODE_ID, 0, info.num_layers),), info.num_layers)
         self.runner.serve(route, compute, {NODE_ID: self.settings.node_name},
                           served_model(self.settings, info), tokenizer)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,7 @@ from ringd.core.pipeline import (Compute, Filled, Hidden, Pipeline, PipelineConf
                                  ServedModel)
 from ringd.core.requests import GenerationRequest, SamplingParams
 from ringd.core.route import Route, Stage, prefill_chunk_tokens
+from ringd.core.schedule import ScheduleConfig, tokens_of
 from ringd.core.stream import TCP_MAX_FRAME
 from ringd.errors import RequestError
 from ringd.runner import Runner, pipeline_config, served_model
@@ -37,15 +39,21 @@ class Words:
 class Shard:
     """Stands in for StageCompute: records jobs and frees; the next token is 1 + the last."""
 
-    def __init__(self, layers: tuple[int, int], last: bool, fail_on: int | None = None) -> None:
+    def __init__(self, layers: tuple[int, int], last: bool, fail_on: int | None = None,
+                 gate: threading.Event | None = None) -> None:
         self.layers = layers
         self.last = last
         self.fail_on = fail_on
+        self.gate = gate  # prompt slices wait for it (the test holds one in flight)
+        self.slice_running = threading.Event()
         self.jobs: list[Compute] = []
         self.freed: list[str] = []
 
     def step(self, job: Compute):
         self.jobs.append(job)
+        if self.gate is not None and tokens_of(job) > 1:
+            self.slice_running.set()
+            self.gate.wait(10)
         if job.step == self.fail_on:
             raise RuntimeError("the GPU fell over")
         if not self.last:
@@ -65,7 +73,7 @@ def executor():
 
 
 def solo(executor, shard: Shard, *, cfg: PipelineConfig = PipelineConfig(), sent=None,
-         on_send=None) -> Runner:
+         on_send=None, schedule: ScheduleConfig = ScheduleConfig()) -> Runner:
     def send(node: str, msg: wire.Message) -> None:
         if sent is not None:
             sent.append((node, msg))
@@ -73,7 +81,7 @@ def solo(executor, shard: Shard, *, cfg: PipelineConfig = PipelineConfig(), sent
             on_send(msg)
 
     pipeline = Pipeline("n1", cfg)
-    return Runner(pipeline, executor=executor, send=send,
+    return Runner(pipeline, executor=executor, send=send, schedule=schedule,
                   not_ready_reason=lambda: "node n2 is loading layers 3-5")
 
 
@@ -172,7 +180,7 @@ async def test_beyond_max_concurrent_requests_wait_in_order_then_busy(executor) 
     sent: list[tuple[str, wire.Message]] = []
     runner = solo(executor, Shard((0, 3), last=False), sent=sent,
                   cfg=PipelineConfig(max_concurrent=1))
-    runner.max_queued = 1
+    runner.admission.max_queued = 1
     route = Route(1, (Stage("n1", 0, 3), Stage("n2", 3, 6)), 6)  # n2 never answers
     serve(runner, route, Shard((0, 3), last=False))
     first = runner.generate(GenerationRequest(prompt="w1"))
@@ -217,3 +225,65 @@ async def test_during_a_replan_new_requests_wait_for_the_new_plan(executor) -> N
     with pytest.raises(RequestError) as e:
         await anext(runner.generate(GenerationRequest(prompt="w1")))
     assert e.value.code == "not_ready"
+
+
+WORDS = " ".join(f"w{i}" for i in range(100))
+
+
+async def test_a_long_prompt_runs_in_slices_between_a_streams_decode_steps(executor) -> None:
+    shard = Shard((0, 6), last=True)
+    runner = solo(executor, shard, schedule=ScheduleConfig(slice_tokens=8))
+    serve(runner, Route(1, (Stage("n1", 0, 6),), 6), shard)
+    stream = runner.generate(GenerationRequest(prompt="w1",
+                                               params=SamplingParams(max_tokens=10_000)))
+    assert (await anext(stream)).text == " w100"
+    long = [ev async for ev in runner.generate(GenerationRequest(
+        prompt=WORDS, params=SamplingParams(max_tokens=1)))]
+    assert (await anext(stream)).text == " w101"  # the stream went on, in order
+    await stream.aclose()
+    assert long[0].text == " w100" and long[-1].prompt_tokens == 100
+    kinds = "".join("P" if tokens_of(j) > 1 else "." for j in shard.jobs)
+    # 13 slices of the prompt (100 = 12 * 8 + 4), each after one step of the stream
+    assert kinds.count("P") == 13 and "PP" not in kinds, kinds
+    prompt_jobs = [j for j in shard.jobs if j.request_id != shard.jobs[0].request_id]
+    assert [j.position for j in prompt_jobs] == list(range(0, 100, 8))
+    assert [j.final for j in prompt_jobs] == [False] * 12 + [True]
+
+
+async def test_fifo_runs_the_long_prompt_whole(executor) -> None:
+    shard = Shard((0, 6), last=True)
+    runner = solo(executor, shard, schedule=ScheduleConfig(mode="fifo", slice_tokens=8))
+    serve(runner, Route(1, (Stage("n1", 0, 6),), 6), shard)
+    [ev async for ev in runner.generate(GenerationRequest(
+        prompt=WORDS, params=SamplingParams(max_tokens=1)))]
+    assert [tokens_of(j) for j in shard.jobs] == [100]
+
+
+async def test_a_prompt_whose_client_left_stops_after_the_slice_that_runs(executor) -> None:
+    gate = threading.Event()
+    shard = Shard((0, 6), last=True, gate=gate)
+    runner = solo(executor, shard, schedule=ScheduleConfig(slice_tokens=8))
+    serve(runner, Route(1, (Stage("n1", 0, 6),), 6), shard)
+
+    async def consume() -> None:
+        async for _ in runner.generate(GenerationRequest(
+                prompt=WORDS, params=SamplingParams(max_tokens=5))):
+            pass
+
+    # another stream runs here (alone, a prompt would run unsliced)
+    other = runner.generate(GenerationRequest(prompt="w1",
+                                              params=SamplingParams(max_tokens=10_000)))
+    await anext(other)
+    task = asyncio.ensure_future(consume())
+    try:
+        assert await asyncio.to_thread(shard.slice_running.wait, 10)
+        task.cancel()  # the client went away while the first slice computes
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        gate.set()
+    await anext(other)  # the MLX thread moved on
+    await other.aclose()
+    await asyncio.get_running_loop().run_in_executor(executor, lambda: None)
+    assert [tokens_of(j) for j in shard.jobs if tokens_of(j) > 1] == [8]  # one of 13 slices
+    assert len(shard.freed) == 2 and runner.status()["requests_cancelled"] == 2

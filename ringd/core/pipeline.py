@@ -405,6 +405,12 @@ class Pipeline:
     def entry(self, request_id: str) -> EntryRequest | None:
         return self._entries.get(request_id)
 
+    def wants(self, job: Compute) -> bool:
+        """Whether ``job`` is still worth running: its request goes on here, on its plan."""
+        route = self.route
+        return (job.request_id in self._stages and route is not None
+                and route.epoch == job.epoch)
+
     # ---------------------------------------------------------------- inputs
     def receive(self, msg: wire.Message, sender: str, now: float) -> None:
         """A data-plane message from node ``sender`` (Activation, Token, Cancel, Error)."""

@@ -21,12 +21,15 @@ from ringd.errors import RequestError
 from tests.integration.rings import (reference_tokens, ring_for, stream, text, token_ids,
                                      without_eos)
 
+SLICE = 16
 PROMPTS = ["What is the capital of France?", "Each node holds a contiguous block", "def add(a, b):"]
 
 
 @pytest.fixture(scope="module")
 def tiny_ring(tiny_quantized_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    ring = ring_for(tiny_quantized_model_dir, tmp_path_factory.mktemp("ring"), (1, 2, 3))
+    # small prefill slices: a prompt of a few hundred tokens runs in many of them
+    ring = ring_for(tiny_quantized_model_dir, tmp_path_factory.mktemp("ring"), (1, 2, 3),
+                    extra_args=(f"--prefill-slice={SLICE}",))
     ring.start()
     try:
         statuses = ring.wait_ready(90)
@@ -118,6 +121,34 @@ def test_four_concurrent_requests_with_different_sampling(tiny_ring, tiny_quanti
     for i in (1, 3):  # seeded: the same as the same request alone
         alone = stream(ring.nodes[0].client, **bodies[i])
         assert token_ids(alone) == token_ids(results[i])
+
+
+def test_a_long_prompt_next_to_a_stream_runs_in_slices_and_changes_no_token(
+        tiny_ring, tiny_quantized_model_dir):
+    ring, _ = tiny_ring
+    tok = Tokenizer.load(tiny_quantized_model_dir)
+    long_prompt = " ".join(PROMPTS * 12)
+    n = len(tok.encode(long_prompt))
+    assert 200 < n < 900
+    before = [s["stats"]["runner"]["schedule"]["slices"] for s in ring.statuses()]
+    # long enough to still run at every stage while the prompt is computed there
+    events = ring.nodes[0].client.stream_generate({"prompt": PROMPTS[0], "max_tokens": 300,
+                                                   "temperature": 0.0, "stop": []})
+    streamed = []
+    for ev in events:  # the stream runs; then the long prompt arrives at another entry
+        streamed.append(ev)
+        if len(streamed) == 3:
+            break
+    long = stream(ring.nodes[1].client, prompt=long_prompt, max_tokens=8, temperature=0.0)
+    streamed += list(events)
+    assert without_eos(token_ids(long), tok.eos_token_ids) == reference_tokens(
+        tiny_quantized_model_dir, tok.encode(long_prompt), 8)
+    assert without_eos(token_ids(streamed), tok.eos_token_ids) == reference_tokens(
+        tiny_quantized_model_dir, tok.encode(PROMPTS[0]), 300)
+    after = [s["stats"]["runner"]["schedule"] for s in ring.statuses()]
+    # every stage ran the prompt in slices of at most SLICE tokens
+    assert all(a["slices"] - b >= -(-n // SLICE) for a, b in zip(after, before)), after
+    assert all(a["mode"] == "decode-first" and a["slice_tokens"] == SLICE for a in after)
 
 
 def test_cancel_mid_stream_frees_the_cache_on_every_node(tiny_ring):
