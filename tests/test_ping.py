@@ -4,13 +4,18 @@ real daemons in tests/integration/test_ping_doctor.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from click.testing import CliRunner, Result
 
 from ringd import PROTOCOL_VERSION
+from ringd.cli import main
 from ringd.cli.ping import parse_target, probe_line, summary_lines
 from ringd.core.ringmeta import NodeMeta, NodePhase
 from ringd.core.swim_wire import Member, MemberState
 from ringd.errors import UsageError
+from ringd.keys import generate_key_file
 from ringd.ping import Channel, Outcome, PeerAnswer, Probe, Verdict, answer_of, judge
 
 OURS = "0123456789abcdef"
@@ -151,3 +156,45 @@ def test_lines() -> None:
     assert summary[0] == "--- 10.0.0.2:7411 (mac2.local)"
     assert summary[1] == "udp: 1/2 answered, round trip min/avg/max 1.000/1.000/1.000 ms"
     assert summary[-1].startswith("verdict: healthy: mac2")
+
+
+# ------------------------------------------------------------------- the command's errors
+def ringctl(tmp_path: Path, config: str, *args: str) -> Result:
+    path = tmp_path / "ringctl.toml"
+    path.write_text(config)
+    result = CliRunner().invoke(main, ["--config", str(path), *args])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_a_missing_key_is_an_error_with_a_hint(tmp_path: Path) -> None:
+    key = tmp_path / "none.key"
+    res = ringctl(tmp_path, f'cluster_key_file = "{key}"\n', "ping", "127.0.0.1:7411")
+    assert res.exit_code == 2
+    assert res.output.splitlines() == [
+        f"error: probes are sealed with this node's cluster key: cluster key file {key} does "
+        "not exist",
+        "  hint: create one with `ringctl keygen`, or copy the same key file (mode 0600) to "
+        "every node of the ring"]
+
+
+def test_a_key_others_can_read_is_refused(tmp_path: Path) -> None:
+    key = tmp_path / "k.key"
+    generate_key_file(key)
+    key.chmod(0o644)
+    res = ringctl(tmp_path, f'cluster_key_file = "{key}"\n', "ping", "127.0.0.1:7411")
+    assert res.exit_code == 2 and f"hint: run `chmod 600 {key}`" in res.output
+
+
+@pytest.mark.parametrize("target,message", [
+    ("host:port", "is not HOST or HOST:PORT"),
+    ("no-such-host.invalid", "cannot resolve 'no-such-host.invalid'"),
+])
+def test_bad_or_unknown_hosts_are_errors_with_a_hint(tmp_path: Path, target: str,
+                                                      message: str) -> None:
+    key = tmp_path / "k.key"
+    generate_key_file(key)
+    res = ringctl(tmp_path, f'cluster_key_file = "{key}"\n', "ping", target)
+    assert res.exit_code == 2
+    assert message in res.output.splitlines()[0] and "hint:" in res.output.splitlines()[-1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -76,9 +77,9 @@ def probe_line(p: Probe, timeout: float, names: dict[str, str] | None = None) ->
 
 def summary_lines(report: PingReport) -> list[str]:
     """The statistics per channel and the verdict (with its hint)."""
-    lines = [f"--- {report.host}:{report.port}"
-             + (f" ({report.target})" if report.target.partition(":")[0] != report.host
-                else "")]
+    h, port = report.host, report.port
+    same = report.target in (h, f"{h}:{port}", f"[{h}]", f"[{h}]:{port}")
+    lines = [f"--- {h}:{port}" + ("" if same else f" ({report.target})")]
     for ch in Channel:
         probes = [p for p in report.probes if p.channel is ch]
         ok = [p.rtt for p in probes if p.outcome is Outcome.ANSWERED and p.rtt is not None]
@@ -93,15 +94,15 @@ def summary_lines(report: PingReport) -> list[str]:
     return lines
 
 
-async def run_ping(target: str, host: str, port: int, key: bytes, *, encrypt: bool,
-                   count: int, timeout: float, interval: float,
-                   on_probe: object = None) -> PingReport:
-    from ringd.net.probe import Prober, ping_report, prober_sealer, resolve
+async def run_ping(target: str, ip: str, port: int, key: bytes, *, encrypt: bool, count: int,
+                   timeout: float, interval: float,
+                   on_probe: Callable[[Probe], None] | None = None) -> PingReport:
+    """Ping ``ip:port`` (``target`` is how the user named it) and judge."""
+    from ringd.net.probe import Prober, ping_report, prober_sealer
 
-    ip = await resolve(host, port)
     prober = Prober(prober_sealer(key, encrypt=encrypt), timeout=timeout)
     return await ping_report(prober, target, ip, port, count=count, interval=interval,
-                             on_probe=on_probe)  # type: ignore[arg-type]
+                             on_probe=on_probe)
 
 
 @click.command(cls=Command)
@@ -128,14 +129,18 @@ def ping(ctx: click.Context, target: str, count: int, timeout: float, interval: 
     healthy node with its name, model, phase and plan epoch. PORT defaults to `port`.
     Exit 0 when healthy, 1 otherwise.
     """
+    from ringd.net.probe import resolve
+
     s = settings_from(ctx)
     host, port = parse_target(target, s.port)
     key = load_cluster_key(Path(key_file) if key_file else s.key_path)
+    ip = asyncio.run(resolve(host, port))
     if not as_json:
         from ringd.keys import cluster_id
 
-        click.echo(f"PING {host}:{port} (cluster {cluster_id(key)}): {count} UDP membership "
-                   f"pings, {count} TCP handshakes")
+        named = f"{host} ({ip})" if host != ip else ip
+        click.echo(f"PING {named} port {port} (cluster {cluster_id(key)}): {count} UDP "
+                   f"membership pings, {count} TCP handshakes")
     names: dict[str, str] = {}
 
     def show(p: Probe) -> None:
@@ -143,7 +148,7 @@ def ping(ctx: click.Context, target: str, count: int, timeout: float, interval: 
             names[p.answer.node_id] = p.answer.name
         click.echo(probe_line(p, timeout, names))
 
-    report = asyncio.run(run_ping(target, host, port, key, encrypt=s.encrypt, count=count,
+    report = asyncio.run(run_ping(target, ip, port, key, encrypt=s.encrypt, count=count,
                                   timeout=timeout, interval=interval,
                                   on_probe=None if as_json else show))
     if as_json:

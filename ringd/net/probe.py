@@ -14,6 +14,10 @@ sealed with the local cluster key, and probes one address:
 
 An answer that does not authenticate still says something in its clear header: its wire
 version and cluster tag (the first 4 bytes of the cluster id, never the key).
+
+:func:`mdns_scan` checks that mDNS works here (a probe record published on the configured
+interfaces is seen back by a second responder) and lists the ringd records (any cluster)
+and the other DNS-SD service types it sees meanwhile.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from ringd.core.reliable import Endpoint, FrameReceived
 from ringd.core.seal import ReplayGuard, Sealer, new_session
 from ringd.core.stream import TCP_HEADER, TCP_MAGIC, StreamDecoder, seal_tcp_frame
 from ringd.core.swim_wire import Ack, Member, MemberState, Ping, decode_payload, to_payload
+from ringd.doctor import MdnsScan, Record
 from ringd.errors import RemoteProtocolError, UsageError
 from ringd.ping import Channel, Outcome, PeerAnswer, PingReport, Probe, answer_of, judge
 
@@ -297,6 +302,107 @@ def _tcp_failure(seq: int, reason: str, head: bytes, rtt: float) -> Probe:
             return Probe(Channel.TCP, seq, Outcome.OTHER_CLUSTER, rtt=rtt, their_tag=tag.hex())
     return Probe(Channel.TCP, seq, Outcome.NOT_RINGD,
                  detail=f"what it sent is no ringd frame ({reason})")
+
+
+# ---------------------------------------------------------------------------- mDNS
+PROBE_TYPE = "_ringd-doctor._udp.local."
+ALL_TYPES = "_services._dns-sd._udp.local."
+
+
+async def mdns_scan(interfaces: list[str] | None, *, wait: float = 3.0) -> MdnsScan:
+    """Publish a probe record with one responder, browse with another, on ``interfaces``
+    (addresses; None: all); collect for ``wait`` seconds."""
+    from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
+    from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+    from ringd.net.discovery import SERVICE_TYPE, RecordRejected, local_addresses, parse_record
+
+    def responder() -> AsyncZeroconf:
+        if interfaces is None:
+            return AsyncZeroconf(interfaces=InterfaceChoice.All, ip_version=IPVersion.V4Only)
+        return AsyncZeroconf(interfaces=interfaces)
+
+    where = ", ".join(interfaces) if interfaces is not None else "all interfaces"
+    try:
+        publisher = responder()
+    except (OSError, ValueError) as e:
+        return MdnsScan(False, f"cannot open mDNS on {where}: {e}")
+    try:
+        browser = responder()
+    except (OSError, ValueError) as e:
+        await publisher.async_close()
+        return MdnsScan(False, f"cannot open mDNS on {where}: {e}")
+    token = os.urandom(6).hex()
+    probe_name = f"doctor-{token}.{PROBE_TYPE}"
+    seen = asyncio.Event()
+    ringd_names: set[str] = set()
+    types: set[str] = set()
+
+    # zeroconf calls handlers with these keyword arguments
+    def on_probe(zeroconf: Zeroconf, service_type: str, name: str,
+                 state_change: ServiceStateChange) -> None:
+        if name == probe_name and state_change is not ServiceStateChange.Removed:
+            seen.set()
+
+    def on_ringd(zeroconf: Zeroconf, service_type: str, name: str,
+                 state_change: ServiceStateChange) -> None:
+        if state_change is not ServiceStateChange.Removed and len(ringd_names) < 256:
+            ringd_names.add(name)
+
+    def on_type(zeroconf: Zeroconf, service_type: str, name: str,
+                state_change: ServiceStateChange) -> None:
+        if name not in (PROBE_TYPE, SERVICE_TYPE) and len(types) < 256:
+            types.add(name)
+
+    zc = browser.zeroconf
+    browsers = [AsyncServiceBrowser(zc, PROBE_TYPE, handlers=[on_probe]),
+                AsyncServiceBrowser(zc, SERVICE_TYPE, handlers=[on_ringd]),
+                AsyncServiceBrowser(zc, ALL_TYPES, handlers=[on_type])]
+    addresses = list(interfaces) if interfaces is not None else local_addresses()
+    info = AsyncServiceInfo(PROBE_TYPE, probe_name, port=9, server=f"doctor-{token}.local.",
+                            parsed_addresses=addresses, properties={"probe": "1"})
+    started = time.monotonic()
+    announce: asyncio.Future[object] | None = None
+    try:
+        try:  # announcing goes on in a task (cancelled at the end); the record is up now
+            announce = await publisher.async_register_service(info, cooperating_responders=True)
+        except (OSError, ValueError) as e:
+            return MdnsScan(False, f"cannot publish an mDNS record on {where}: {e}")
+        try:
+            await asyncio.wait_for(seen.wait(), wait)
+            took: float | None = time.monotonic() - started
+        except asyncio.TimeoutError:
+            took = None
+        rest = wait - (time.monotonic() - started)
+        if rest > 0:
+            await asyncio.sleep(rest)  # the collection window: answers come when they come
+        peers: list[Record] = []
+        malformed = 0
+        for rname in sorted(ringd_names):
+            rinfo = AsyncServiceInfo(SERVICE_TYPE, rname)
+            if not await rinfo.async_request(zc, 1500):
+                continue
+            try:
+                peer = parse_record(rname, len(rinfo.text or b""), rinfo.properties,
+                                    rinfo.parsed_scoped_addresses())
+            except RecordRejected:
+                malformed += 1
+                continue
+            peers.append(Record(peer.node_id, peer.cluster_id, peer.addresses, peer.port))
+        detail = (f"a record published on {where} was seen back in {took * 1000:.0f} ms"
+                  if took is not None else
+                  f"a record published on {where} was not seen back within {wait:g} s")
+        return MdnsScan(took is not None, detail, tuple(peers), malformed, tuple(sorted(types)))
+    finally:
+        if announce is not None and not announce.done():
+            announce.cancel()
+            await asyncio.gather(announce, return_exceptions=True)
+        for b in browsers:
+            await b.async_cancel()
+        with contextlib.suppress(Exception):
+            await publisher.async_unregister_all_services()
+        await publisher.async_close()
+        await browser.async_close()
 
 
 async def ping_report(prober: Prober, target: str, host: str, port: int, *, count: int = 3,

@@ -22,7 +22,8 @@ from ringd.core.seal import ReplayGuard, Sealer, cluster_id
 from ringd.core.stream import TCP_HEADER, TCP_MAGIC
 from ringd.core.wire import WIRE_VERSION, Gossip
 from ringd.localring import free_port
-from ringd.net.probe import Prober, ping_report, prober_sealer
+from ringd.net.discovery import Discovery
+from ringd.net.probe import Prober, mdns_scan, ping_report, prober_sealer
 from ringd.net.transport import Transport
 from ringd.ping import Channel, Outcome, Verdict
 from tests.net.udp_blackhole import UdpFilteredFront
@@ -184,3 +185,20 @@ async def test_a_listener_that_is_not_ringd(greeting: bytes) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_mdns_scan_sees_its_own_record_and_ringd_nodes_of_any_cluster() -> None:
+    ours, theirs = secrets.token_hex(8), secrets.token_hex(8)
+    nodes = [Discovery(secrets.token_hex(8), c, 17411, 17412, [LOOPBACK], lambda p: None)
+             for c in (ours, theirs)]
+    await asyncio.gather(*(d.start() for d in nodes))
+    try:
+        scan = await mdns_scan([LOOPBACK], wait=1.5)
+    finally:
+        await asyncio.gather(*(d.close() for d in nodes))
+    assert scan.works, scan.detail
+    found = {r.node_id: r for r in scan.records}
+    assert {d.node_id for d in nodes} <= set(found)
+    for d in nodes:
+        r = found[d.node_id]
+        assert (r.cluster_id, r.addresses, r.port) == (d.cluster_id, (LOOPBACK,), 17411)
