@@ -129,6 +129,8 @@ class Prober:
             await _flush(stream, endpoint, sent)
         except OSError as e:
             return _udp_error(seq, e)
+        except asyncio_dgram.TransportClosed:
+            return Probe(Channel.UDP, seq, Outcome.UNREACHABLE, detail="the socket closed")
         deadline = sent + self.timeout
         while True:
             left = deadline - time.monotonic()
@@ -143,13 +145,13 @@ class Prober:
                 continue
             except OSError as e:
                 return _udp_error(seq, e)
+            except asyncio_dgram.TransportClosed:
+                return Probe(Channel.UDP, seq, Outcome.UNREACHABLE, detail="the socket closed")
             now = time.monotonic()
             before = dict(endpoint.counters)
             endpoint.receive_datagram(data, addr, now)
-            try:
+            with contextlib.suppress(OSError, asyncio_dgram.TransportClosed):
                 await _flush(stream, endpoint, now)  # acks a reliable answer
-            except OSError:
-                pass
             while (ev := endpoint.next_event()) is not None:
                 if isinstance(ev, FrameReceived):
                     answer = _ack_answer(ev.data, seq)
