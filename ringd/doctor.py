@@ -197,12 +197,15 @@ def _networks(interfaces: Sequence[Interface]) -> list[tuple[Interface, str, Any
 
 
 def check_addresses(advertised: str | None, *, explicit: bool, interfaces: Sequence[Interface],
-                    peer_hosts: Sequence[str], source: str) -> Check:
+                    peer_hosts: Sequence[str], source: str,
+                    record: Record | None = None) -> Check:
     """The address peers use to reach this node (``advertised``, host:port, as the daemon
     says or ``source`` tells where it came from): is it this machine's, and on the network
-    its peers are on?"""
+    its peers are on? ``record``: this node's mDNS record, whose addresses peers that find
+    it by mDNS try."""
     name = "addresses"
-    notes = (interfaces_note(interfaces),)
+    notes = (interfaces_note(interfaces),) + (
+        (f"its mDNS record gives {_record_addr(record)}",) if record is not None else ())
     if advertised is None:
         return Check(name, State.SKIP, "the address this node advertises is not known", None,
                      notes)

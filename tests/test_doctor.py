@@ -124,6 +124,12 @@ def test_a_vpn_address_while_peers_are_on_the_lan_fails_and_names_the_right_one(
     assert 'advertise_host = "192.168.1.10"' in (c.fix or "")
 
 
+def test_the_mdns_record_of_this_node_is_shown() -> None:
+    c = check_addresses("192.168.1.10:7411", explicit=False, interfaces=[LAN], peer_hosts=[],
+                        source="s", record=Record("me", OURS, ("192.168.1.10", "10.8.0.2"), 7411))
+    assert c.notes[1] == "its mDNS record gives 192.168.1.10,10.8.0.2:7411"
+
+
 def test_a_vpn_address_alone_passes_with_a_note() -> None:
     c = check_addresses("10.8.0.2:7411", explicit=False, interfaces=[LO, LAN, VPN],
                         peer_hosts=[], source="as the daemon says")

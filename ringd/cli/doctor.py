@@ -185,7 +185,10 @@ def judge(facts: Facts) -> list[Check]:
                     scan=facts.scan, reports=facts.reports,
                     self_id=st.node.id if st else None),
         d.check_addresses(advertised, explicit=s.advertise_host is not None,
-                          interfaces=facts.interfaces, peer_hosts=peer_hosts, source=source),
+                          interfaces=facts.interfaces, peer_hosts=peer_hosts, source=source,
+                          record=next((r for r in facts.scan.records
+                                       if st is not None and r.node_id == st.node.id), None)
+                          if facts.scan else None),
         d.check_mdns(s.mdns, facts.scan, interfaces=s.mdns_interfaces, static_peers=s.peers,
                      self_id=st.node.id if st else None, cluster_id=cluster,
                      macos=facts.system == "Darwin"),
