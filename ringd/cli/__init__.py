@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from ringd.cli import demo, keys, model, proof, ring, service
+from ringd.cli import demo, doctor, keys, model, ping, proof, ring, service
 from ringd.cli.common import CONTEXT, Group, exit_codes_help
 
 __all__ = ["main"]
@@ -27,5 +27,5 @@ def main(ctx: click.Context, config: str | None) -> None:
 
 # The submodules keep their names (``ringd.cli.service`` is the module, not its group).
 for _command in (ring.status, ring.prompt, proof.verify, proof.bench, model.model, keys.keygen,
-                 demo.demo, service.service):
+                 demo.demo, service.service, ping.ping, doctor.doctor):
     main.add_command(_command)

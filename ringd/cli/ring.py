@@ -24,7 +24,8 @@ BAR_WIDTH = 24
 NO_PEER_HINT = (
     "this node sees no peer. On macOS, allow Local Network access for ringd "
     "(System Settings > Privacy & Security > Local Network) -- without it peers never appear; "
-    "where multicast is blocked, list peers with --peer host:port (peers = [...] in the config)."
+    "where multicast is blocked, list peers with --peer host:port (peers = [...] in the config). "
+    "`ringctl doctor` checks each cause."
 )
 #: Members whose phase is not known any more (their last word is stale).
 GONE = (MemberState.DEAD, MemberState.LEFT)

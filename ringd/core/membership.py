@@ -17,6 +17,10 @@ and LEFT need ``>= i``. The local node changes its metadata by bumping its own
 incarnation, so newer metadata always wins. Every message carries the sender's
 own record, so one exchange is enough to learn a peer.
 
+A one-shot prober (``ringctl ping``) is no member: it sends a Ping whose record says LEFT.
+An unknown member that has left is never added, so the prober gets its Ack (the node's own
+record, and no piggy-backed updates) and leaves no trace in the membership.
+
 A member's record is what SWIM needs (node id, name, address, incarnation, state, the
 protocol version it speaks) plus its metadata as bounded opaque bytes, as memberlist's
 ``Node.Meta``: SWIM carries them and never reads them. The ring gives them their meaning
@@ -252,7 +256,10 @@ class Membership:
             if msg.target_id is not None and msg.target_id != self.node_id:
                 self.counters["ignored_messages"] += 1
             else:
-                self._send(from_addr, Ack(msg.seq, self._self), piggyback=True)
+                # A prober that is no member (its record says LEFT, so the merge above did
+                # not add it) gets a bare ack: the updates' transmissions are for members.
+                self._send(from_addr, Ack(msg.seq, self._self),
+                           piggyback=src.node_id in self._members)
         elif isinstance(msg, Ack):
             self._on_ack(msg, now)
         elif isinstance(msg, PingReq):

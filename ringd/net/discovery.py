@@ -64,7 +64,9 @@ class DiscoveryStats:
     peers: int                   # peers currently known
 
 
-class _Rejected(Exception):
+class RecordRejected(Exception):
+    """A record that is not taken: ``kind`` is the counter it goes to, ``reason`` says why."""
+
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(reason)
         self.kind = kind
@@ -77,35 +79,35 @@ def instance_name(node_id: str) -> str:
 
 def parse_record(name: str, text_len: int, properties: dict[bytes, bytes | None],
                  addresses: Sequence[str]) -> PeerInfo:
-    """Turn a resolved record into a PeerInfo; raises _Rejected('malformed', ...) if it does
-    not parse."""
+    """Turn a resolved record into a PeerInfo; raises RecordRejected('malformed', ...) if it
+    does not parse."""
     if text_len > MAX_TXT_BYTES:
-        raise _Rejected("malformed", f"TXT record of {text_len} bytes")
+        raise RecordRejected("malformed", f"TXT record of {text_len} bytes")
 
     def field(key: bytes) -> str:
         raw = properties.get(key)
         if raw is None or len(raw) > 64:
-            raise _Rejected("malformed", f"TXT key {key.decode()} missing or too long")
+            raise RecordRejected("malformed", f"TXT key {key.decode()} missing or too long")
         try:
             return raw.decode("ascii")
         except UnicodeDecodeError:
-            raise _Rejected("malformed", f"TXT key {key.decode()} is not ASCII") from None
+            raise RecordRejected("malformed", f"TXT key {key.decode()} is not ASCII") from None
 
     def number(key: bytes, lo: int, hi: int) -> int:
         text = field(key)
         if not (text.isdigit() and len(text) <= 5 and lo <= int(text) <= hi):
-            raise _Rejected("malformed",
+            raise RecordRejected("malformed",
                             f"TXT key {key.decode()}={text!r} is not a number in {lo}..{hi}")
         return int(text)
 
     node_id, cluster_id = field(b"id"), field(b"cluster")
     if not ID_RE.fullmatch(node_id) or not ID_RE.fullmatch(cluster_id):
-        raise _Rejected("malformed", "bad node or cluster id")
+        raise RecordRejected("malformed", "bad node or cluster id")
     if name.lower() != instance_name(node_id).lower():
-        raise _Rejected("malformed", f"instance name does not match node id {node_id}")
+        raise RecordRejected("malformed", f"instance name does not match node id {node_id}")
     addrs = tuple(addresses[:MAX_ADDRESSES])  # built by zeroconf from A/AAAA records: well-formed
     if not addrs:
-        raise _Rejected("malformed", "no address")
+        raise RecordRejected("malformed", "no address")
     return PeerInfo(node_id=node_id, cluster_id=cluster_id, protocol=number(b"proto", 0, 65535),
                     addresses=addrs, port=number(b"port", 1, 65535),
                     http_port=number(b"http", 0, 65535), service_name=name)
@@ -254,13 +256,14 @@ class Discovery:
             peer = parse_record(name, len(info.text or b""), info.properties,
                                 info.parsed_scoped_addresses())
             if peer.node_id == self.node_id:
-                raise _Rejected("malformed", f"another record claims our node id {self.node_id}")
+                raise RecordRejected("malformed",
+                                     f"another record claims our node id {self.node_id}")
             if peer.cluster_id != self.cluster_id:
-                raise _Rejected("ignored_other_cluster", f"cluster {peer.cluster_id}")
+                raise RecordRejected("ignored_other_cluster", f"cluster {peer.cluster_id}")
             if peer.protocol != self.protocol:
-                raise _Rejected("ignored_other_protocol",
+                raise RecordRejected("ignored_other_protocol",
                                 f"protocol version {peer.protocol}, we speak {self.protocol}")
-        except _Rejected as r:
+        except RecordRejected as r:
             self._reject(name, r)
             return
         self._rejected.pop(name, None)
@@ -276,7 +279,7 @@ class Discovery:
                  peer.port)
         self._call(self._on_peer, peer)
 
-    def _reject(self, name: str, r: _Rejected) -> None:
+    def _reject(self, name: str, r: RecordRejected) -> None:
         previous = self._peers.pop(name, None)
         if previous is not None and self._on_peer_removed is not None:
             self._call(self._on_peer_removed, previous)
