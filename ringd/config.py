@@ -127,9 +127,9 @@ class Settings:
                                     "beyond max_concurrent, or for the ring to re-plan; beyond "
                                     "it: 'busy'.")
     queue_timeout: float = _opt(60.0, help="Seconds a request may wait in that queue.")
-    step_timeout: float = _opt(120.0, help="Seconds without a token, while the ring serves, "
-                                           "before a request fails naming the nodes that hold "
-                                           "it.")
+    step_timeout: float = _opt(120.0, help="Seconds without progress (a token, or a part of "
+                                           "the prompt computed), while the ring serves, before "
+                                           "a request fails naming the nodes that hold it.")
     schedule: str = _opt("decode-first", help="Order of this node's MLX jobs: decode-first (a "
                                               "running stream's next step goes before a long "
                                               "prompt, which runs in slices) or fifo.")

@@ -38,7 +38,8 @@ Rules, all in this file:
 - The coverage proof (:mod:`ringd.core.route`) is checked at every stage and at the
   sampling node; the entry checks that every token passed through ``[0, num_layers)``.
 - Stage requests idle for ``request_timeout`` are freed; an entry request that runs longer
-  than ``request_timeout``, or gets no token for ``step_timeout`` while the ring serves,
+  than ``request_timeout``, or makes no progress (no token, no :class:`wire.Progress` of its
+  prompt) for ``step_timeout`` while the ring serves,
   fails with ``timeout`` (naming the nodes holding it). Duplicates (a frame that came by two
   channels) are dropped, never an error; tokens that overtake one another are put back in
   order.
@@ -126,6 +127,7 @@ class EntryRequest:
     early: dict[int, wire.Token] = field(default_factory=dict)  # tokens ahead of their step
     replays: int = 0
     paused_for: str | None = None  # why it is paused
+    computed: int = 0  # prompt positions the whole ring computed (Progress), this run
 
     @property
     def prompt_tokens(self) -> int:
@@ -364,6 +366,7 @@ class Pipeline:
             return
         k = entry.tokens
         entry.route, entry.state, entry.paused_for = route, EntryState.PREFILL, None
+        entry.computed = 0
         entry.replays += 1
         entry.progress = now + self.config.step_timeout
         self.counters["requests_replayed"] += 1
@@ -442,7 +445,12 @@ class Pipeline:
             if reason is None and route.first.node_id != job.entry:
                 # the entry, when it owns layer 0, starts the next step itself
                 self._send(route.first.node_id, dataclasses.replace(token, logits=None))
-        elif not isinstance(result, Filled):
+        elif isinstance(result, Filled):
+            # a part of the prompt went through every layer: its entry knows the ring works
+            shape = job.tensor.shape
+            done = job.position + (shape[0] if len(shape) == 1 else shape[1])
+            self._send(job.entry, wire.Progress(rid, job.epoch, done))
+        else:
             raise LocalProtocolError(f"the last stage produced {type(result).__name__}")
         self._run_local(now)
 
@@ -465,9 +473,12 @@ class Pipeline:
                     hint="raise request_timeout, or ask for fewer tokens"))
             elif entry.state in LIVE and now >= entry.progress:
                 held = ", ".join(self.names.get(i) or i for i in entry.route.node_ids)
+                where = (f"; the ring computed {entry.computed} of its "
+                         f"{entry.prompt_tokens + entry.tokens} prompt positions"
+                         if entry.state is EntryState.PREFILL else "")
                 self._fail_entry(entry, RequestError(
-                    "timeout", f"no token for {cfg.step_timeout:g} s (step_timeout): the "
-                    f"request is held by nodes {held} (plan epoch {entry.route.epoch})",
+                    "timeout", f"no progress for {cfg.step_timeout:g} s (step_timeout): the "
+                    f"request is held by nodes {held} (plan epoch {entry.route.epoch}){where}",
                     hint="see those nodes' logs; raise step_timeout for very slow stages"))
         for rid, rec in list(self._stages.items()):
             if now >= rec.last_seen + cfg.request_timeout:
@@ -526,6 +537,12 @@ class Pipeline:
                 self._on_token(msg, sender, now)
             else:  # an old plan's token (a request replayed since), or a confused node
                 self.counters["stale_epoch"] += 1
+        elif isinstance(msg, wire.Progress):
+            entry = self._entries.get(msg.request_id)
+            if (entry is not None and entry.state is EntryState.PREFILL
+                    and msg.epoch == entry.route.epoch):
+                entry.computed = max(entry.computed, msg.position)
+                entry.progress = now + self.config.step_timeout
         elif isinstance(msg, wire.Cancel):
             self._end_stage(msg.request_id)
         elif isinstance(msg, wire.Error):

@@ -201,6 +201,7 @@ class MsgType(IntEnum):
     FETCH_REQUEST = 7
     FETCH_REPLY = 8
     SEQUENCED = 9  # not a message: the head of a sequenced frame (see sequence_head)
+    PROGRESS = 10
 
 
 _u63, _i31, _rid = integer(0, U63), integer(0, I31), text(MAX_ID, min_len=1)
@@ -390,6 +391,23 @@ _ERROR_CHECKS = (("request_id", _rid), ("code", text(64, min_len=1)), ("message"
                  ("epoch", _u63))
 
 
+@dataclass(slots=True)
+class Progress:
+    """The last stage to a request's entry: the ring computed the prompt up to ``position``
+    (a prefill slice or chunk that samples nothing), so a long prompt is not taken for a
+    stuck ring."""
+
+    request_id: str
+    epoch: int
+    position: int
+
+    def __post_init__(self) -> None:
+        check(self, _PROGRESS_CHECKS)
+
+
+_PROGRESS_CHECKS = (("request_id", _rid), ("epoch", _u63), ("position", _u63))
+
+
 # --- weight transfer (ringd.weights): a holder serves an item's bytes by key, in chunks --
 MAX_MODEL_ID = 64  # model ids are 32 hex digits
 #: An item key (:mod:`ringd.core.model_manifest`: a tensor name of at most 300 characters,
@@ -459,7 +477,8 @@ _FETCH_REPLY_CHECKS = (("model_id", _model_id), ("key", _key), ("offset", _u63),
                                      "bytes")))
 
 
-Message = Union[Handshake, Gossip, Activation, Token, Cancel, Error, FetchRequest, FetchReply]
+Message = Union[Handshake, Gossip, Activation, Token, Cancel, Error, Progress, FetchRequest,
+                FetchReply]
 _HEAD = struct.Struct("<BI")
 _packb = msgpack.Packer(use_bin_type=True).pack
 
@@ -566,11 +585,12 @@ def decode(data: Buffer) -> Message:
 _TYPES: dict[type, MsgType] = {Handshake: MsgType.HANDSHAKE, Gossip: MsgType.GOSSIP,
                                Activation: MsgType.ACTIVATION, Token: MsgType.TOKEN,
                                Cancel: MsgType.CANCEL, Error: MsgType.ERROR,
+                               Progress: MsgType.PROGRESS,
                                FetchRequest: MsgType.FETCH_REQUEST,
                                FetchReply: MsgType.FETCH_REPLY}
 _CLASSES = {int(v): k for k, v in _TYPES.items()}
 _FIELDS = {cls: tuple(f.name for f in fields(cls))
-           for cls in (Handshake, Token, Cancel, Error, FetchRequest)}
+           for cls in (Handshake, Token, Cancel, Error, Progress, FetchRequest)}
 
 
 # ======================================================================== sequenced frames

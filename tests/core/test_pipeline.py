@@ -587,3 +587,27 @@ def test_no_token_for_step_timeout_fails_the_request_naming_its_nodes():
     p.handle_timer(17.0)
     (d,) = of(p.effects(), Deliver)
     assert d.item.code == "timeout" and "held by nodes a, b, c (plan epoch 5)" in d.item.message
+
+
+def test_a_long_prompt_that_moves_is_not_taken_for_a_stuck_ring():
+    p = pipeline("a", cfg=PipelineConfig(step_timeout=5.0, request_timeout=100.0))
+    p.open("r", list(range(1, 13)), SamplingParams(), now=10.0)  # 3 chunks of 4
+    p.effects()
+    for t, done in ((14.0, 4), (18.0, 8)):  # the last stage computed a chunk (or a slice)
+        p.receive(wire.Progress("r", 5, done), "c", t)
+    p.receive(wire.Progress("r", 4, 12), "c", 19.0)  # an old plan's: no news
+    p.effects()
+    assert p.get_timer() == 23.0 and p.entry("r").state is EntryState.PREFILL
+    p.handle_timer(23.0)
+    (d,) = of(p.effects(), Deliver)
+    assert d.item.code == "timeout"
+    assert "the ring computed 8 of its 12 prompt positions" in d.item.message
+
+
+def test_the_last_stage_reports_each_part_of_a_prompt_that_samples_nothing():
+    p = pipeline("c")
+    p.receive(act(n=4, lo=0, hi=4, final=False), "b", 1.0)
+    (job,) = of(p.effects(), Compute)
+    p.computed(job, Filled(), 2.0)
+    sends = of(p.effects(), Send)
+    assert [(s.node_id, s.msg) for s in sends] == [("a", wire.Progress("r", 5, 4))]

@@ -14,7 +14,7 @@ from ringd.core import wire
 from ringd.core.requests import SamplingParams
 from ringd.core.wire import (DTYPE_SIZES, MAX_DIM, MAX_FETCH, MAX_KEY, MAX_RANK, Activation,
                              Cancel, Dropped, Error, FetchReply, FetchRequest, Gossip, Handshake,
-                             MsgType, Tensor, Token, decode, encode, encode_bytes)
+                             MsgType, Progress, Tensor, Token, decode, encode, encode_bytes)
 from ringd.errors import LocalProtocolError, RemoteProtocolError, RequestError
 
 # ------------------------------------------------------------------------ strategies
@@ -46,6 +46,7 @@ messages = st.one_of(
     st.builds(Token, ids, u63, u63, i31, i31, i31, st.none() | st.sampled_from(["stop", "length"]),
               st.none() | logits),
     st.builds(Cancel, ids, st.text(max_size=200)),
+    st.builds(Progress, ids, u63, u63),
     st.builds(Error, ids, st.text(min_size=1, max_size=64), st.text(max_size=500)),
     st.builds(FetchRequest, printable, printable, u63, st.integers(1, MAX_FETCH)),
     st.builds(FetchReply, printable, printable, u63,
