@@ -11,13 +11,16 @@ Layers, bottom up (the bytes of the first two: :mod:`ringd.core.packet`):
   receive them with one ``recvmsg`` (UDP GRO); elsewhere they go one by one. IP
   fragmentation is never used.
 - **Packet**: the concatenated segment payloads form one sealed unit
-  (:meth:`ringd.core.seal.Sealer.seal`): one AEAD tag per packet, nonce = packet number
-  (never reused: a retransmission is a new packet). Nothing is parsed before the tag checks
-  out, and a forged segment can at most make its packet fail (and be sent again). Replays of
-  captured packets are turned away before the AEAD, by the replay window of the node the
-  unit claims to be from (of the node known at that address, for segments before
-  reassembly). The plaintext is a list of chunks: ACK (selective, newest ranges first),
-  DATA (a byte range of a frame on a stream), ONESHOT (an unreliable message).
+  (:meth:`ringd.core.seal.Sealer.seal`): one AEAD tag per packet, nonce = packet number.
+  The sender's key is one per session, whatever the destination, so packet numbers are
+  unique per session: each peer state (a new one after an eviction too) numbers its packets
+  in a range of its own (:meth:`Sealer.udp_pn_range`), and a retransmission is a new packet.
+  Nothing is parsed before the tag checks out, and a forged segment can at most make its
+  packet fail (and be sent again). Replays of captured packets are turned away before the
+  AEAD, by the replay window of the node the unit claims to be from (of the node known at
+  that address, for segments before reassembly). The plaintext is a list of chunks: ACK
+  (selective, newest ranges first), DATA (a byte range of a frame on a stream), ONESHOT (an
+  unreliable message).
 - **Frames** are byte strings delivered exactly once, in order per ``(peer, stream)``.
 
 Loss recovery follows RFC 9002: RTT estimate (smoothed, variance, min), packet threshold 3
@@ -57,7 +60,7 @@ from ringd.core.packet import (
     to_segments,
 )
 from ringd.core.reliable_peer import InFrame, InStream, OutFrame, OutStream, Peer, Sent
-from ringd.core.seal import CHANNEL_UDP, ReplayGuard, Sealer
+from ringd.core.seal import CHANNEL_UDP, PN_RANGE_MASK, ReplayGuard, Sealer
 from ringd.core.wire import WIRE_VERSION, Buffer, Dropped, new_counters
 from ringd.errors import LocalProtocolError
 
@@ -308,6 +311,7 @@ class Endpoint:
             peer = self._peers[addr] = Peer(addr, now, datagram_size=cfg.datagram_size,
                                             initial_rtt=cfg.initial_rtt,
                                             max_ack_delay=cfg.max_ack_delay)
+            peer.next_pn = self._sealer.udp_pn_range()
             self._size(peer, self._sizes.get(addr, self.config.datagram_size))
         else:
             self._peers.move_to_end(addr)
@@ -392,7 +396,9 @@ class Endpoint:
             if not parts:
                 return
             pn = peer.next_pn
-            peer.next_pn = pn + 1
+            # the end of its range (2**40 packets): a fresh range; the receiver's replay
+            # window moves on, older packets in flight are declared lost and sent again
+            peer.next_pn = pn + 1 if (pn + 1) & PN_RANGE_MASK else self._sealer.udp_pn_range()
             unit = self._sealer.seal(CHANNEL_UDP, pn, b"".join(parts))
             t = to_segments(peer.addr, unit, tag=self._sealer.cluster_tag,
                             session=self._sealer.session, pn=pn, seg_payload=peer.seg_payload,

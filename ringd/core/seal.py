@@ -65,6 +65,14 @@ def _aead(key: bytes, session: int, channel: int, encrypted: bool) -> AESOCB3 | 
     return AESOCB3(k) if encrypted else AESGCM(k)
 
 
+#: UDP packet numbers come in ranges of 2**PN_RANGE_BITS, one per peer state: the nonce is
+#: the packet number and the key is the sender's (session, channel), whatever the
+#: destination, so no two peer states (nor one peer's before and after an eviction, nor two
+#: endpoints on one sealer) may number a packet alike.
+PN_RANGE_BITS = 40
+PN_RANGE_MASK = (1 << PN_RANGE_BITS) - 1
+
+
 def _nonce(pn: int) -> bytes:
     return b"\0\0\0\0" + pn.to_bytes(8, "little")
 
@@ -89,6 +97,15 @@ class Sealer:
         self._own = {ch: _aead(key, session, ch, encrypt) for ch in (CHANNEL_UDP, CHANNEL_TCP)}
         self._peer_keys: OrderedDict[tuple[int, int, bool], AESOCB3 | AESGCM] = OrderedDict()
         self._max_peer_keys = max_peer_keys
+        self._pn_ranges = 0
+
+    def udp_pn_range(self) -> int:
+        """The first UDP packet number of a range nobody else sealing with this session's
+        key gets (see :data:`PN_RANGE_BITS`)."""
+        self._pn_ranges += 1
+        if self._pn_ranges >> (63 - PN_RANGE_BITS):
+            raise LocalProtocolError("UDP packet numbers of this session are used up")
+        return self._pn_ranges << PN_RANGE_BITS
 
     @property
     def overhead(self) -> int:

@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 from ringd.core import reliable
 from ringd.core.packet import SEGMENT, Transmit
 from ringd.core.reliable import Endpoint, FrameReceived, PeerUnreachable, ReliableConfig
-from ringd.core.seal import ReplayGuard, Sealer, new_session
+from ringd.core.seal import PN_RANGE_BITS, ReplayGuard, Sealer, new_session
 from ringd.errors import LocalProtocolError
 
 KEY = bytes(range(32))
+PN0 = 1 << PN_RANGE_BITS  # the first packet number of an endpoint's first peer
 A = ("10.0.0.1", 7411)
 B = ("10.0.0.2", 7411)
 
@@ -185,7 +186,7 @@ def test_packet_threshold_declares_loss_without_a_timer() -> None:
     a, b = endpoint("a"), endpoint("b")
     net = Net({A: a, B: b})
     first = []
-    net.drop_next.append(lambda s, d, seg: s == A and struct.unpack_from("<Q", seg, 16)[0] == 0
+    net.drop_next.append(lambda s, d, seg: s == A and struct.unpack_from("<Q", seg, 16)[0] == PN0
                          and not first.append(1) and len(first) == 1)
     for i in range(5):
         a.send_frame(B, bytes([i]) * 10, 0.0)
@@ -210,7 +211,7 @@ def test_time_threshold_sets_the_loss_timer() -> None:
     net.flush()
     a.send_frame(B, b"two", t0)
     net.flush()
-    net.run_until(lambda: a._peers[B].largest_acked >= 2)
+    net.run_until(lambda: a._peers[B].largest_acked >= PN0 + 2)
     # pn 1 was lost, pn 2 acked: one packet short of the threshold, so a timer at 9/8 RTT
     assert a.get_timer() == pytest.approx(t0 + 9 / 8 * max(rtt, a._peers[B].latest_rtt))
     net.run_until(lambda: len(net.frames(B)) == 3)
@@ -363,7 +364,7 @@ def test_datagram_rejections_are_counted() -> None:
     assert b.counters["wrong_cluster"] == 1
     tampered = bytearray(seg)
     tampered[-1] ^= 1
-    tampered[16:24] = (99).to_bytes(8, "little")  # a fresh packet number, bad tag
+    tampered[16:24] = (PN0 + 99).to_bytes(8, "little")  # a fresh packet number, bad tag
     b.receive_datagram(bytes(tampered), A, net.now)
     assert b.counters["bad_mac"] == 1
     newer = bytearray(seg)
@@ -492,3 +493,23 @@ def test_fuzz_datagram_decoder_never_raises(data) -> None:
     assert b._assembly_bytes <= 64 * 1024
     held = sum(p.reassembly for p in b._peers.values())
     assert held <= b.config.reassembly_budget + b.config.max_frame
+
+
+def test_no_packet_number_is_used_twice_whatever_the_destination() -> None:
+    """The AEAD nonce is the packet number and the sender's key is the same for every
+    destination: packets to two peers, to one peer before and after its state was evicted,
+    and from two endpoints on one sealer must never share a number (nonce reuse breaks
+    AES-OCB3)."""
+    sealer = Sealer(KEY, "a", new_session(1000, 1))
+    ep = Endpoint(sealer, ReplayGuard(), config=ReliableConfig(max_peers=1))
+    twin = Endpoint(sealer, ReplayGuard())  # a second user of the same key (ringctl ping)
+    c = ("10.0.0.3", 7411)
+    pns = []
+    for i, (e, dst) in enumerate(((ep, B), (ep, c), (ep, B), (ep, c), (twin, B))):
+        e.send_frame(dst, b"x" * 100, float(i))  # max_peers=1: each send evicts the other
+        for t in e.datagrams_to_send(float(i)):
+            pns.append((t.addr, SEGMENT.unpack_from(bytes(t.iov[0]), 0)[6]))
+        e._peers[dst].sent.clear()  # as if acked: the state may be evicted
+        e._peers[dst].queued = 0
+    assert [a for a, _ in pns] == [B, c, B, c, B]
+    assert len({pn for _, pn in pns}) == 5, pns
