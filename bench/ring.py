@@ -495,13 +495,18 @@ def stall_case(model_dir: Path, tok: Any, nodes: int, mode: str, args: argparse.
             alone = timed(ring_tokens(client, long_text, 1)).ttft
             stream: list[float] = []
             started = threading.Event()
+            failed: list[BaseException] = []
 
             def run_stream() -> None:
-                for _ in ring_tokens(client, SHORT, args.stall_tokens):
-                    stream.append(time.perf_counter())
-                    if len(stream) == 20:
-                        started.set()
-                started.set()
+                try:
+                    for _ in ring_tokens(client, SHORT, args.stall_tokens):
+                        stream.append(time.perf_counter())
+                        if len(stream) == 20:
+                            started.set()
+                except BaseException as e:  # reported in the row
+                    failed.append(e)
+                finally:
+                    started.set()
 
             t = threading.Thread(target=run_stream)
             t.start()
@@ -513,6 +518,7 @@ def stall_case(model_dir: Path, tok: Any, nodes: int, mode: str, args: argparse.
             p50, p99, worst = gaps_stats(stream)
             schedule = [n.client.status()["stats"]["runner"]["schedule"] for n in ring.nodes]
             return {"nodes": nodes, "mode": mode, "prompt": len(long_ids), "tokens": len(stream),
+                    "error": str(failed[0]).splitlines()[0] if failed else None,
                     "p50": p50, "p99": p99, "max": worst, "during": len(during),
                     "ttft": first.times[0] - sent, "alone": alone,
                     "slice": [x["slice_tokens"] for x in schedule]}
@@ -534,7 +540,9 @@ def stall(args: argparse.Namespace, model_dir: Path, tok: Any, budgets: list[int
                   f"p99 {1000 * r['p99']:6.0f} ms, max {1000 * r['max']:6.0f} ms "
                   f"(max/p50 {r['max'] / r['p50']:5.1f}); {r['during']} tokens during the "
                   f"prefill; long prompt ({r['prompt']} tokens) first token {r['ttft']:6.2f} s, "
-                  f"alone {r['alone']:6.2f} s; slice tokens {r['slice']}", flush=True)
+                  f"alone {r['alone']:6.2f} s; slice tokens {r['slice']}"
+                  + (f"; the stream FAILED after {r['tokens']} tokens: {r['error']}"
+                     if r["error"] else ""), flush=True)
     print()
     print("| nodes | schedule | stream p50 | p99 | max | max / p50 | tokens during prefill "
           "| long TTFT | TTFT / fifo | TTFT alone |")
@@ -603,8 +611,12 @@ def main() -> None:
           f"and the daemons on CPUs {sorted(os.sched_getaffinity(0))}; daemons: max_context "
           f"{context}, max_concurrent {concurrency}; load average {os.getloadavg()[0]:.1f}")
     if args.stall:
+        # step_timeout raised: under fifo the stream's next step waits for the whole prefill,
+        # longer than the default 120 s on this CPU (that failure is the point of decode-first;
+        # here both runs must finish to be compared)
         stall(args, model_dir, Tokenizer.load(model_dir), budgets,
-              (f"--max-context={context}", f"--max-concurrent={concurrency}"))
+              (f"--max-context={context}", f"--max-concurrent={concurrency}",
+               "--step-timeout=1800", "--request-timeout=3600"))
         return
     bench = Bench(args, model_dir, info, Tokenizer.load(model_dir))
 
