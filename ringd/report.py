@@ -39,7 +39,8 @@ def node_status(d: Any) -> Status:
         fingerprint=control.ring_fingerprint,
         measured_tps=rate["tokens_per_second"] if rate else None,
         agreement=control.agreement.status(), timeline=control.timeline,
-        stats={"runner": runner.status(), "membership": membership.stats(),
+        stats={"runner": runner.status(), "timings": _timings(runner),
+               "membership": membership.stats(),
                "transport": d.transport.stats(),
                "discovery": d.discovery.stats().__dict__ if d.discovery else None,
                "compute": compute.stats() if compute else None,
@@ -48,3 +49,9 @@ def node_status(d: Any) -> Status:
 
 def _unknown(start: int, end: int) -> int:
     return 0
+
+
+def _timings(runner: Any) -> dict[str, Any] | None:
+    """The runner's rolling step timings (``Runner.timings()``, issue 17), if it has them."""
+    read = getattr(runner, "timings", None)
+    return read() if callable(read) else None

@@ -23,6 +23,7 @@ from ringd.core.plan import Plan
 from ringd.core.proof import StageLoad, rate_verdict, ring_ceiling
 from ringd.core.ringmeta import NodeMeta, NodePhase
 from ringd.core.swim_wire import Member, MemberState
+from ringd.core.timing import StageTimings
 from ringd.errors import RingdError
 
 Json = dict[str, Any]
@@ -103,6 +104,8 @@ class MemberStatus:
     fetch: tuple[int, int] | None = None
     #: The channel this node's small frames to it take: "udp", or "tcp" after UDP timeouts.
     channel: str | None = None
+    #: Its rolling step timings, as it gossips them (None: none yet, or it is gone).
+    timings: StageTimings | None = None
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,8 @@ def _member_json(m: MemberStatus) -> Json:
             "software_version": m.software_version, "http_port": m.http_port, "self": m.is_self,
             "fingerprint": m.fingerprint, "refusal": m.refusal,
             "memory_bandwidth": m.memory_bandwidth,
-            "fetch": None if m.fetch is None else list(m.fetch), "channel": m.channel}
+            "fetch": None if m.fetch is None else list(m.fetch), "channel": m.channel,
+            "timings": None if m.timings is None else m.timings.as_json()}
 
 
 def _ceiling_json(c: Ceiling) -> Json:
@@ -314,7 +318,8 @@ def _member(m: _Obj) -> MemberStatus:
         http_port=m.get("http_port", "int", None), is_self=m.get("self", "bool", False),
         fingerprint=m.get("fingerprint", "str", None), refusal=m.get("refusal", "str", None),
         memory_bandwidth=m.get("memory_bandwidth", "int", None), fetch=_fetch(m),
-        channel=m.get("channel", "str", None))
+        channel=m.get("channel", "str", None),
+        timings=StageTimings.read(m.get("timings", "obj", None)))
 
 
 def _fetch(m: _Obj) -> tuple[int, int] | None:
@@ -376,7 +381,8 @@ def member_status(m: Member, meta: NodeMeta | None, *, layers: tuple[int, int] |
         base, phase=meta.phase if known else None, usable_memory=meta.usable_memory,
         total_memory=meta.total_memory, software_version=meta.software_version,
         http_port=meta.http_port, fingerprint=meta.fingerprint, refusal=meta.refusal,
-        memory_bandwidth=meta.memory_bandwidth or None, fetch=meta.fetch if known else None)
+        memory_bandwidth=meta.memory_bandwidth or None, fetch=meta.fetch if known else None,
+        timings=meta.timings if known else None)
 
 
 def plan_status(plan: Plan) -> PlanStatus:

@@ -11,7 +11,8 @@ from ringd.core.proof import StageLoad, ring_ceiling
 from ringd.core.ringmeta import NodePhase
 from ringd.core.swim_wire import MemberState
 from ringd.status import MalformedStatus, Status
-from tests.statuses import member, node_status, plan_of, ring_members, shard_bytes
+from tests.statuses import (TIMINGS, member, node_status, plan_of, ring_members,
+                            shard_bytes)
 
 
 def test_round_trip_through_json_is_lossless() -> None:
@@ -34,6 +35,20 @@ def test_members_carry_the_plan_and_the_measured_round_trips() -> None:
     assert by_id["a1"].is_self and by_id["a1"].rtt_ms is None  # no round trip to itself
     assert by_id["b2"].rtt_ms == pytest.approx(0.314)
     assert st.node.phase is NodePhase.SERVING and st.plan.epoch == plan.epoch
+
+
+def test_members_carry_their_gossiped_step_timings() -> None:
+    members = ring_members(dead=True)
+    st = node_status(members, plan_of(members))
+    by_id = {m.id: m for m in st.members}
+    for node_id in ("a1", "b2", "c3"):
+        assert by_id[node_id].timings == TIMINGS[node_id]
+    assert by_id["d4"].timings is None  # gossips none
+    assert by_id["e5"].timings is None  # dead: its last word is stale
+    j = st.to_json()["members"]
+    beta = next(m for m in j if m["id"] == "b2")["timings"]
+    assert beta["compute_ms"] == {"p50": 95.5, "p99": 95.5 * 1.25}
+    assert beta["next_rtt_ms"] == 0.4 and beta["steps"] == 120
 
 
 def test_a_dead_or_left_member_has_no_known_phase() -> None:
