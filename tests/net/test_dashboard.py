@@ -212,7 +212,7 @@ async def test_the_page_asks_for_the_key_once_per_tab(served) -> None:
         await page.click("#key-submit")
         await page.wait_for_selector("#key-dialog[open]")
         await page.wait_for_function(
-            "document.querySelector('#key-error').textContent.includes('wrong API key')")
+            "() => document.querySelector('#key-error').textContent.includes('wrong API key')")
         await page.fill("#key-input", KEY)
         await page.click("#key-submit")
         await page.wait_for_selector("#ring g.node")

@@ -228,12 +228,12 @@ function drawRing(st, ring) {
   if (planned && n > 1) {
     for (let i = 0; i < n; i++) {
       const [x1, y1] = pos[i], [x2, y2] = pos[(i + 1) % n];
-      // a chord bent outwards, from box edge to box edge
+      // a chord bent outwards (two nodes: each link to its own side), box edge to box edge
       const mx = (x1 + x2) / 2, my = (y1 + y2) / 2;
-      const dx = mx - cx, dy = my - cy, d = Math.hypot(dx, dy) || 1;
-      const bend = n === 2 ? (i === 0 ? 60 : -60) : 40;
-      const qx = mx + (n === 2 ? -dy / d : dx / d) * bend;
-      const qy = my + (n === 2 ? dx / d : dy / d) * bend;
+      let ox = mx - cx, oy = my - cy;
+      if (n === 2) { ox = y1 - y2; oy = x2 - x1; }
+      const d = Math.hypot(ox, oy) || 1, bend = n === 2 ? 70 : 40;
+      const qx = mx + ox / d * bend, qy = my + oy / d * bend;
       const a = edgePoint(x1, y1, qx, qy, w, h), b = edgePoint(x2, y2, qx, qy, w, h);
       const rtt = linkRtt(st, ring, i);
       const from = nameOf(ring[i].m, ring[i].id), to = nameOf(ring[(i + 1) % n].m,
