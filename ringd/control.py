@@ -30,6 +30,7 @@ from ringd.core.agreement import (
     StopServing,
 )
 from ringd.core.membership import Membership
+from ringd.core.paths import Advertised
 from ringd.core.plan import Plan, model_shape
 from ringd.core.proof import (
     StageClaim,
@@ -72,7 +73,7 @@ class RingControl:
                  total: int, http_port: int, state: Any, transport: Transport,
                  library: ModelLibrary, provisioner: Provisioner, loader: ShardLoader,
                  runner: Runner, spawn: Callable[[Any], asyncio.Task[Any]],
-                 fault: Fault | None = None) -> None:
+                 fault: Fault | None = None, addresses: tuple[Advertised, ...] = ()) -> None:
         self.settings = settings
         self.node_id = node_id
         self.state = state  # ringd.state.NodeState: the plan epoch survives restarts
@@ -98,7 +99,8 @@ class RingControl:
         self.meta = NodeMeta(usable_memory=usable, total_memory=total,
                              holdings=library.holdings(), phase=NodePhase.JOINING,
                              software_version=__version__, http_port=http_port,
-                             model=settings.model, model_version=0, standby=True)
+                             model=settings.model, model_version=0, standby=True,
+                             addresses=addresses)
         self._decoder = MetaDecoder()  # the members' metadata as the ring reads it
         self.membership = Membership(node_id, settings.node_name, addr, self.meta.encode(),
                                      rng=random.Random(),
@@ -336,6 +338,8 @@ class RingControl:
 
     # ---------------------------------------------------------------- queries
     def address_of(self, node_id: str) -> Addr | None:
+        """A member's membership address (the daemon may send bulk traffic elsewhere: see
+        :meth:`ringd.daemon.Daemon.data_address`)."""
         m = self.membership.member(node_id)
         return m.addr if m is not None else None
 

@@ -80,6 +80,20 @@ def shard_bytes(start: int, end: int) -> int:
     return sum(SHAPE.layer_bytes[start:end])
 
 
+#: The link prober's chosen paths from alpha (as :meth:`LinkProber.path_status` gives them).
+PATHS = {
+    "b2": {"address": "169.254.3.4", "interface": "bridge0", "kind": "thunderbolt",
+           "rtt_ms": 0.08, "throughput": 2.5e9, "pinned": False,
+           "reason": "lowest round trip of 2 paths",
+           "options": [{"address": "169.254.3.4", "interface": "bridge0", "kind": "thunderbolt",
+                        "rtt_ms": 0.08, "throughput": 2.5e9, "up": True},
+                       {"address": "192.168.1.21", "interface": "en1", "kind": "wifi",
+                        "rtt_ms": 3.1, "throughput": None, "up": True}]},
+    "c3": {"address": "127.0.0.1", "interface": "lo", "kind": "loopback", "rtt_ms": 0.4,
+           "throughput": None, "pinned": True, "reason": "pinned to lo", "options": []},
+}
+
+
 def node_status(members: list[Member], plan: Plan | None, *, serving: bool = True,
                 reason: str | None = None, measured_tps: float | None = 5.0,
                 node_id: str = "a1") -> Status:
@@ -95,6 +109,6 @@ def node_status(members: list[Member], plan: Plan | None, *, serving: bool = Tru
     return ring_status(
         node_id=node_id, node_name=me.name, addr=me.addr,
         http_port=metas[node_id].http_port, members=members, metas=metas, plan=plan,
-        rtt=RTTS.get, model=MODEL, shard_bytes=shard_bytes,
+        rtt=RTTS.get, model=MODEL, shard_bytes=shard_bytes, path=PATHS.get,
         serving=serving, reason=reason, fingerprint="c0ffee1234", measured_tps=measured_tps,
         timeline={"plan_committed": 1.25}, stats=stats)

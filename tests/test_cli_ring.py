@@ -138,6 +138,14 @@ async def test_status_names_recent_rate_and_the_slowest_stage_and_link() -> None
     assert "slowest link: gamma -> alpha, 0.9 ms round trip" in line  # gamma wraps to alpha
 
 
+async def test_status_names_the_path_to_each_peer() -> None:
+    members = ring_members()
+    r = await run_status(node_status(members, plan_of(members)))
+    line = next(x for x in r.stdout.splitlines() if x.startswith("paths: "))
+    assert "beta via bridge0 (thunderbolt) 0.08 ms, 2.3 GiB/s (+1 other path)" in line
+    assert "gamma via lo (loopback) 0.4 ms, pinned" in line
+
+
 async def test_status_flags_a_rate_above_the_ceiling() -> None:
     members = ring_members()
     st = node_status(members, plan_of(members), measured_tps=1e6)

@@ -11,7 +11,7 @@ from ringd.core.proof import StageLoad, ring_ceiling
 from ringd.core.ringmeta import NodePhase
 from ringd.core.swim_wire import MemberState
 from ringd.status import MalformedStatus, Status
-from tests.statuses import (TIMINGS, member, node_status, plan_of, ring_members,
+from tests.statuses import (PATHS, TIMINGS, member, node_status, plan_of, ring_members,
                             shard_bytes)
 
 
@@ -49,6 +49,19 @@ def test_members_carry_their_gossiped_step_timings() -> None:
     beta = next(m for m in j if m["id"] == "b2")["timings"]
     assert beta["compute_ms"] == {"p50": 95.5, "p99": 95.5 * 1.25}
     assert beta["next_rtt_ms"] == 0.4 and beta["steps"] == 120
+
+
+def test_members_carry_the_chosen_path_and_every_measured_one() -> None:
+    members = ring_members()
+    st = node_status(members, plan_of(members))
+    by_id = {m.id: m for m in st.members}
+    beta = by_id["b2"].path
+    assert beta is not None and (beta.interface, beta.kind, beta.rtt_ms) == ("bridge0",
+                                                                           "thunderbolt", 0.08)
+    assert [(o.interface, o.up) for o in beta.options] == [("bridge0", True), ("en1", True)]
+    assert by_id["c3"].path is not None and by_id["c3"].path.pinned
+    assert by_id["a1"].path is None and by_id["d4"].path is None  # itself; not measured
+    assert st.to_json()["members"][1]["path"] == PATHS["b2"]
 
 
 def test_a_dead_or_left_member_has_no_known_phase() -> None:
@@ -107,6 +120,10 @@ def test_missing_optional_fields_take_defaults() -> None:
      "status.plan.assignments[2].end is missing"),
     (lambda j: j["ceiling"]["aggregate_tps"].update(many=1.0), "status.ceiling.aggregate_tps"),
     (lambda j: j.update(members={}), "status.members must be an array, got dict"),
+    (lambda j: j["members"][1]["path"].pop("address"), "status.members[1].path.address is "
+     "missing"),
+    (lambda j: j["members"][1]["path"]["options"][0].update(up="yes"),
+     "status.members[1].path.options[0].up must be true or false"),
 ])
 def test_a_malformed_status_is_a_clear_error(change, where) -> None:
     members = ring_members()

@@ -182,6 +182,9 @@ def render_status(st: Status) -> str:
     timing = timing_line(st)
     if timing:
         lines.append(timing)
+    paths = paths_line(st)
+    if paths:
+        lines.append(paths)
     if st.stats:
         lines.append("stats: " + _stats_summary(st.stats)
                      + "   (all counters: ringctl status --json)")
@@ -256,6 +259,28 @@ def timing_line(st: Status) -> str | None:
     if link is not None:
         parts.append(f"slowest link: {link[0]} -> {link[1]}, {_ms(link[2])} round trip")
     return "; ".join(parts) or None
+
+
+def paths_line(st: Status) -> str | None:
+    """The path to each peer the link measurements chose (interface, kind, round trip,
+    throughput), and how many others were measured."""
+    parts = []
+    for m in st.members:
+        p = m.path
+        if p is None:
+            continue
+        text = f"{m.name or m.id} via {p.interface} ({p.kind})"
+        if p.rtt_ms is not None:
+            text += f" {_ms(p.rtt_ms)}"
+        if p.throughput:
+            text += f", {format_size(int(p.throughput))}/s"
+        if p.pinned:
+            text += ", pinned"
+        others = [o for o in p.options if o.address != p.address and o.up]
+        if others:
+            text += f" (+{len(others)} other path{'s' if len(others) > 1 else ''})"
+        parts.append(text)
+    return ("paths: " + "; ".join(parts)) if parts else None
 
 
 def _ms(v: float) -> str:

@@ -401,7 +401,7 @@ function renderTable(st, ring) {
       el("td", {}, size(m.usable_memory)),
       el("td", {}, t ? `${ms(t.p50)} / ${ms(t.p99)}` : "–"),
       el("td", {}, m.self ? "–" : ms(m.rtt_ms)),
-      el("td", {}, pathText(m)));
+      el("td", { title: pathTitle(m) }, pathText(m)));
     if (excluded.has(id)) tr.title = excluded.get(id);
     rows.push(tr);
   }
@@ -412,10 +412,20 @@ function pathText(m) {
   if (m.self) return "–";
   const p = m.path;
   if (p && p.interface) {
-    return `${p.interface}${p.kind ? " (" + p.kind + ")" : ""}${p.pinned ? ", pinned" : ""}` +
-      (m.channel === "tcp" ? ", tcp" : "");
+    const others = (p.options || []).filter(o => o.address !== p.address && o.up).length;
+    return `${p.interface} (${p.kind})` +
+      (p.throughput ? `, ${size(p.throughput)}/s` : "") + (p.pinned ? ", pinned" : "") +
+      (others ? `, +${others} other` : "") + (m.channel === "tcp" ? ", tcp" : "");
   }
   return m.channel || "–";
+}
+
+function pathTitle(m) {
+  const p = m.path;
+  if (!p) return "";
+  return [`${p.reason}`].concat((p.options || []).map(o =>
+    `${o.address} via ${o.interface} (${o.kind}): ${o.up ? ms(o.rtt_ms) : "down"}` +
+    (o.throughput ? `, ${size(o.throughput)}/s` : ""))).join("\n");
 }
 
 // ------------------------------------------------------------------------ chat
