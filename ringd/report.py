@@ -39,7 +39,7 @@ def node_status(d: Any) -> Status:
         fingerprint=control.ring_fingerprint,
         measured_tps=rate["tokens_per_second"] if rate else None,
         agreement=control.agreement.status(), timeline=control.timeline,
-        stats={"runner": runner.status(), "timings": _timings(runner),
+        stats={"runner": runner.status(), **_timings(runner),
                "membership": membership.stats(),
                "transport": d.transport.stats(), "links": d.links.stats(),
                "discovery": d.discovery.stats().__dict__ if d.discovery else None,
@@ -51,7 +51,8 @@ def _unknown(start: int, end: int) -> int:
     return 0
 
 
-def _timings(runner: Any) -> dict[str, Any] | None:
-    """The runner's rolling step timings (``Runner.timings()``, issue 17), if it has them."""
+def _timings(runner: Any) -> dict[str, Any]:
+    """``{"timings": ...}``: the runner's rolling step timings (``Runner.timings()``, issue
+    17), if it has them."""
     read = getattr(runner, "timings", None)
-    return read() if callable(read) else None
+    return {"timings": read()} if callable(read) else {}

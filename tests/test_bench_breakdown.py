@@ -50,4 +50,5 @@ def test_a_stage_without_timings_is_left_out_not_guessed() -> None:
     b = ring_breakdown(st, 100.0, None)
     # alpha answers: its own probes give the hop to beta; nothing else is known
     assert [(p.kind, p.name) for p in b.parts] == [("hop", "alpha -> beta")]
-    assert b.efficiency is None and b.bottleneck is not None
+    assert b.efficiency is None and b.bottleneck is None
+    assert b.unmeasured == ("alpha", "beta", "gamma")

@@ -166,18 +166,24 @@ class Breakdown:
     parts: tuple[Part, ...]
     #: What no stage or hop accounts for (the entry's own work, event loops, clock noise).
     other_ms: float
+    #: The largest part; None when some stage reports no compute time (see ``unmeasured``).
     bottleneck: Part | None
     #: The ring's single-stream ceiling (tokens/s) and measured / ceiling.
     ceiling_tps: float | None = None
     efficiency: float | None = None
+    #: Stages that report no compute time (a node whose runner keeps no step timings).
+    unmeasured: tuple[str, ...] = ()
 
     def line(self) -> str:
         """``bottleneck: n2 compute, 72 ms of 178 ms per token (memory-bound ceiling 31 ms:
         compute-bound here)``."""
         b = self.bottleneck
         if b is None:
-            return (f"bottleneck: unknown, {self.ms_per_token:.0f} ms per token (no stage "
-                    "reported step timings)")
+            largest = max(self.parts, key=lambda p: p.ms, default=None)
+            return (f"bottleneck: unknown, {_ms(self.ms_per_token)} per token: no step "
+                    f"timings from {', '.join(self.unmeasured) or 'any stage'}"
+                    + (f" (largest part measured: {largest.label}, {_ms(largest.ms)})"
+                       if largest is not None else ""))
         head = f"bottleneck: {b.label}, {_ms(b.ms)} of {_ms(self.ms_per_token)} per token"
         if b.kind == "compute":
             if b.floor_ms is None:
@@ -199,7 +205,7 @@ class Breakdown:
                     "kind": self.bottleneck.kind, "name": self.bottleneck.name,
                     "ms": self.bottleneck.ms, "floor_ms": self.bottleneck.floor_ms},
                 "ceiling_tps": self.ceiling_tps, "efficiency": self.efficiency,
-                "line": self.line()}
+                "unmeasured": list(self.unmeasured), "line": self.line()}
 
 
 def _ms(v: float) -> str:
@@ -211,7 +217,9 @@ def breakdown(stages: Sequence[StageStep], ms_per_token: float,
     """Split ``ms_per_token`` (one stream's measured time per token) over ``stages`` (in ring
     order, the last one's next being the first): each stage's queue wait, compute and
     hand-off, and each hop as half its round trip (only with more than one stage). Shares
-    are of ``ms_per_token``; the bottleneck is the largest part."""
+    are of ``ms_per_token``; the bottleneck is the largest part, named only when every stage
+    reports its compute time (a hop's round trip alone, measured while the nodes compute,
+    would name the network for what the CPUs spent)."""
     if not (ms_per_token > 0 and math.isfinite(ms_per_token)):
         raise ValueError(f"ms_per_token must be a positive number, got {ms_per_token!r}")
     parts: list[Part] = []
@@ -226,11 +234,14 @@ def breakdown(stages: Sequence[StageStep], ms_per_token: float,
             parts.append(Part("hop", f"{s.name} -> {s.next_name}", hop, hop / ms_per_token))
     accounted = sum(p.ms for p in parts)
     tps = 1000.0 / ms_per_token
+    unmeasured = tuple(s.name for s in stages if s.compute_ms is None)
     return Breakdown(ms_per_token=ms_per_token, parts=tuple(parts),
                      other_ms=ms_per_token - accounted,
-                     bottleneck=max(parts, key=lambda p: p.ms) if parts else None,
+                     bottleneck=(max(parts, key=lambda p: p.ms)
+                                 if parts and stages and not unmeasured else None),
                      ceiling_tps=ceiling_tps,
-                     efficiency=tps / ceiling_tps if ceiling_tps else None)
+                     efficiency=tps / ceiling_tps if ceiling_tps else None,
+                     unmeasured=unmeasured)
 
 
 def slowest(timings: Mapping[str, StageTimings | None], ring: Sequence[str]

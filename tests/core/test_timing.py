@@ -116,7 +116,18 @@ def test_one_stage_has_no_hop_and_nothing_measured_names_nothing() -> None:
     assert [p.kind for p in b.parts] == ["compute"]
     none = breakdown([StageStep("a", compute_ms=None)], 50.0)
     assert none.bottleneck is None and none.other_ms == 50.0
-    assert none.line().startswith("bottleneck: unknown")
+    assert none.line() == "bottleneck: unknown, 50 ms per token: no step timings from a"
+
+
+def test_a_stage_without_compute_time_names_no_bottleneck() -> None:
+    """Round trips measured while the nodes compute would blame the network for the CPUs."""
+    stages = [StageStep("a", compute_ms=None, next_name="b", next_rtt_ms=80.0),
+              StageStep("b", compute_ms=30.0, next_name="a", next_rtt_ms=5.0)]
+    b = breakdown(stages, 160.0)
+    assert b.bottleneck is None and b.unmeasured == ("a",)
+    assert b.line() == ("bottleneck: unknown, 160 ms per token: no step timings from a "
+                        "(largest part measured: link a -> b, 40 ms)")
+    assert b.as_json()["unmeasured"] == ["a"]
     with pytest.raises(ValueError):
         breakdown([], 0.0)
 
