@@ -187,6 +187,7 @@ async def test_the_page_draws_the_ring_and_follows_its_status() -> None:
             by = dict(rows)
             assert set(by) == {"alpha", "beta", "gamma", "delta", "epsilon"}
             assert "outside the plan" in by["delta"] and "dead" in by["epsilon"]
+            assert "bridge0 (thunderbolt)" in by["beta"] and "pinned" in by["gamma"]
             # sizes: no horizontal scroll at a laptop's width
             assert await page.evaluate(
                 "document.documentElement.scrollWidth <= window.innerWidth")
