@@ -84,6 +84,18 @@ class Settings:
                                    "(prefill).")
     encrypt: bool = _opt(True, help="Encrypt peer frames (AES-128-OCB3). "
                                     "Frames are always authenticated.")
+    data_interface: str | None = _opt(None, help="Local interface (e.g. bridge0, eth1) the "
+                                                 "traffic to a peer takes when it reaches "
+                                                 "that peer, whatever the link measurements "
+                                                 "say. Default: the path with the lowest "
+                                                 "measured round trip.")
+    link_probe_interval: float = _opt(2.0, help="Seconds between round-trip probes of every "
+                                                "path (address) to every peer. 0: no link "
+                                                "measurement.")
+    throughput_probe_interval: float = _opt(300.0, help="Seconds between short throughput "
+                                                        "probes (4 MiB over TCP) of each "
+                                                        "path, sent only while no request "
+                                                        "runs. 0: none.")
 
     # --- local API ----------------------------------------------------------------
     http_host: str = _opt("127.0.0.1", help="Address of the local control and "
@@ -165,7 +177,8 @@ class Settings:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.schedule not in ("decode-first", "fifo"):
             problems.append(f"schedule must be decode-first or fifo, got {self.schedule!r}")
-        for name in ("max_queued", "replan_drain", "prefill_slice"):
+        for name in ("max_queued", "replan_drain", "prefill_slice", "link_probe_interval",
+                     "throughput_probe_interval"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} cannot be negative, got {getattr(self, name)}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

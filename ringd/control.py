@@ -30,6 +30,7 @@ from ringd.core.agreement import (
     StopServing,
 )
 from ringd.core.membership import Membership
+from ringd.core.paths import Advertised
 from ringd.core.plan import Plan, model_shape
 from ringd.core.proof import (
     StageClaim,
@@ -43,6 +44,7 @@ from ringd.core.ringmeta import (Holding, MetaDecoder, NodeMeta, NodePhase, View
 from ringd.core.route import Route, Stage
 from ringd.core.swim_config import MembershipConfig
 from ringd.core.swim_wire import Member
+from ringd.core.timing import TIMINGS_INTERVAL, StageTimings
 from ringd.errors import ModelError, RemoteProtocolError, RingdError, UsageError
 from ringd.faults import Fault
 from ringd.models import LocalModel, ModelLibrary
@@ -71,7 +73,7 @@ class RingControl:
                  total: int, http_port: int, state: Any, transport: Transport,
                  library: ModelLibrary, provisioner: Provisioner, loader: ShardLoader,
                  runner: Runner, spawn: Callable[[Any], asyncio.Task[Any]],
-                 fault: Fault | None = None) -> None:
+                 fault: Fault | None = None, addresses: tuple[Advertised, ...] = ()) -> None:
         self.settings = settings
         self.node_id = node_id
         self.state = state  # ringd.state.NodeState: the plan epoch survives restarts
@@ -97,12 +99,14 @@ class RingControl:
         self.meta = NodeMeta(usable_memory=usable, total_memory=total,
                              holdings=library.holdings(), phase=NodePhase.JOINING,
                              software_version=__version__, http_port=http_port,
-                             model=settings.model, model_version=0, standby=True)
+                             model=settings.model, model_version=0, standby=True,
+                             addresses=addresses)
         self._decoder = MetaDecoder()  # the members' metadata as the ring reads it
         self.membership = Membership(node_id, settings.node_name, addr, self.meta.encode(),
                                      rng=random.Random(),
                                      config=MembershipConfig.from_settings(settings))
         self.agreement = Agreement(node_id, last_epoch=state.plan_epoch)
+        self._timings_at = float("-inf")  # when the gossiped step timings were last read
 
     # ---------------------------------------------------------------- inputs
     def join(self, seeds: list[Addr], now: float) -> None:
@@ -193,7 +197,7 @@ class RingControl:
             pub["phase"] = NodePhase.LEAVING
         elif self.provisioner.fetching is not None:
             pub["phase"] = NodePhase.FETCHING
-        self._publish(**pub, fetch=progress)
+        self._publish(**pub, fetch=progress, timings=self._timings(now))
         for addr, payload in self.membership.outbox():
             # SWIM does its own retries: probes must not be masked by retransmission
             self.transport.send(addr, wire.Gossip(payload), reliable=False)
@@ -219,6 +223,23 @@ class RingControl:
             log.info("the ring serves requests: waiting (at most %g s, replan_drain) before "
                      "it re-plans with this node", self.settings.replan_drain)
         return now - self._standby_since < self.settings.replan_drain
+
+    def _timings(self, now: float) -> StageTimings | None:
+        """This node's step timings to gossip (read at most every TIMINGS_INTERVAL): the
+        runner's rolling statistics and the round trip to the next stage of the plan."""
+        if now - self._timings_at < TIMINGS_INTERVAL:
+            return self.meta.timings
+        self._timings_at = now
+        read = getattr(self.runner, "timings", None)  # Runner.timings() (issue 17)
+        raw = read() if callable(read) else None
+        plan, rtt = self.agreement.plan, None
+        if plan is not None and len(plan.order) > 1 and plan.assignment(self.node_id):
+            seconds = self.membership.rtt(plan.next_after(self.node_id))
+            # two significant digits: a link's jitter should not make a new gossip each time
+            rtt = None if seconds is None else float(f"{seconds * 1000:.2g}")
+        if raw is None and rtt is None:
+            return None
+        return StageTimings.read(raw if isinstance(raw, dict) else {}, next_rtt_ms=rtt)
 
     def _publish(self, **changes: Any) -> None:
         """Change this node's metadata; membership gossips it if the bytes changed."""
@@ -317,6 +338,8 @@ class RingControl:
 
     # ---------------------------------------------------------------- queries
     def address_of(self, node_id: str) -> Addr | None:
+        """A member's membership address (the daemon may send bulk traffic elsewhere: see
+        :meth:`ringd.daemon.Daemon.data_address`)."""
         m = self.membership.member(node_id)
         return m.addr if m is not None else None
 

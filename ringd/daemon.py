@@ -58,8 +58,10 @@ class Daemon:
         from ringd.control import RingControl
         from ringd.core.pipeline import Pipeline
         from ringd.keys import load_or_create_key
+        from ringd.core.paths import advertised_addresses
         from ringd.models import ModelLibrary
         from ringd.net.api import ApiServer
+        from ringd.net.links import LinkProber, local_interfaces
         from ringd.net.transport import Transport
         from ringd.net.udp import Impairment
         from ringd.provision import Provisioner
@@ -99,6 +101,8 @@ class Daemon:
                              on_busy=lambda: asyncio.get_running_loop().call_soon(
                                  lambda: self.control.pump(time.monotonic())))
         self.loader = ShardLoader(s, executor, self.faults.fault)
+        local = await asyncio.to_thread(local_interfaces)  # macOS: asks networksetup
+        addresses = advertised_addresses(local, bind_host=s.bind_host, advertise_host=host)
         slow = 0.2 if self.faults.fault is Fault.SLOW_SERVE else 0.0
         self.weights = WeightServer(self._send_bulk, library.source_for,
                                     backlog=self._backlog, read_delay=slow)
@@ -110,12 +114,18 @@ class Daemon:
         self.api = ApiServer(NodeBackend(self), host=s.http_host, port=s.http_port,
                              api_key=s.api_key, on_shutdown=self.request_stop)
         self.http_port = await self.api.start()
+        self.loader.observe = self.api.metrics.observe_compute
+        self.links = LinkProber(lambda addr, msg: self.transport.send(addr, msg, bulk=True),
+                                self._link_peers, local=local, pinned=s.data_interface,
+                                interval=s.link_probe_interval or 1.0,
+                                throughput_interval=s.throughput_probe_interval,
+                                quiet=self._quiet, observe=self.api.metrics.observe_link)
         self.control = RingControl(s, self.node_id, self.addr, usable=usable, total=total,
                                    http_port=self.http_port, state=self.state,
                                    transport=self.transport, library=library,
                                    provisioner=provisioner, loader=self.loader,
                                    runner=self.runner, spawn=self._spawn,
-                                   fault=self.faults.fault)
+                                   fault=self.faults.fault, addresses=addresses)
         self.discovery = None
         if s.mdns:
             from ringd.net.discovery import Discovery
@@ -156,6 +166,8 @@ class Daemon:
             self.control.join([a for a in seeds if a is not None], time.monotonic())
             notify(status="waiting for peers")
             main = tg.create_task(self._timer_loop())
+            if s.link_probe_interval > 0:
+                self._keep(tg.create_task(self.links.run()))
             if self.faults.stall_after is not None:
                 self._keep(tg.create_task(self._stall(self.faults.stall_after)))
             await self._stopping.wait()
@@ -207,6 +219,8 @@ class Daemon:
             self.weights.receive(msg, sender)
         elif isinstance(msg, wire.FetchReply):
             self.fetcher.receive(msg, sender)
+        elif isinstance(msg, (wire.LinkProbe, wire.LinkEcho)):
+            self.links.receive(msg, sender, addr, time.monotonic())
         else:
             self.runner.receive(msg, sender)
 
@@ -215,9 +229,33 @@ class Daemon:
             for a in peer.addresses:
                 self.control.add_peer_address((a, peer.port), time.monotonic())
 
+    def data_address(self, node_id: str, *, bulk: bool = False) -> Addr | None:
+        """Where frames to ``node_id`` go: bulk ones (TCP) by the path the link measurements
+        chose; the others by its membership address (the UDP endpoint numbers packets per
+        address, so a peer must hear this node's UDP frames by one address)."""
+        if bulk:
+            chosen = self.links.address_for(node_id)
+            if chosen is not None:
+                return chosen
+        return self.control.address_of(node_id)
+
+    def _link_peers(self) -> list[Any]:
+        """The live peers and the addresses they advertise, for the link prober."""
+        from ringd.net.links import Peer
+
+        metas = self.control.metas()
+        return [Peer(m.node_id, m.name, m.addr,
+                     metas[m.node_id].addresses if m.node_id in metas else ())
+                for m in self.control.membership.live_members() if m.node_id != self.node_id]
+
+    def _quiet(self) -> bool:
+        """No request runs here (as entry or stage): paths may change, throughput be probed."""
+        runner = self.runner
+        return runner.idle.is_set() and not getattr(runner.pipeline, "active_stages", 0)
+
     def _send(self, node_id: str, msg: wire.Message, *, bulk: bool = False) -> None:
         """Data plane out: to a member by its address (``bulk``: weights, always TCP)."""
-        addr = self.control.address_of(node_id)
+        addr = self.data_address(node_id, bulk=bulk)
         if addr is None:
             log.warning("no address for node %s; dropping %s", node_id[:8], type(msg).__name__)
             return
@@ -228,7 +266,7 @@ class Daemon:
 
     def _backlog(self, node_id: str) -> int:
         """Bytes queued on the TCP connection to ``node_id`` (a peer that does not read)."""
-        addr = self.control.address_of(node_id)
+        addr = self.data_address(node_id, bulk=True)
         return self.transport.queued_bytes(addr) if addr is not None else 0
 
     def request_stop(self) -> None:

@@ -34,13 +34,14 @@ def node_status(d: Any) -> Status:
         node_id=d.node_id, node_name=d.settings.node_name, addr=d.addr, http_port=d.http_port,
         members=membership.members(), metas=control.metas(), plan=control.agreement.plan,
         rtt=membership.rtt, model=model, shard_bytes=shard_bytes, serving=serving,
-        channel=lambda m: d.transport.channel(m.addr),
+        channel=lambda m: d.transport.channel(m.addr), path=d.links.path_status,
         reason=None if serving else control.not_ready_reason(),
         fingerprint=control.ring_fingerprint,
         measured_tps=rate["tokens_per_second"] if rate else None,
         agreement=control.agreement.status(), timeline=control.timeline,
-        stats={"runner": runner.status(), "membership": membership.stats(),
-               "transport": d.transport.stats(),
+        stats={"runner": runner.status(), **_timings(runner),
+               "membership": membership.stats(),
+               "transport": d.transport.stats(), "links": d.links.stats(),
                "discovery": d.discovery.stats().__dict__ if d.discovery else None,
                "compute": compute.stats() if compute else None,
                "fetch": control.provisioner.stats(), "weights_served": d.weights.stats()})
@@ -48,3 +49,10 @@ def node_status(d: Any) -> Status:
 
 def _unknown(start: int, end: int) -> int:
     return 0
+
+
+def _timings(runner: Any) -> dict[str, Any]:
+    """``{"timings": ...}``: the runner's rolling step timings (``Runner.timings()``, issue
+    17), if it has them."""
+    read = getattr(runner, "timings", None)
+    return {"timings": read()} if callable(read) else {}

@@ -30,11 +30,37 @@ from ringd.units import format_size
 log = logging.getLogger(__name__)
 
 
+class TimedCompute:
+    """A :class:`StageCompute` whose every step's duration goes to ``observe(seconds, kind)``
+    (kind: "decode" for one token, "prefill" for a chunk), on the compute thread; everything
+    else is the shard's own."""
+
+    def __init__(self, compute: StageCompute, observe: Callable[[float, str], None]) -> None:
+        self._compute = compute
+        self._observe = observe
+
+    def step(self, job: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return self._compute.step(job)
+        finally:
+            shape = job.tensor.shape
+            kind = "prefill" if len(shape) > 1 and shape[1] > 1 else "decode"
+            self._observe(time.perf_counter() - started, kind)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._compute, name)
+
+
 class ShardLoader:
-    """Owns this node's :class:`StageCompute` (None while no range is loaded)."""
+    """Owns this node's :class:`StageCompute` (None while no range is loaded).
+
+    ``observe(seconds, kind)``: told the duration of every step the shard takes (metrics)."""
 
     def __init__(self, settings: Settings, executor: concurrent.futures.Executor,
-                 fault: Fault | None = None) -> None:
+                 fault: Fault | None = None,
+                 observe: Callable[[float, str], None] | None = None) -> None:
+        self.observe = observe
         self.settings = settings
         self.executor = executor
         self.fault = fault
@@ -101,7 +127,8 @@ class ShardLoader:
         manifest = model.manifest
         return check_fingerprints(claims, manifest.expected_fingerprint, self_id)
 
-    def compute_for(self, plan: Plan, node_id: str, model: LocalModel) -> StageCompute | None:
+    def compute_for(self, plan: Plan, node_id: str,
+                    model: LocalModel) -> StageCompute | TimedCompute | None:
         """The loaded shard if it is ``plan``'s range of ``model`` for this node (None: an
         entry only)."""
         if plan.assignment(node_id) is None:
@@ -109,4 +136,6 @@ class ShardLoader:
         if self.loaded_for != (model.model_id, plan.layout_hash):
             raise ModelError(f"the loaded layers are not those plan {plan.hash[:8]} gives "
                              "this node", hint="a bug in ringd: see its log")
+        if self.compute is not None and self.observe is not None:
+            return TimedCompute(self.compute, self.observe)
         return self.compute

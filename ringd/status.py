@@ -23,6 +23,7 @@ from ringd.core.plan import Plan
 from ringd.core.proof import StageLoad, rate_verdict, ring_ceiling
 from ringd.core.ringmeta import NodeMeta, NodePhase
 from ringd.core.swim_wire import Member, MemberState
+from ringd.core.timing import StageTimings
 from ringd.errors import RingdError
 
 Json = dict[str, Any]
@@ -80,6 +81,59 @@ class PlanStatus:
 
 
 @dataclass(frozen=True)
+class PathOptionStatus:
+    """One path to a peer as this node measured it: the peer's address, the local interface
+    that reaches it and its kind, smoothed round trip (ms), throughput (bytes/s), up."""
+
+    address: str
+    interface: str = "?"
+    kind: str = "other"
+    rtt_ms: float | None = None
+    throughput: float | None = None
+    up: bool = False
+
+
+@dataclass(frozen=True)
+class PathStatus:
+    """The path this node's bulk traffic (and, once the UDP endpoint allows it, its data
+    plane) takes to a peer, why, and every path it measured."""
+
+    address: str
+    interface: str = "?"
+    kind: str = "other"
+    rtt_ms: float | None = None
+    throughput: float | None = None
+    pinned: bool = False
+    reason: str = ""
+    options: tuple[PathOptionStatus, ...] = ()
+
+    @classmethod
+    def read(cls, d: Any, *, where: str = "path") -> "PathStatus | None":
+        """From the link prober's dict or the status JSON (:class:`MalformedStatus`-style
+        errors name ``where``); None for None."""
+        if d is None:
+            return None
+        o = _Obj(d, where)
+        return cls(address=o.get("address", "str"), interface=o.get("interface", "str", "?"),
+                   kind=o.get("kind", "str", "other"), rtt_ms=o.get("rtt_ms", "num", None),
+                   throughput=o.get("throughput", "num", None),
+                   pinned=o.get("pinned", "bool", False), reason=o.get("reason", "str", ""),
+                   options=tuple(PathOptionStatus(
+                       x.get("address", "str"), x.get("interface", "str", "?"),
+                       x.get("kind", "str", "other"), x.get("rtt_ms", "num", None),
+                       x.get("throughput", "num", None), x.get("up", "bool", False))
+                       for x in o.items("options")))
+
+    def as_json(self) -> Json:
+        return {"address": self.address, "interface": self.interface, "kind": self.kind,
+                "rtt_ms": self.rtt_ms, "throughput": self.throughput, "pinned": self.pinned,
+                "reason": self.reason,
+                "options": [{"address": x.address, "interface": x.interface, "kind": x.kind,
+                             "rtt_ms": x.rtt_ms, "throughput": x.throughput, "up": x.up}
+                            for x in self.options]}
+
+
+@dataclass(frozen=True)
 class MemberStatus:
     id: str
     state: MemberState
@@ -103,6 +157,10 @@ class MemberStatus:
     fetch: tuple[int, int] | None = None
     #: The channel this node's small frames to it take: "udp", or "tcp" after UDP timeouts.
     channel: str | None = None
+    #: Its rolling step timings, as it gossips them (None: none yet, or it is gone).
+    timings: StageTimings | None = None
+    #: The path this node chose to it, from its link measurements (None: not measured).
+    path: PathStatus | None = None
 
 
 @dataclass(frozen=True)
@@ -193,7 +251,9 @@ def _member_json(m: MemberStatus) -> Json:
             "software_version": m.software_version, "http_port": m.http_port, "self": m.is_self,
             "fingerprint": m.fingerprint, "refusal": m.refusal,
             "memory_bandwidth": m.memory_bandwidth,
-            "fetch": None if m.fetch is None else list(m.fetch), "channel": m.channel}
+            "fetch": None if m.fetch is None else list(m.fetch), "channel": m.channel,
+            "timings": None if m.timings is None else m.timings.as_json(),
+            "path": None if m.path is None else m.path.as_json()}
 
 
 def _ceiling_json(c: Ceiling) -> Json:
@@ -314,7 +374,9 @@ def _member(m: _Obj) -> MemberStatus:
         http_port=m.get("http_port", "int", None), is_self=m.get("self", "bool", False),
         fingerprint=m.get("fingerprint", "str", None), refusal=m.get("refusal", "str", None),
         memory_bandwidth=m.get("memory_bandwidth", "int", None), fetch=_fetch(m),
-        channel=m.get("channel", "str", None))
+        channel=m.get("channel", "str", None),
+        timings=StageTimings.read(m.get("timings", "obj", None)),
+        path=PathStatus.read(m.get("path", "obj", None), where=f"{m.path}.path"))
 
 
 def _fetch(m: _Obj) -> tuple[int, int] | None:
@@ -376,7 +438,8 @@ def member_status(m: Member, meta: NodeMeta | None, *, layers: tuple[int, int] |
         base, phase=meta.phase if known else None, usable_memory=meta.usable_memory,
         total_memory=meta.total_memory, software_version=meta.software_version,
         http_port=meta.http_port, fingerprint=meta.fingerprint, refusal=meta.refusal,
-        memory_bandwidth=meta.memory_bandwidth or None, fetch=meta.fetch if known else None)
+        memory_bandwidth=meta.memory_bandwidth or None, fetch=meta.fetch if known else None,
+        timings=meta.timings if known else None)
 
 
 def plan_status(plan: Plan) -> PlanStatus:
@@ -414,6 +477,7 @@ def ring_status(*, node_id: str, node_name: str, addr: tuple[str, int], http_por
                 members: Iterable[Member], metas: Mapping[str, NodeMeta], plan: Plan | None,
                 rtt: Callable[[str], float | None], model: ModelStatus,
                 channel: Callable[[Member], str | None] = lambda m: None,
+                path: Callable[[str], Any] = lambda node_id: None,
                 shard_bytes: Callable[[int, int], int], serving: bool, reason: str | None,
                 fingerprint: str | None, measured_tps: float | None,
                 agreement: Json | None = None, timeline: Mapping[str, float] | None = None,
@@ -422,7 +486,8 @@ def ring_status(*, node_id: str, node_name: str, addr: tuple[str, int], http_por
     reads it, its own included), the committed plan and the runner's facts.
 
     ``rtt(node_id)`` is the measured round trip in seconds (None: not measured); the
-    ceiling's hop is half the shortest one.
+    ceiling's hop is half the shortest one. ``path(node_id)``: the link prober's chosen path
+    to a peer (:meth:`ringd.net.links.LinkProber.path_status`), None if not measured.
     """
     by_id = {m.node_id: m for m in members}
     local = metas.get(node_id)
@@ -434,7 +499,8 @@ def ring_status(*, node_id: str, node_name: str, addr: tuple[str, int], http_por
                             rtt_s=rtt(m.node_id) if m.node_id != node_id else None,
                             is_self=m.node_id == node_id)
         if m.node_id != node_id:
-            row = dataclasses.replace(row, channel=channel(m))
+            row = dataclasses.replace(row, channel=channel(m),
+                                      path=PathStatus.read(path(m.node_id)))
         rows.append(row)
     rtts = [r for i in by_id if i != node_id and (r := rtt(i)) is not None]
     return Status(

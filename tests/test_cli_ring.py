@@ -31,7 +31,7 @@ from ringd.units import format_size
 from ringd.core.requests import SamplingParams
 from ringd.net.api import ApiServer
 from ringd.status import Status
-from tests.statuses import member, node_status, plan_of, ring_members
+from tests.statuses import TIMINGS, member, node_status, plan_of, ring_members
 
 QUESTION = "What is the capital of France?"
 N = 10
@@ -123,6 +123,27 @@ async def test_status_table_of_a_ready_ring() -> None:
     assert "last measured: 5.0 tokens/s" in out and "IMPOSSIBLE" not in out
     assert "requests_served=4" in out
     assert "Local Network" not in out
+
+
+async def test_status_names_recent_rate_and_the_slowest_stage_and_link() -> None:
+    members = ring_members()
+    st = node_status(members, plan_of(members))
+    r = await run_status(st)
+    line = next(x for x in r.stdout.splitlines() if x.startswith("recent: "))
+    step = TIMINGS["a1"].decode_step_ms  # alpha answers: it was the entry
+    assert line.startswith(f"recent: {1000 / step.p50:.1f} tokens/s (a token every "
+                           f"{step.p50:.0f} ms, p99 {step.p99:.0f} ms)")
+    beta = TIMINGS["b2"].compute_ms  # the largest compute of the three stages
+    assert f"slowest stage: beta, compute {beta.p50:.0f} ms (p99 {beta.p99:.0f} ms)" in line
+    assert "slowest link: gamma -> alpha, 0.9 ms round trip" in line  # gamma wraps to alpha
+
+
+async def test_status_names_the_path_to_each_peer() -> None:
+    members = ring_members()
+    r = await run_status(node_status(members, plan_of(members)))
+    line = next(x for x in r.stdout.splitlines() if x.startswith("paths: "))
+    assert "beta via bridge0 (thunderbolt) 0.08 ms, 2.3 GiB/s (+1 other path)" in line
+    assert "gamma via lo (loopback) 0.4 ms, pinned" in line
 
 
 async def test_status_flags_a_rate_above_the_ceiling() -> None:

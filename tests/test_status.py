@@ -11,7 +11,8 @@ from ringd.core.proof import StageLoad, ring_ceiling
 from ringd.core.ringmeta import NodePhase
 from ringd.core.swim_wire import MemberState
 from ringd.status import MalformedStatus, Status
-from tests.statuses import member, node_status, plan_of, ring_members, shard_bytes
+from tests.statuses import (PATHS, TIMINGS, member, node_status, plan_of, ring_members,
+                            shard_bytes)
 
 
 def test_round_trip_through_json_is_lossless() -> None:
@@ -34,6 +35,33 @@ def test_members_carry_the_plan_and_the_measured_round_trips() -> None:
     assert by_id["a1"].is_self and by_id["a1"].rtt_ms is None  # no round trip to itself
     assert by_id["b2"].rtt_ms == pytest.approx(0.314)
     assert st.node.phase is NodePhase.SERVING and st.plan.epoch == plan.epoch
+
+
+def test_members_carry_their_gossiped_step_timings() -> None:
+    members = ring_members(dead=True)
+    st = node_status(members, plan_of(members))
+    by_id = {m.id: m for m in st.members}
+    for node_id in ("a1", "b2", "c3"):
+        assert by_id[node_id].timings == TIMINGS[node_id]
+    assert by_id["d4"].timings is None  # gossips none
+    assert by_id["e5"].timings is None  # dead: its last word is stale
+    j = st.to_json()["members"]
+    beta = next(m for m in j if m["id"] == "b2")["timings"]
+    assert beta["compute_ms"] == {"p50": 95.5, "p99": 95.5 * 1.25}
+    assert beta["next_rtt_ms"] == 0.4 and beta["steps"] == 120
+
+
+def test_members_carry_the_chosen_path_and_every_measured_one() -> None:
+    members = ring_members()
+    st = node_status(members, plan_of(members))
+    by_id = {m.id: m for m in st.members}
+    beta = by_id["b2"].path
+    assert beta is not None and (beta.interface, beta.kind, beta.rtt_ms) == ("bridge0",
+                                                                           "thunderbolt", 0.08)
+    assert [(o.interface, o.up) for o in beta.options] == [("bridge0", True), ("en1", True)]
+    assert by_id["c3"].path is not None and by_id["c3"].path.pinned
+    assert by_id["a1"].path is None and by_id["d4"].path is None  # itself; not measured
+    assert st.to_json()["members"][1]["path"] == PATHS["b2"]
 
 
 def test_a_dead_or_left_member_has_no_known_phase() -> None:
@@ -92,6 +120,10 @@ def test_missing_optional_fields_take_defaults() -> None:
      "status.plan.assignments[2].end is missing"),
     (lambda j: j["ceiling"]["aggregate_tps"].update(many=1.0), "status.ceiling.aggregate_tps"),
     (lambda j: j.update(members={}), "status.members must be an array, got dict"),
+    (lambda j: j["members"][1]["path"].pop("address"), "status.members[1].path.address is "
+     "missing"),
+    (lambda j: j["members"][1]["path"]["options"][0].update(up="yes"),
+     "status.members[1].path.options[0].up must be true or false"),
 ])
 def test_a_malformed_status_is_a_clear_error(change, where) -> None:
     members = ring_members()

@@ -20,6 +20,7 @@ import click
 
 from ringd.cli.common import Command, client_from, daemon_options, read_status, settings_from
 from ringd.core.proof import IMPOSSIBLE_HINT, StageLoad, rate_verdict, ring_ceiling
+from ringd.core.timing import TIMINGS_INTERVAL, Breakdown, StageStep, StageTimings, breakdown
 from ringd.errors import ErrorCode, ExitCode, RequestError
 from ringd.status import Status
 
@@ -112,6 +113,82 @@ def verify(ctx: click.Context, prompt: str, steps: int, block_bytes: str | None,
 
 
 # ----------------------------------------------------------------------------- bench
+#: Longest wait for every stage's gossiped timings to cover the bench's steps (seconds):
+#: a node refreshes them every TIMINGS_INTERVAL, and gossip takes a few probe rounds.
+TIMINGS_WAIT = 2 * TIMINGS_INTERVAL + 2.0
+
+
+def _stage_timings(status: Status) -> dict[str, StageTimings | None]:
+    ids = [a.node_id for a in status.plan.assignments] if status.plan else []
+    by_id = {m.id: m.timings for m in status.members}
+    return {i: by_id.get(i) for i in ids}
+
+
+def fresh_timings(client: Any, before: Status) -> Status:
+    """The status once every stage gossips timings other than those of ``before`` (so they
+    cover the steps just run), or after TIMINGS_WAIT seconds. No wait when this node's runner
+    keeps no step timings."""
+    deadline = time.monotonic() + TIMINGS_WAIT
+    old = _stage_timings(before)
+    while True:
+        st = read_status(client)
+        if st.stats.get("timings") is None:
+            return st
+        new = _stage_timings(st)
+        if all(t is not None and t != old.get(i) for i, t in new.items()):
+            return st
+        if time.monotonic() > deadline:
+            return st
+        time.sleep(0.2)
+
+
+def ring_breakdown(status: Status, ms_per_token: float,
+                   ceiling_tps: float | None) -> Breakdown:
+    """Where ``ms_per_token`` went on the ring of ``status``: each stage's p50 timings as it
+    gossips them, each hop as half the round trip its sender measured, each stage's
+    memory-bound floor from the ceiling (shard bytes / memory bandwidth)."""
+    order = list(status.plan.assignments) if status.plan else []
+    by_id = {m.id: m for m in status.members}
+    floors = {s.node_id: s.shard_bytes / s.bandwidth * 1000 for s in
+              (status.ceiling.stages if status.ceiling else ()) if s.bandwidth}
+    steps = []
+    for i, a in enumerate(order):
+        m, nxt = by_id.get(a.node_id), order[(i + 1) % len(order)]
+        t = m.timings if m is not None else None
+        rtt = t.next_rtt_ms if t is not None else None
+        if rtt is None and m is not None and m.is_self:  # this node's own probes
+            rtt = getattr(by_id.get(nxt.node_id), "rtt_ms", None)
+        steps.append(StageStep(
+            name=_name(by_id, a.node_id), next_name=_name(by_id, nxt.node_id),
+            compute_ms=t.compute_ms.p50 if t else None,
+            queued_ms=t.queued_ms.p50 if t else None,
+            handoff_ms=t.handoff_ms.p50 if t else None, next_rtt_ms=rtt,
+            floor_ms=floors.get(a.node_id)))
+    return breakdown(steps, ms_per_token, ceiling_tps)
+
+
+def _name(by_id: dict[str, Any], node_id: str) -> str:
+    m = by_id.get(node_id)
+    return (m.name if m is not None and m.name else node_id[:8])
+
+
+def breakdown_lines(b: Breakdown) -> list[str]:
+    """Efficiency, the share of a token each stage and hop takes, and the bottleneck."""
+    lines = []
+    if b.efficiency is not None and b.ceiling_tps:
+        lines.append(f"efficiency: {100 * b.efficiency:.0f}% of the ceiling "
+                     f"({1000 / b.ms_per_token:.1f} of {b.ceiling_tps:.1f} tokens/s)")
+    if b.parts:
+        lines.append(f"per token ({b.ms_per_token:.1f} ms; p50 of each stage's recent steps):")
+        rows = [(p.label, f"{p.ms:.2f} ms", f"{100 * p.share:.0f}%") for p in b.parts]
+        rows.append(("other (entry, event loops)", f"{b.other_ms:.2f} ms",
+                     f"{100 * b.other_ms / b.ms_per_token:.0f}%"))
+        w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+        lines += [f"  {a.ljust(w0)}  {m.rjust(w1)}  {sh.rjust(4)}" for a, m, sh in rows]
+    lines.append(b.line())
+    return lines
+
+
 def ceiling_for(status: Status, concurrency: int) -> tuple[float | None, dict[str, Any]]:
     """The ring's ceiling (tokens/s in total) with ``concurrency`` streams, from its status."""
     c = status.ceiling
@@ -176,11 +253,16 @@ def bench(ctx: click.Context, tokens: int, concurrent: int, prompt: str, as_json
     if concurrent > 1:
         checks.append(("all streams", aggregate, total))
     verdicts = {name: rate_verdict(rate, ceil) for name, rate, ceil in checks}
+    mean = sum(per_stream) / len(per_stream)
+    after = fresh_timings(client, status)
+    split = ring_breakdown(after, 1000.0 / mean, single) if mean > 0 else None
     out = {"requests": concurrent, "tokens": [r["completion_tokens"] for r in results],
            "per_stream_tps": per_stream, "aggregate_tps": aggregate,
            "time_to_first_token": [r["time_to_first_token"] for r in results],
            "ceiling_single_tps": single, "ceiling_total_tps": total, "hop_us": info.get("hop_us"),
-           "verdicts": verdicts}
+           "verdicts": verdicts,
+           "efficiency": split.efficiency if split else None,
+           "breakdown": split.as_json() if split else None}
     if as_json:
         click.echo(json.dumps(out))
     else:
@@ -189,6 +271,8 @@ def bench(ctx: click.Context, tokens: int, concurrent: int, prompt: str, as_json
         for name, rate, ceil in checks:
             bound = f"{ceil:.1f}" if ceil is not None else "unknown"
             click.echo(f"{name}: {rate:.1f} tokens/s; ceiling {bound} tokens/s: {verdicts[name]}")
+        if split is not None:
+            click.echo("\n".join(breakdown_lines(split)))
         if "IMPOSSIBLE" in verdicts.values():
             click.echo(f"IMPOSSIBLE: {IMPOSSIBLE_HINT}", err=True)
     raise SystemExit(int(ExitCode.FAILURE if "IMPOSSIBLE" in verdicts.values() else ExitCode.OK))

@@ -16,6 +16,7 @@ import click
 
 from ringd.cli.common import Command, client_from, daemon_options, read_status
 from ringd.core.swim_wire import MemberState
+from ringd.core.timing import slowest
 from ringd.errors import ExitCode, UsageError
 from ringd.status import Ceiling, Status
 from ringd.units import format_size
@@ -179,6 +180,12 @@ def render_status(st: Status) -> str:
         lines.append(fetch_line(fetch, names))
     if st.ceiling is not None:
         lines.extend(_ceiling_lines(st.ceiling))
+    timing = timing_line(st)
+    if timing:
+        lines.append(timing)
+    paths = paths_line(st)
+    if paths:
+        lines.append(paths)
     if st.stats:
         lines.append("stats: " + _stats_summary(st.stats)
                      + "   (all counters: ringctl status --json)")
@@ -229,6 +236,56 @@ def _ceiling_lines(c: Ceiling) -> list[str]:
                      "run `ringctl verify`")
         lines.append(line)
     return lines
+
+
+def timing_line(st: Status) -> str | None:
+    """Recent tokens/s, and the ring's slowest stage and link (from the step timings every
+    node gossips); None when nothing was measured."""
+    names = {m.id: m.name or m.id for m in st.members}
+    ring = [names.get(a.node_id, a.node_id) for a in st.plan.assignments] if st.plan else []
+    timings = {names[m.id]: m.timings for m in st.members if m.timings is not None}
+    me = next((m for m in st.members if m.is_self or m.id == st.node.id), None)
+    parts = []
+    step = me.timings.decode_step_ms if me is not None and me.timings is not None else None
+    if step is not None and step.p50:
+        parts.append(f"recent: {1000 / step.p50:.1f} tokens/s (a token every "
+                     f"{_ms(step.p50)}" + (f", p99 {_ms(step.p99)})" if step.p99 else ")"))
+    elif st.ceiling is not None and st.ceiling.measured_tps is not None:
+        parts.append(f"recent: {st.ceiling.measured_tps:.1f} tokens/s")
+    stage, link = slowest(timings, ring)
+    if stage is not None:
+        p99 = timings[stage[0]].compute_ms.p99
+        parts.append(f"slowest stage: {stage[0]}, compute {_ms(stage[1])}"
+                     + (f" (p99 {_ms(p99)})" if p99 else ""))
+    if link is not None:
+        parts.append(f"slowest link: {link[0]} -> {link[1]}, {_ms(link[2])} round trip")
+    return "; ".join(parts) or None
+
+
+def paths_line(st: Status) -> str | None:
+    """The path to each peer the link measurements chose (interface, kind, round trip,
+    throughput), and how many others were measured."""
+    parts = []
+    for m in st.members:
+        p = m.path
+        if p is None:
+            continue
+        text = f"{m.name or m.id} via {p.interface} ({p.kind})"
+        if p.rtt_ms is not None:
+            text += f" {_ms(p.rtt_ms)}"
+        if p.throughput:
+            text += f", {format_size(int(p.throughput))}/s"
+        if p.pinned:
+            text += ", pinned"
+        others = [o for o in p.options if o.address != p.address and o.up]
+        if others:
+            text += f" (+{len(others)} other path{'s' if len(others) > 1 else ''})"
+        parts.append(text)
+    return ("paths: " + "; ".join(parts)) if parts else None
+
+
+def _ms(v: float) -> str:
+    return f"{v:.0f} ms" if v >= 10 else f"{v:.2g} ms"
 
 
 _SUMMARY = {  # section -> counters worth a glance in the table view

@@ -37,7 +37,10 @@ from typing import Any
 import msgpack
 
 from ringd.core.plan import canonical_hash
+from ringd.core.paths import ADVERTISED_RULE, Advertised
 from ringd.core.swim_wire import Addr, Member
+from ringd.core.timing import WIRE_RULE as TIMINGS_RULE
+from ringd.core.timing import StageTimings
 from ringd.core.wire import U63, Rule, exactly, integer, list_of, optional, text
 from ringd.errors import LocalProtocolError, RemoteProtocolError
 
@@ -131,6 +134,11 @@ class NodeMeta:
     #: A node that joined a busy ring and waits (``replan_drain`` at most) before the ring
     #: re-plans with it: it takes no part in the view meanwhile.
     standby: bool = False
+    #: Its runner's rolling step timings and the round trip to the next stage (issue 16).
+    timings: StageTimings | None = None
+    #: Its addresses, each with the interface it is on and that interface's kind: the paths
+    #: peers measure and choose from for the data plane.
+    addresses: tuple[Advertised, ...] = ()
 
     def encode(self) -> bytes:
         """The bytes to hand to ``Membership.update_meta``. A bad value raises
@@ -240,6 +248,13 @@ _SCHEMA = (
     _Field("refusal", "refusal", optional(text(MAX_REFUSAL, min_len=1, printable=True))),
     _Field("busy", "busy", exactly(bool)),
     _Field("standby", "sb", exactly(bool)),
+    _Field("timings", "tm", optional(TIMINGS_RULE),
+           load=lambda v: None if v is None else StageTimings.load(v),
+           dump=lambda v: v.dump() if isinstance(v, StageTimings) else v),
+    _Field("addresses", "addrs", ADVERTISED_RULE,
+           load=lambda v: tuple(Advertised.load(a) for a in v),
+           dump=lambda v: [a.dump() if isinstance(a, Advertised) else a for a in v]
+           if type(v) is tuple else v),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(NodeMeta)}
 assert {f.name for f in _SCHEMA} == set(_DEFAULTS), "every NodeMeta field needs a schema row"

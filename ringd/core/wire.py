@@ -201,7 +201,9 @@ class MsgType(IntEnum):
     FETCH_REQUEST = 7
     FETCH_REPLY = 8
     SEQUENCED = 9  # not a message: the head of a sequenced frame (see sequence_head)
-    PROGRESS = 10
+    LINK_PROBE = 10
+    LINK_ECHO = 11
+    PROGRESS = 12
 
 
 _u63, _i31, _rid = integer(0, U63), integer(0, I31), text(MAX_ID, min_len=1)
@@ -477,8 +479,47 @@ _FETCH_REPLY_CHECKS = (("model_id", _model_id), ("key", _key), ("offset", _u63),
                                      "bytes")))
 
 
+#: Largest filler of a link probe (a throughput probe).
+MAX_PROBE = 8 << 20
+
+
+@dataclass(eq=False, slots=True)
+class LinkProbe:
+    """A link measurement: the receiver echoes ``nonce`` (a :class:`LinkEcho`) to the address
+    it came from. ``data``: filler for a throughput probe (empty for a round trip)."""
+
+    nonce: int
+    data: Buffer = b""
+
+    def __post_init__(self) -> None:
+        if not (type(self.nonce) is int and 0 <= self.nonce <= U63):
+            raise LocalProtocolError(f"LinkProbe.nonce: bad value {self.nonce!r:.40}")
+        if (not isinstance(self.data, (bytes, bytearray, memoryview))
+                or memoryview(self.data).nbytes > MAX_PROBE):
+            raise LocalProtocolError(f"LinkProbe.data must be at most {MAX_PROBE} bytes")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LinkProbe):
+            return NotImplemented
+        return self.nonce == other.nonce and bytes(self.data) == bytes(other.data)
+
+
+@dataclass(slots=True)
+class LinkEcho:
+    """The answer to a :class:`LinkProbe`: its nonce and how many filler bytes came."""
+
+    nonce: int
+    size: int
+
+    def __post_init__(self) -> None:
+        check(self, _LINK_ECHO_CHECKS)
+
+
+_LINK_ECHO_CHECKS = (("nonce", _u63), ("size", integer(0, MAX_PROBE)))
+
+
 Message = Union[Handshake, Gossip, Activation, Token, Cancel, Error, Progress, FetchRequest,
-                FetchReply]
+                FetchReply, LinkProbe, LinkEcho]
 _HEAD = struct.Struct("<BI")
 _packb = msgpack.Packer(use_bin_type=True).pack
 
@@ -508,6 +549,9 @@ def encode(msg: Message) -> tuple[bytes, Buffer]:
         body = msg.payload  # type: ignore[union-attr]
     elif cls is FetchReply:
         meta = (msg.model_id, msg.key, msg.offset, msg.status)  # type: ignore[union-attr]
+        body = msg.data  # type: ignore[union-attr]
+    elif cls is LinkProbe:
+        meta = (msg.nonce,)  # type: ignore[union-attr]
         body = msg.data  # type: ignore[union-attr]
     elif cls in _FIELDS:
         meta = tuple(getattr(msg, f) for f in _FIELDS[cls])
@@ -575,6 +619,11 @@ def decode(data: Buffer) -> Message:
                 raise LocalProtocolError("FetchReply needs 4 fields and at most "
                                          f"{MAX_FETCH} bytes of data")
             return FetchReply(*meta, body)
+        if cls is LinkProbe:
+            if len(meta) != 1 or len(body) > MAX_PROBE:
+                raise LocalProtocolError(f"LinkProbe needs 1 field and at most {MAX_PROBE} "
+                                         "bytes of filler")
+            return LinkProbe(meta[0], body)
         if len(meta) != len(_FIELDS[cls]) or len(body):
             raise LocalProtocolError(f"{cls.__name__} needs {len(_FIELDS[cls])} fields and no body")
         return cls(*meta)
@@ -587,10 +636,11 @@ _TYPES: dict[type, MsgType] = {Handshake: MsgType.HANDSHAKE, Gossip: MsgType.GOS
                                Cancel: MsgType.CANCEL, Error: MsgType.ERROR,
                                Progress: MsgType.PROGRESS,
                                FetchRequest: MsgType.FETCH_REQUEST,
-                               FetchReply: MsgType.FETCH_REPLY}
+                               FetchReply: MsgType.FETCH_REPLY, LinkProbe: MsgType.LINK_PROBE,
+                               LinkEcho: MsgType.LINK_ECHO}
 _CLASSES = {int(v): k for k, v in _TYPES.items()}
 _FIELDS = {cls: tuple(f.name for f in fields(cls))
-           for cls in (Handshake, Token, Cancel, Error, Progress, FetchRequest)}
+           for cls in (Handshake, Token, Cancel, Error, Progress, FetchRequest, LinkEcho)}
 
 
 # ======================================================================== sequenced frames

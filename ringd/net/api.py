@@ -12,6 +12,10 @@ Routes (every one needs ``Authorization: Bearer KEY`` when an API key is set):
   with the float32 logits of every step (base64) and the route taken, for ``ringctl verify``
   (only when the backend has ``trace``, i.e. a ring).
 - ``GET /healthz``.
+- ``GET /metrics`` -- Prometheus metrics in the text exposition format (:mod:`ringd.net.metrics`).
+- ``GET /`` and ``GET /dashboard/{file}`` -- the dashboard: static files shipped in the package
+  (``ringd/net/dashboard/``), the only routes served without the API key (they hold no data;
+  the page asks for the key and sends it with every request it makes).
 
 Requests: ``model`` may be left out (the served one is used); ``temperature`` defaults to 1 on
 the OpenAI routes (as OpenAI's does) and to 0 (greedy) on ``/ringd/generate``; ``max_tokens``
@@ -33,12 +37,15 @@ import json
 import logging
 import time
 import uuid
+from importlib import resources
 from typing import Any, AsyncIterator, Callable, Protocol
 
 from aiohttp import web
 
 from ringd.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from ringd.errors import ErrorCode, RequestError, UsageError
+from ringd.net.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ringd.net.metrics import Metrics
 from ringd.status import Status
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,21 @@ DEFAULT_MAX_BODY = 2 * 1024 * 1024
 MAX_VERIFY_STEPS = 32
 DEFAULT_MAX_TOKENS = 1024
 CHAT_ROLES = ("system", "user", "assistant", "developer")
+#: The dashboard's files (in ``ringd/net/dashboard/``) and their content types.
+DASHBOARD_FILES = {"index.html": "text/html", "app.js": "text/javascript",
+                   "style.css": "text/css"}
+#: The page loads only its own files and talks only to this node.
+DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                 "connect-src 'self'; base-uri 'none'; form-action 'self'; "
+                 "frame-ancestors 'none'")
+
+
+def dashboard_file(name: str) -> bytes:
+    """One of the dashboard's files, from the installed package."""
+    if name not in DASHBOARD_FILES:
+        raise KeyError(name)
+    return resources.files("ringd.net").joinpath("dashboard", name).read_bytes()
+
 
 def _error_type(status: int) -> str:
     if status == 401:
@@ -116,6 +138,19 @@ class ApiError(Exception):
 
     def event(self) -> dict[str, Any]:
         return {"type": "error", "code": self.code, "message": self.message, "hint": self.hint}
+
+
+def _public(request: web.Request) -> bool:
+    """The dashboard's static files: served without the API key (they hold no data)."""
+    return request.method in ("GET", "HEAD") and (
+        request.path == "/" or request.path.startswith("/dashboard/"))
+
+
+def _route(request: web.Request) -> str:
+    """The route a request matched (``/dashboard/{name}``), for the metrics' label."""
+    info = request.match_info
+    resource = info.route.resource if info is not None and info.route is not None else None
+    return resource.canonical if resource is not None else "unmatched"
 
 
 def _guess_param(message: str) -> str | None:
@@ -340,6 +375,7 @@ class ApiServer:
         max_body: int = DEFAULT_MAX_BODY,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         shutdown_timeout: float = 5.0,
+        metrics: Metrics | None = None,
     ) -> None:
         if not is_loopback(host) and not api_key:
             raise UsageError(
@@ -356,6 +392,8 @@ class ApiServer:
         self._default_max_tokens = default_max_tokens
         self._shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
+        self.metrics = metrics if metrics is not None else Metrics(backend.status)
+        self._dashboard = {name: dashboard_file(name) for name in DASHBOARD_FILES}
 
     # -------------------------------------------------------------------- lifecycle
     async def start(self) -> int:
@@ -372,6 +410,9 @@ class ApiServer:
                 web.post("/ringd/verify", self._verify),
                 web.post("/ringd/model/use", self._use_model),
                 web.get("/healthz", self._health),
+                web.get("/metrics", self._metrics),
+                web.get("/", self._dashboard_index),
+                web.get("/dashboard/{name}", self._dashboard_file),
             ]
         )
         runner = web.AppRunner(
@@ -407,9 +448,11 @@ class ApiServer:
         self, request: web.Request, handler: Callable[..., Any]
     ) -> web.StreamResponse:
         try:
-            if self._api_key is not None:
+            if self._api_key is not None and not _public(request):
                 self._check_key(request)
-            return await handler(request)
+            resp = await handler(request)
+            self.metrics.api_request(_route(request), resp.status)
+            return resp
         except ApiError as e:
             return self._error_response(request, e)
         except web.HTTPRequestEntityTooLarge:
@@ -438,10 +481,17 @@ class ApiServer:
                 hint="send the node's api_key as 'Authorization: Bearer KEY'",
             )
 
-    @staticmethod
-    def _error_response(request: web.Request, e: ApiError) -> web.Response:
+    def _error_response(self, request: web.Request, e: ApiError) -> web.Response:
+        self.metrics.api_error(e.code.value)
+        self.metrics.api_request(_route(request), e.status)
         body = e.event() if request.path.startswith("/ringd/") else e.openai_body()
         return web.json_response(body, status=e.status)
+
+    def _stream_error(self, e: Exception) -> ApiError:
+        """An error that ends a stream already started (counted like any answered error)."""
+        err = self._as_api_error(e)
+        self.metrics.api_error(err.code.value)
+        return err
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
         if request.content_length is not None and request.content_length > self._max_body:
@@ -527,6 +577,25 @@ class ApiServer:
     # -------------------------------------------------------------------- routes
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    async def _dashboard_index(self, request: web.Request) -> web.Response:
+        return self._static("index.html")
+
+    async def _dashboard_file(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self._dashboard:
+            raise ApiError("not_found", f"no dashboard file {name!r}", status=404)
+        return self._static(name)
+
+    def _static(self, name: str) -> web.Response:
+        return web.Response(body=self._dashboard[name], headers={
+            "Content-Type": DASHBOARD_FILES[name] + "; charset=utf-8",
+            "Cache-Control": "no-cache", "Content-Security-Policy": DASHBOARD_CSP,
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self.backend.status().to_json())
@@ -655,7 +724,7 @@ class ApiServer:
             except ConnectionError:
                 raise
             except Exception as e:
-                await resp.write(_sse(self._as_api_error(e).openai_body()))
+                await resp.write(_sse(self._stream_error(e).openai_body()))
             return resp
         finally:
             await _aclose(it)
@@ -726,7 +795,7 @@ class ApiServer:
             except ConnectionError:
                 raise
             except Exception as e:
-                await resp.write(json.dumps(self._as_api_error(e).event()).encode() + b"\n")
+                await resp.write(json.dumps(self._stream_error(e).event()).encode() + b"\n")
             return resp
         finally:
             await _aclose(it)

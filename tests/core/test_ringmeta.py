@@ -33,6 +33,8 @@ from ringd.core.ringmeta import (
 )
 from ringd.core.swim_config import MembershipConfig
 from ringd.core.swim_wire import Member, MemberState
+from ringd.core.paths import KINDS, MAX_ADVERTISED, MAX_IFNAME, Advertised
+from ringd.core.timing import WIRE_LEN, StageTimings
 from ringd.errors import LocalProtocolError, RemoteProtocolError
 
 printable = st.characters(min_codepoint=32, max_codepoint=0x2FFF).filter(str.isprintable)
@@ -63,6 +65,11 @@ metas = st.builds(
     refusal=st.none() | st.text(printable, min_size=1, max_size=MAX_REFUSAL),
     busy=st.booleans(),
     standby=st.booleans(),
+    addresses=st.lists(st.builds(Advertised, st.ip_addresses(v=4).map(str),
+                                 st.text(printable, min_size=1, max_size=MAX_IFNAME),
+                                 st.sampled_from(KINDS)), max_size=MAX_ADVERTISED).map(tuple),
+    timings=st.none() | st.lists(st.none() | st.integers(0, 2**63 - 1), min_size=WIRE_LEN,
+                                 max_size=WIRE_LEN).map(StageTimings.load),
 )
 SERVING = NodeMeta(
     usable_memory=12 * 2**30,
@@ -132,6 +139,9 @@ def test_serving_metadata_is_small_and_the_worst_case_fits_the_membership_bound(
         refusal="\U0001f600" * MAX_REFUSAL,  # 4 bytes a character
         busy=True,
         standby=True,
+        timings=StageTimings.load([2**63 - 1] * WIRE_LEN),
+        addresses=(Advertised("fe80::1234:5678:9abc:def0:1234", "i" * MAX_IFNAME,
+                              "thunderbolt"),) * MAX_ADVERTISED,
     )
     assert len(worst.encode()) <= MembershipConfig().max_meta_bytes
 
@@ -163,6 +173,15 @@ BOUNDS = {
     "model_v": (2**63 - 1, [2**63, -1, None]),
     "bw": (2**63 - 1, [2**63, -1, 2.5e10]),
     "refusal": ("r" * MAX_REFUSAL, ["r" * (MAX_REFUSAL + 1), "", "a\nb", 0]),
+    "tm": ([2**63 - 1] * WIRE_LEN, [[1, 2, 3], [-1] + [None] * (WIRE_LEN - 1),
+                                    [2**63] + [None] * (WIRE_LEN - 1),
+                                    [True] + [None] * (WIRE_LEN - 1), [1.5] * WIRE_LEN, "x"]),
+    "addrs": ([["10.0.0.1", "e" * MAX_IFNAME, "ethernet"]] * MAX_ADVERTISED,
+              [[["10.0.0.1", "en0", "ethernet"]] * (MAX_ADVERTISED + 1),
+               [["10.0.0.300", "en0", "ethernet"]], [["10.0.0.1", "", "ethernet"]],
+               [["10.0.0.1", "e" * (MAX_IFNAME + 1), "ethernet"]],
+               [["10.0.0.1", "en0", "carrier pigeon"]], [["10.0.0.1", "en0"]],
+               [["10.0.0.1", "en\n0", "wifi"]], "10.0.0.1", None]),
 }
 FIELD_OF = {
     "mem": "usable_memory", "total": "total_memory", "hold": "holdings", "phase": "phase",
@@ -170,7 +189,7 @@ FIELD_OF = {
     "sw": "software_version", "http": "http_port", "view": "view_hash", "epoch": "epoch",
     "plan": "plan_hash", "ready": "ready_plan_hash", "fp": "fingerprint", "model": "model",
     "model_v": "model_version", "bw": "memory_bandwidth", "refusal": "refusal",
-    "busy": "busy", "sb": "standby",
+    "busy": "busy", "sb": "standby", "tm": "timings", "addrs": "addresses",
 }
 
 

@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 
 from ringd.core import wire
 from ringd.core.requests import SamplingParams
-from ringd.core.wire import (DTYPE_SIZES, MAX_DIM, MAX_FETCH, MAX_KEY, MAX_RANK, Activation,
+from ringd.core.wire import (DTYPE_SIZES, MAX_DIM, MAX_FETCH, MAX_KEY, MAX_PROBE, MAX_RANK,
+                             Activation,
                              Cancel, Dropped, Error, FetchReply, FetchRequest, Gossip, Handshake,
-                             MsgType, Progress, Tensor, Token, decode, encode, encode_bytes)
+                             LinkEcho, LinkProbe, MsgType, Progress, Tensor, Token, decode,
+                             encode, encode_bytes)
 from ringd.errors import LocalProtocolError, RemoteProtocolError, RequestError
 
 # ------------------------------------------------------------------------ strategies
@@ -53,6 +55,8 @@ messages = st.one_of(
               st.sampled_from(["not_held", "bad_request", "busy"])),
     st.builds(FetchReply, printable, printable, u63, st.just("ok"),
               st.binary(min_size=1, max_size=5000)),
+    st.builds(LinkProbe, u63, st.binary(max_size=5000)),
+    st.builds(LinkEcho, u63, st.integers(0, MAX_PROBE)),
 )
 
 
@@ -298,10 +302,25 @@ def test_hostile_fetch_messages_are_dropped_as_malformed() -> None:
     assert (got.offset, got.status, bytes(got.data)) == (7, "ok", b"xyz")
 
 
+def test_hostile_link_probes_are_dropped_as_malformed() -> None:
+    probe, echo = int(MsgType.LINK_PROBE), int(MsgType.LINK_ECHO)
+    got = decode(_raw(probe, [7], b"filler"))
+    assert isinstance(got, LinkProbe) and (got.nonce, bytes(got.data)) == (7, b"filler")
+    assert _reason(_raw(probe, [7], bytes(MAX_PROBE + 1))) == "malformed"  # too much filler
+    assert _reason(_raw(probe, [-1])) == "malformed"
+    assert _reason(_raw(probe, [1, 2])) == "malformed"
+    assert _reason(_raw(echo, [7, MAX_PROBE + 1])) == "malformed"  # claims more than a probe
+    assert _reason(_raw(echo, [7, 1], b"x")) == "malformed"  # an echo carries nothing back
+    assert decode(_raw(echo, [7, 3])) == LinkEcho(7, 3)
+    with pytest.raises(LocalProtocolError):
+        LinkProbe(1, bytes(MAX_PROBE + 1))
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_fuzz_fetch_decoders(blob: bytes) -> None:
-    for mtype in (MsgType.FETCH_REQUEST, MsgType.FETCH_REPLY):
+    for mtype in (MsgType.FETCH_REQUEST, MsgType.FETCH_REPLY, MsgType.LINK_PROBE,
+                  MsgType.LINK_ECHO):
         for data in (bytes([mtype]) + blob, struct.pack("<BI", mtype, len(blob)) + blob):
             try:
                 decode(data)

@@ -125,6 +125,11 @@ def test_healthy_ring_fingerprint_ceiling_verify_and_bench(tiny: Path, tmp_path:
     b = json.loads(res.output)
     rate = b["per_stream_tps"][0]
     assert b["verdicts"] == {"fastest stream": "ok"} and 0 < rate < b["ceiling_single_tps"]
+    # the bottleneck named, from the timings every node gossips
+    split = b["breakdown"]
+    assert split["line"].startswith("bottleneck: ") and "per token" in split["line"]
+    assert b["efficiency"] == pytest.approx(rate / b["ceiling_single_tps"])
+    assert split["ms_per_token"] == pytest.approx(1000 / rate)
     after = ring.nodes[2].client.status()["ceiling"]
     assert after["measured_tps"] == pytest.approx(rate) and after["verdict"] == "ok"
     assert "last measured:" in run_cli(status_cmd, "--port", str(ring.nodes[2].http_port)).output
