@@ -57,6 +57,8 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
     # Only the HTTP API refuses with these (never a ring request).
     INVALID_API_KEY = "invalid_api_key"
+    #: A browser page of another site (or a DNS-rebound name) reaching the local API.
+    FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     REQUEST_TOO_LARGE = "request_too_large"
@@ -82,6 +84,7 @@ _MAPPING: dict[ErrorCode, tuple[int, ExitCode]] = {
     ErrorCode.BAD_REQUEST: (400, ExitCode.USAGE),
     ErrorCode.CONTEXT_LENGTH: (400, ExitCode.USAGE),
     ErrorCode.INVALID_API_KEY: (401, ExitCode.USAGE),
+    ErrorCode.FORBIDDEN: (403, ExitCode.USAGE),
     ErrorCode.NOT_FOUND: (404, ExitCode.USAGE),
     ErrorCode.MODEL_NOT_SERVED: (404, ExitCode.USAGE),
     ErrorCode.METHOD_NOT_ALLOWED: (405, ExitCode.USAGE),

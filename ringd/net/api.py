@@ -38,6 +38,7 @@ import logging
 import time
 import uuid
 from importlib import resources
+from urllib.parse import urlsplit
 from typing import Any, AsyncIterator, Callable, Protocol
 
 from aiohttp import web
@@ -448,6 +449,7 @@ class ApiServer:
         self, request: web.Request, handler: Callable[..., Any]
     ) -> web.StreamResponse:
         try:
+            self._check_site(request)
             if self._api_key is not None and not _public(request):
                 self._check_key(request)
             resp = await handler(request)
@@ -468,6 +470,26 @@ class ApiServer:
                 request,
                 ApiError(code, f"{request.method} {request.path}: {e.reason}", status=e.status),
             )
+
+    def _check_site(self, request: web.Request) -> None:
+        """Refuse what a web page in the user's browser could send: without an API key, a
+        request by a name that is not loopback (another site's name re-pointed at 127.0.0.1:
+        DNS rebinding); and any request that changes something from a page of another origin
+        (a form or ``fetch`` POST, which a browser sends without asking)."""
+        host = request.headers.get("Host")
+        if self._api_key is None and host is not None:
+            name = urlsplit("//" + host).hostname or ""
+            if not is_loopback(name):
+                raise ApiError("forbidden", f"request for host {host!r}: without an api_key "
+                               "this API answers only to loopback names",
+                               hint="use http://127.0.0.1:PORT or http://localhost:PORT, or "
+                                    "set api_key")
+        origin = request.headers.get("Origin")
+        if (origin is not None and request.method not in ("GET", "HEAD", "OPTIONS")
+                and urlsplit(origin).netloc != host):
+            raise ApiError("forbidden", f"a page of {origin[:100]!r} may not use this API",
+                           hint="call it from the dashboard on this port, or from a program "
+                                "(no Origin header)")
 
     def _check_key(self, request: web.Request) -> None:
         auth = request.headers.get("Authorization", "")

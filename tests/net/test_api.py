@@ -431,3 +431,23 @@ async def test_shutdown_route_calls_back_only_when_offered() -> None:
         await with_cb.close()
         await without.close()
     assert asked.is_set()
+
+
+async def test_a_web_page_cannot_use_the_local_api(api) -> None:
+    """DNS rebinding (another site's name pointed at 127.0.0.1) and cross-site POSTs, which a
+    browser sends without a preflight, are refused; programs and the dashboard are not."""
+    _, _, port = api
+    url = f"http://127.0.0.1:{port}"
+    body = json.dumps({"prompt": "x", "max_tokens": 1})
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{url}/ringd/status", headers={"Host": f"evil.example:{port}"}) as r:
+            assert r.status == 403
+            err = (await r.json())
+            assert err["code"] == "forbidden" and "loopback" in err["message"]
+        async with s.post(f"{url}/v1/completions", data=body,
+                          headers={"Origin": "http://evil.example",
+                                   "Content-Type": "text/plain"}) as r:
+            assert r.status == 403 and (await r.json())["error"]["code"] == "forbidden"
+        for headers in ({}, {"Origin": url}, {"Host": f"localhost:{port}"}):
+            async with s.post(f"{url}/v1/completions", data=body, headers=headers) as r:
+                assert r.status == 200, headers
