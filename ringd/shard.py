@@ -22,6 +22,7 @@ from ringd.compute.stage import StageCompute
 from ringd.config import Settings
 from ringd.core.plan import Assignment, Plan
 from ringd.core.proof import StageClaim, check_fingerprints, check_loaded
+from ringd.core.schedule import tokens_of
 from ringd.errors import ModelError
 from ringd.faults import Fault
 from ringd.models import LocalModel
@@ -44,8 +45,8 @@ class TimedCompute:
         try:
             return self._compute.step(job)
         finally:
-            shape = job.tensor.shape
-            kind = "prefill" if len(shape) > 1 and shape[1] > 1 else "decode"
+            # token ids [T] at the first stage, hidden states [1, T, H] after it
+            kind = "decode" if tokens_of(job) == 1 else "prefill"
             self._observe(time.perf_counter() - started, kind)
 
     def __getattr__(self, name: str) -> Any:
