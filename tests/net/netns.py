@@ -3,6 +3,8 @@
     with BridgeLab(2) as lab:          # raises NetnsUnavailable(reason) where it cannot
         a, b = lab.hosts               # Host(name, address, ...)
         subprocess.run(a.exec(["ip", "addr"]))
+        with DelayedLink(a, b, 0.02) as slow:   # a second, slow link between two hosts
+            slow.addresses             # (a's, b's) address on it
 
 Each host is a namespace with a veth whose other end is on a bridge in the root namespace
 (no address on the bridge, so nothing is routed to the machine's real interfaces;
@@ -12,10 +14,16 @@ parallel tests do not collide; everything is removed on exit, also after a failu
 
 from __future__ import annotations
 
+import fcntl
+import heapq
 import os
 import secrets
+import selectors
 import shutil
+import struct
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -109,3 +117,91 @@ def unavailable_reason() -> str | None:
     if os.geteuid() != 0:
         return "creating network namespaces needs root"
     return None
+
+
+_TUNSETIFF = 0x400454CA
+_IFF_TAP, _IFF_NO_PI = 0x0002, 0x1000
+
+
+class DelayedLink:
+    """A second link between two hosts of a lab that is slow: a TAP device in each namespace
+    (``ifname``), and a thread of this process that hands every Ethernet frame from one to
+    the other ``delay`` seconds later (``tc netem`` is not available here; this is the same
+    effect in userspace, on every packet, UDP and TCP alike). Addresses on
+    10.<random>.<random>.1 and .2/24."""
+
+    def __init__(self, a: Host, b: Host, delay: float, ifname: str = "eth1") -> None:
+        tag = f"{os.getpid() % 10000}{secrets.token_hex(2)}"
+        net = f"10.{150 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
+        self.hosts, self.delay, self.ifname = (a, b), delay, ifname
+        self.addresses = (f"{net}.1", f"{net}.2")
+        self._taps = [f"rt{tag}{i}"[:15] for i in range(2)]
+        self._fds: list[int] = []
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._relay, name="delayed-link", daemon=True)
+        self.frames = 0
+
+    def __enter__(self) -> "DelayedLink":
+        try:
+            for tap, host, addr in zip(self._taps, self.hosts, self.addresses):
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+                self._fds.append(fd)
+                fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", tap.encode(),
+                                                        _IFF_TAP | _IFF_NO_PI))
+                _ip("link", "set", tap, "netns", host.name)  # the open fd stays attached
+                _ip("-n", host.name, "link", "set", tap, "name", self.ifname)
+                _ip("-n", host.name, "addr", "add", f"{addr}/24", "dev", self.ifname)
+                _ip("-n", host.name, "link", "set", self.ifname, "up")
+        except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            self.close()
+            detail = getattr(e, "stderr", "") or str(e)
+            raise NetnsUnavailable(f"cannot build a delayed link: {detail.strip()}") from None
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _relay(self) -> None:
+        sel = selectors.DefaultSelector()
+        a, b = self._fds
+        sel.register(a, selectors.EVENT_READ, b)
+        sel.register(b, selectors.EVENT_READ, a)
+        sel.register(self._stop_r, selectors.EVENT_READ, None)
+        due: list[tuple[float, int, int, bytes]] = []  # (when, order, to fd, frame)
+        order = 0
+        while True:
+            timeout = max(0.0, due[0][0] - time.monotonic()) if due else None
+            for key, _ in sel.select(timeout):
+                if key.data is None:
+                    sel.close()
+                    return
+                try:
+                    frame = os.read(key.fd, 65536)
+                except BlockingIOError:
+                    continue
+                heapq.heappush(due, (time.monotonic() + self.delay, order, key.data, frame))
+                order += 1
+            now = time.monotonic()
+            while due and due[0][0] <= now:
+                _, _, to, frame = heapq.heappop(due)
+                try:
+                    os.write(to, frame)
+                    self.frames += 1
+                except OSError:
+                    pass  # the device's queue is full or gone: the frame is lost, as on a wire
+
+    def close(self) -> None:
+        """Stop the relay and close the devices (closing a TAP fd removes the device)."""
+        if self._thread.is_alive():
+            os.write(self._stop_w, b"x")
+            self._thread.join(5)
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        for fd in (self._stop_r, self._stop_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._stop_r = self._stop_w = -1
