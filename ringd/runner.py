@@ -172,10 +172,11 @@ class Runner:
             self.pipeline.compute_failed(job, str(exc), time.monotonic())
         else:
             self.pipeline.computed(job, fut.result(), time.monotonic())
-        # handoff: the result waiting for the loop, and the loop turning it into messages
+        self.flush()
+        # handoff: the result waiting for the loop, the loop turning it into messages and
+        # handing them to the transport
         self.scheduler.finished(job, done - started, time.perf_counter() - done,
                                 now=time.monotonic())
-        self.flush()
 
     # ---------------------------------------------------------------- effects
     def flush(self) -> None:

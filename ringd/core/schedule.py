@@ -93,8 +93,6 @@ class Scheduler:
         self.config = config
         self._queues: OrderedDict[str, deque[tuple[float, Compute]]] = OrderedDict()
         self._round: set[str] = set()  # requests that had a decode step since the last slice
-        self._seq = 0
-        self._order: dict[int, str] = {}
         self.decode_s: float | None = None  # running average of a decode step here
         self.prefill_s_per_token: float | None = None
         self._queued: deque[float] = deque(maxlen=WINDOW)
