@@ -138,14 +138,14 @@ async def test_foreign_and_garbage_datagrams_are_counted_and_dropped() -> None:
     try:
         intruder.send_frame(addr(b), b"let me in")
         raw.sendto(b"\xd7", addr(b))
-        raw.sendto(os.urandom(600), addr(b))
+        raw.sendto(b"\x00" + os.urandom(599), addr(b))  # not our magic byte (0xD7)
         raw.sendto(bytes([0xD7, WIRE_VERSION, 0, 1]) + bytes(40), addr(b))
         a.send_frame(addr(b), b"legit")  # sent last: once it is delivered the rest was read
         await inbox.wait(lambda xs: len(xs) == 1)
         assert bytes(inbox.items[0].data) == b"legit"
         c = b.endpoint.counters
-        assert c["wrong_cluster"] >= 1 and c["truncated"] == 1
-        assert c["malformed"] + c["wrong_cluster"] >= 3
+        assert c["truncated"] == 1
+        assert c["malformed"] >= 1 and c["wrong_cluster"] >= 2
         # only the authenticated peer cost a route lookup; forged sources did not
         assert set(b._paths) == {addr(a)}
     finally:
