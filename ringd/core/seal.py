@@ -236,11 +236,51 @@ class _SenderState:
     node: str
     session: int
     last_seen: float
-    windows: dict[int, ReplayWindow] = field(default_factory=dict)
+    channels: dict[int, "_ChannelState"] = field(default_factory=dict)
+
+
+#: Windows kept per sender and channel: one per packet-number range in use (a UDP peer state
+#: of the sender per address of ours; TCP numbers stay in range 0).
+MAX_RANGES = 16
+#: How far below the newest range a range never heard before may still open (its first
+#: packet overtaken by a newer range's).
+RANGE_LOOKBACK = 64
+
+
+class _ChannelState:
+    """One sender's windows on one channel, one per packet-number range (least recently
+    used forgotten first). Ranges grow within a session, so a range without a window is
+    accepted only if it is newer than any seen, or among the last ``RANGE_LOOKBACK`` and
+    never opened: a range whose window was forgotten cannot be replayed."""
+
+    __slots__ = ("windows", "newest", "opened")
+
+    def __init__(self) -> None:
+        self.windows: OrderedDict[int, ReplayWindow] = OrderedDict()
+        self.newest = -1
+        self.opened = 0  # bit d: range newest - d has had a window
+
+    def may_open(self, r: int) -> bool:
+        d = self.newest - r
+        return d < 0 or (d < RANGE_LOOKBACK and not (self.opened >> d) & 1)
+
+    def open(self, r: int, size: int) -> ReplayWindow:
+        if r > self.newest:
+            shift = r - self.newest
+            self.opened = ((self.opened << shift) | 1) & ((1 << RANGE_LOOKBACK) - 1) \
+                if shift < RANGE_LOOKBACK else 1
+            self.newest = r
+        else:
+            self.opened |= 1 << (self.newest - r)
+        w = self.windows[r] = ReplayWindow(size)
+        if len(self.windows) > MAX_RANGES:
+            self.windows.popitem(last=False)
+        return w
 
 
 class ReplayGuard:
-    """Per-sender replay windows (one per channel) and the newest session of every node.
+    """Per-sender replay windows (per channel, one per packet-number range in use) and the
+    newest session of every node.
 
     A unit from an older session of a node that spoke within ``session_timeout`` is a replay
     (sessions grow with start time); after that long a node may come back with any session
@@ -260,8 +300,12 @@ class ReplayGuard:
         may draw the same session (started in the same millisecond, 1 in 65,536), and one's
         window must not turn the other's packets away."""
         st = self._by_node.get(sender)
-        w = st.windows.get(channel) if st is not None and st.session == session else None
-        return w is None or w.fresh(pn)
+        ch = st.channels.get(channel) if st is not None and st.session == session else None
+        if ch is None:
+            return True
+        r = pn >> PN_RANGE_BITS
+        w = ch.windows.get(r)
+        return w.fresh(pn) if w is not None else ch.may_open(r)
 
     def accept(self, channel: int, sender: str, session: int, pn: int, now: float) -> bool:
         """After authentication: True (and recorded) if the unit is new, else False."""
@@ -276,9 +320,17 @@ class ReplayGuard:
             return False
         self._by_node.move_to_end(sender)
         st.last_seen = now
-        w = st.windows.get(channel)
+        ch = st.channels.get(channel)
+        if ch is None:
+            ch = st.channels[channel] = _ChannelState()
+        r = pn >> PN_RANGE_BITS
+        w = ch.windows.get(r)
         if w is None:
-            w = st.windows[channel] = ReplayWindow(self._window)
+            if not ch.may_open(r):
+                return False
+            w = ch.open(r, self._window)
+        else:
+            ch.windows.move_to_end(r)
         if not w.fresh(pn):
             return False
         w.mark(pn)

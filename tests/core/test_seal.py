@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ringd.core import seal
-from ringd.core.seal import ReplayGuard, ReplayWindow, Sealer
+from ringd.core.seal import PN_RANGE_BITS, ReplayGuard, ReplayWindow, Sealer
 from ringd.core.wire import Dropped
 from ringd.errors import LocalProtocolError
 
@@ -85,3 +85,30 @@ def test_replay_guard_nodes_sharing_a_session() -> None:
     assert g.fresh(1, "a", 7, 101)  # a's next packet: b saw a pn 101, a did not
     assert not g.fresh(1, "a", 7, 100) and not g.fresh(1, "b", 7, 100)
     assert not g.accept(1, "b", 7, 100, now=0.0)
+
+
+def test_replay_guard_one_window_per_packet_number_range() -> None:
+    """A sender numbers its UDP packets to each of our addresses in a range of its own
+    (``Sealer.udp_pn_range``): frames by two paths interleave, each range is guarded, and a
+    range whose window was forgotten cannot be replayed."""
+    g = ReplayGuard()
+    one, two = 1 << PN_RANGE_BITS, 2 << PN_RANGE_BITS
+    for i in range(100):  # two paths at once: neither pushes the other's numbers out
+        assert g.accept(1, "a", 7, two + i, now=0.0)
+        assert g.accept(1, "a", 7, one + i, now=0.0)
+    assert not g.fresh(1, "a", 7, one + 5) and not g.accept(1, "a", 7, two + 5, now=0.0)
+    assert g.fresh(1, "a", 7, one + 100)
+    # the sender drops idle peer states and opens new ranges; ours are forgotten in turn
+    for r in range(3, 3 + seal.MAX_RANGES):
+        assert g.accept(1, "a", 7, r << PN_RANGE_BITS, now=0.0)
+    assert not g.fresh(1, "a", 7, one + 100)  # range 1's window is gone: not reopened
+    assert not g.accept(1, "a", 7, one + 100, now=0.0)
+    # a range newer than all, or one never heard before just below the newest, opens
+    newest = 2 + seal.MAX_RANGES
+    assert g.accept(1, "a", 7, (newest + 2) << PN_RANGE_BITS, now=0.0)
+    assert g.accept(1, "a", 7, (newest + 1) << PN_RANGE_BITS, now=0.0)  # overtaken
+    far = newest + 2 + seal.RANGE_LOOKBACK
+    assert g.accept(1, "a", 7, far << PN_RANGE_BITS, now=0.0)
+    assert not g.fresh(1, "a", 7, (far - seal.RANGE_LOOKBACK) << PN_RANGE_BITS)  # too old
+    # TCP sequence numbers stay in range 0: one window, as before
+    assert g.accept(2, "a", 7, 1, now=0.0) and not g.accept(2, "a", 7, 1, now=0.0)
