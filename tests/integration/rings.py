@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
 from ringd.client import Client
 from ringd.compute.model_info import inspect_model
+from ringd.compute.tokenizer import Tokenizer
 from ringd.config import Settings
 from ringd.core.plan import model_shape
 from ringd.localring import LocalRing
@@ -64,3 +69,30 @@ def reference_tokens(model_dir: Path, prompt_ids: list[int], max_tokens: int) ->
 def by_name(statuses: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
     for s in statuses:
         yield s["node"]["name"], s
+
+
+def answers_as_mlx_lm(model_dir: Path, prompt: str, result: subprocess.CompletedProcess[str],
+                      max_tokens: int) -> bool:
+    """``result`` (``ringctl prompt --raw --json --max-tokens N PROMPT``) streamed the greedy
+    tokens mlx-lm computes for ``prompt`` in one process."""
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    got = [e["token_id"] for e in events if e["type"] == "token"]
+    tok = Tokenizer.load(model_dir)
+    return without_eos(got, tok.eos_token_ids) == reference_tokens(
+        model_dir, tok.encode(prompt), max_tokens)
+
+
+def stop_daemons(procs: list[subprocess.Popen[bytes]], timeout: float = 20) -> list[int]:
+    """SIGTERM each daemon's process group still running, then their exit codes (a daemon
+    that does not stop within ``timeout`` is killed)."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            codes.append(p.wait())
+    return codes

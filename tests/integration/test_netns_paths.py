@@ -5,8 +5,6 @@ its user pinned an interface, says so in status, and the ring answers across the
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ringd.compute.tokenizer import Tokenizer
 from ringd.keys import load_or_create_key
-from tests.integration.rings import RING_ARGS, need_bytes, reference_tokens, without_eos
+from tests.integration.rings import RING_ARGS, answers_as_mlx_lm, need_bytes, stop_daemons
 from tests.net.netns import BridgeLab, DelayedLink, NetnsUnavailable
 
 HTTP_PORT = 7412
@@ -115,23 +112,10 @@ def test_each_node_takes_the_fast_link_unless_pinned_and_the_ring_answers(
         prompt = "What is the capital of France?"
         r = ringctl(a, "prompt", "--raw", "--json", "--max-tokens", "16", prompt, timeout=60)
         assert r.returncode == 0, r.stderr
-        events = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
-        got = [e["token_id"] for e in events if e["type"] == "token"]
-        tok = Tokenizer.load(tiny_quantized_model_dir)
-        assert without_eos(got, tok.eos_token_ids) == reference_tokens(
-            tiny_quantized_model_dir, tok.encode(prompt), 16)
+        assert answers_as_mlx_lm(tiny_quantized_model_dir, prompt, r, 16), r.stdout
         assert len({m["layers"] and tuple(m["layers"]) for m in s1["members"]}) == 2
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        codes = []
-        for p in procs:
-            try:
-                codes.append(p.wait(20))
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                codes.append(p.wait())
+        codes = stop_daemons(procs)
         if slow is not None:
             slow.close()
         lab.close()

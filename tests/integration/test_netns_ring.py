@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ringd.compute.tokenizer import Tokenizer
 from ringd.keys import load_or_create_key
-from tests.integration.rings import RING_ARGS, need_bytes, reference_tokens, without_eos
+from tests.integration.rings import RING_ARGS, answers_as_mlx_lm, need_bytes, stop_daemons
 from tests.net.netns import BridgeLab, NetnsUnavailable
 
 HTTP_PORT = 7412
@@ -79,21 +76,8 @@ def test_ring_across_namespaces_forms_by_mdns_and_answers(tiny_quantized_model_d
         r = ringctl(lab.hosts[0], "prompt", "--raw", "--json", "--max-tokens", "16", prompt,
                     timeout=60)
         assert r.returncode == 0, r.stderr
-        events = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
-        got = [e["token_id"] for e in events if e["type"] == "token"]
-        tok = Tokenizer.load(tiny_quantized_model_dir)
-        assert without_eos(got, tok.eos_token_ids) == reference_tokens(
-            tiny_quantized_model_dir, tok.encode(prompt), 16)
+        assert answers_as_mlx_lm(tiny_quantized_model_dir, prompt, r, 16), r.stdout
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        codes = []
-        for p in procs:
-            try:
-                codes.append(p.wait(20))
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                codes.append(p.wait())
+        codes = stop_daemons(procs)
         lab.close()
     assert codes == [0, 0, 0], codes
